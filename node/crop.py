@@ -1,0 +1,141 @@
+"""Crop policy: how a candidate box becomes a square classifier input.
+
+The same function crops for training (``export``) and at runtime, so the classifier always
+sees crops made the way the node makes them. All crops of a frame are sampled by one
+``cv2.remap`` call over a stacked sampling grid: no per-crop Python loop in the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+PAD_MODES = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
+_MAX_REMAP_ROWS = 32000  # cv2.remap's destination is limited to SHRT_MAX rows
+_MAX_LEVEL = 4
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """How a box is turned into a square crop.
+
+    Attributes:
+        context: margin added on every side, as a fraction of the box's longer side.
+        pad: ``constant`` (fill with ``pad_value``) or ``replicate`` where the square leaves
+            the frame.
+        pad_value: grey level used by ``constant`` padding.
+        min_side: smallest square side in pixels, so that tiny boxes are not over-magnified.
+    """
+
+    context: float = 0.15
+    pad: str = "constant"
+    pad_value: int = 114
+    min_side: float = 8.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.context <= 2.0:
+            raise ValueError(f"crop context must be in [0, 2], got {self.context}")
+        if self.pad not in PAD_MODES:
+            raise ValueError(f"crop pad must be one of {sorted(PAD_MODES)}, got {self.pad!r}")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"crop pad_value must be in [0, 255], got {self.pad_value}")
+        if self.min_side <= 0:
+            raise ValueError(f"crop min_side must be > 0, got {self.min_side}")
+
+    def square_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """Square regions (x1, y1, x2, y2) centred on each box, with context added.
+
+        The square may extend past the frame; ``crop_batch`` pads there.
+        """
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+        cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+        w = np.abs(boxes[:, 2] - boxes[:, 0])
+        h = np.abs(boxes[:, 3] - boxes[:, 1])
+        side = np.maximum(np.maximum(w, h) * (1.0 + 2.0 * self.context), self.min_side)
+        half = side * 0.5
+        return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
+
+    def to_dict(self) -> dict:
+        return {
+            "context": self.context,
+            "pad": self.pad,
+            "pad_value": self.pad_value,
+            "min_side": self.min_side,
+        }
+
+
+def sampling_grid(squares: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source-pixel coordinates for every output pixel of every crop.
+
+    Returns two float32 arrays of shape (N*size, size) for ``cv2.remap``: pixel centres of the
+    output grid mapped into each square.
+    """
+    n = squares.shape[0]
+    step = (squares[:, 2] - squares[:, 0]) / size  # (N,)
+    t = np.arange(size, dtype=np.float32) + 0.5  # pixel centres of the output grid
+    xs = squares[:, 0, None] + t[None, :] * step[:, None] - 0.5  # (N, size)
+    ys = squares[:, 1, None] + t[None, :] * step[:, None] - 0.5
+    map_x = np.broadcast_to(xs[:, None, :], (n, size, size)).reshape(n * size, size)
+    map_y = np.broadcast_to(ys[:, :, None], (n, size, size)).reshape(n * size, size)
+    return np.ascontiguousarray(map_x, np.float32), np.ascontiguousarray(map_y, np.float32)
+
+
+def crop_batch(
+    frame: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    policy: CropPolicy = CropPolicy(),
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Crop every box of a frame into one uint8 batch of square crops.
+
+    Args:
+        frame: H×W×3 uint8 image (BGR as read by OpenCV).
+        boxes: N×4 boxes (x1, y1, x2, y2) in frame pixels. Boxes may lie partly or wholly
+            outside the frame; those pixels are padded per the policy.
+        size: side of the output crops in pixels.
+        policy: the crop policy.
+        out: optional preallocated N×size×size×3 uint8 array to write into.
+
+    Returns:
+        N×size×size×3 uint8 crops, in the frame's channel order.
+    """
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+        raise ValueError(
+            f"frame must be an H×W×3 uint8 image, got shape {frame.shape} dtype {frame.dtype}"
+        )
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if not np.all(np.isfinite(boxes)):
+        raise ValueError("boxes must be finite")
+    n = boxes.shape[0]
+    if out is None:
+        out = np.empty((n, size, size, 3), np.uint8)
+    elif out.shape[0] < n or out.shape[1:] != (size, size, 3) or out.dtype != np.uint8:
+        raise ValueError(f"out buffer {out.shape} {out.dtype} cannot hold {n} crops of {size}")
+    if n == 0:
+        return out[:0]
+    squares = policy.square_boxes(boxes)
+    border = PAD_MODES[policy.pad]
+    value = (policy.pad_value,) * 3
+    # Shrinking by more than 2x with bilinear sampling aliases (stripes turn to moire), so
+    # each crop samples the pyramid level that brings its shrink factor under 2. The level
+    # depends only on the crop itself, so a crop is the same whatever else is in the batch.
+    scale = (squares[:, 2] - squares[:, 0]) / size
+    levels = np.clip(np.floor(np.log2(np.maximum(scale, 1.0))), 0, _MAX_LEVEL).astype(int)
+    per_call = max(1, _MAX_REMAP_ROWS // size)
+    src = frame
+    for level in range(int(levels.max()) + 1):
+        if level > 0:
+            src = cv2.pyrDown(src)
+        idx = np.flatnonzero(levels == level)
+        for start in range(0, idx.size, per_call):
+            part = idx[start : start + per_call]
+            sq = squares[part] / float(2**level)
+            map_x, map_y = sampling_grid(sq, size)
+            crops = cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR, borderMode=border,
+                              borderValue=value)
+            out[part] = crops.reshape(len(part), size, size, 3)
+    return out[:n]
