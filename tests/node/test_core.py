@@ -1,0 +1,174 @@
+"""Tests of the node's single sources of truth: class names, crop policy, preprocessing,
+metadata and the config loader."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from node.classes import (BACKGROUND, CLASSIFIER_CLASSES, DATASET_IDS, canonical_name,
+                          names_from_ids)
+from node.config import ConfigError, load_config, spec
+from node.crop import CropPolicy, crop_batch
+from node.metadata import MetadataError, ModelMetadata
+from node.preprocess import Preprocessor, normalize
+
+
+def test_foreign_ids_map_by_name():
+    fsoco = DATASET_IDS["fsoco"]
+    bgr = DATASET_IDS["bgracing"]
+    assert fsoco[0] == bgr[3] == "yellow_cone"
+    assert fsoco[1] == bgr[0] == "blue_cone"
+    assert fsoco[3] == bgr[1] == "large_orange_cone"
+    assert names_from_ids(["Big Orange", "blue", "Yellow-Cone"]) == {
+        0: "large_orange_cone", 1: "blue_cone", 2: "yellow_cone"}
+    assert BACKGROUND in CLASSIFIER_CLASSES and "unknown_cone" not in CLASSIFIER_CLASSES
+    with pytest.raises(KeyError, match="traffic_light"):
+        canonical_name("traffic_light")
+
+
+def _gradient_frame(h=60, w=80):
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs * 3 % 256, ys * 4 % 256, (xs + ys) % 256], -1).astype(np.uint8)
+
+
+def test_crop_inside_frame_is_exact_resample():
+    frame = _gradient_frame()
+    policy = CropPolicy(context=0.0)
+    # A 16x16 box cropped at 16 px is an identity copy of the pixels.
+    crops = crop_batch(frame, np.array([[10, 20, 26, 36]]), 16, policy)
+    np.testing.assert_array_equal(crops[0], frame[20:36, 10:26])
+
+
+def test_crop_square_uses_longer_side_with_context():
+    policy = CropPolicy(context=0.25)
+    sq = policy.square_boxes(np.array([[10, 10, 20, 50]], np.float32))[0]
+    side = 40 * 1.5
+    np.testing.assert_allclose(sq, [15 - side / 2, 30 - side / 2, 15 + side / 2, 30 + side / 2])
+
+
+@pytest.mark.parametrize("box", [[-30, -30, -5, -5], [70, 50, 100, 90], [-8, 10, 8, 26]])
+def test_crop_pads_at_frame_edges(box):
+    frame = np.full((60, 80, 3), 200, np.uint8)
+    policy = CropPolicy(context=0.0, pad="constant", pad_value=7)
+    crop = crop_batch(frame, np.array([box]), 16, policy)[0]
+    x1, y1, x2, y2 = box
+    inside_x = (np.arange(16) + 0.5) * (x2 - x1) / 16 + x1
+    inside_y = (np.arange(16) + 0.5) * (y2 - y1) / 16 + y1
+    in_x = (inside_x >= 0.5) & (inside_x <= 79.5)
+    in_y = (inside_y >= 0.5) & (inside_y <= 59.5)
+    inside = in_y[:, None] & in_x[None, :]
+    outside = (~((inside_y >= -0.5) & (inside_y <= 60.5)))[:, None] | \
+              (~((inside_x >= -0.5) & (inside_x <= 80.5)))[None, :]
+    assert np.all(crop[inside] == 200)
+    assert np.all(crop[outside] == 7)
+    replicate = crop_batch(frame, np.array([box]), 16, CropPolicy(context=0.0, pad="replicate"))
+    assert np.all(replicate == 200)
+
+
+def test_crop_is_independent_of_batch_company():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)
+    small = np.array([[50, 50, 70, 80]], np.float32)
+    big = np.array([[0, 0, 300, 230]], np.float32)
+    alone = crop_batch(frame, small, 32)
+    together = crop_batch(frame, np.concatenate([big, small]), 32)
+    np.testing.assert_array_equal(alone[0], together[1])
+
+
+def test_crop_rejects_bad_frames_and_handles_degenerate_boxes():
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        crop_batch(np.zeros((10, 10), np.uint8), np.zeros((1, 4)), 8)
+    frame = _gradient_frame()
+    out = crop_batch(frame, np.array([[5, 5, 5, 5], [0, 0, 1, 80]]), 8)  # zero and 1-px wide
+    assert out.shape == (2, 8, 8, 3)
+    assert crop_batch(frame, np.zeros((0, 4)), 8).shape == (0, 8, 8, 3)
+    with pytest.raises(ValueError, match="finite"):
+        crop_batch(frame, np.array([[0, 0, np.nan, 4]]), 8)
+
+
+def test_normalize_matches_reference():
+    rng = np.random.default_rng(1)
+    crops = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    ref = ((crops[..., ::-1] / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(normalize(crops, mean, std, to_rgb=True), ref, atol=1e-5)
+    ref_bgr = ((crops / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(normalize(crops, mean, std, to_rgb=False), ref_bgr, atol=1e-5)
+
+
+def test_preprocessor_grows_and_matches_parts():
+    meta = ModelMetadata(classes=list(CLASSIFIER_CLASSES), input_size=16)
+    pre = Preprocessor(meta, max_batch=2)
+    frame = _gradient_frame()
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 30, 40], [60, 40, 90, 70]], np.float32)
+    batch = pre(frame, boxes)
+    assert batch.shape == (3, 3, 16, 16) and batch.dtype == np.float32
+    crops = crop_batch(frame, boxes, 16, meta.crop_policy)
+    np.testing.assert_allclose(batch, normalize(crops, meta.mean, meta.std), atol=1e-6)
+
+
+def test_metadata_roundtrip_and_errors():
+    meta = ModelMetadata(classes=list(CLASSIFIER_CLASSES), input_size=32, arch="x")
+    again = ModelMetadata.from_json(meta.to_json())
+    assert again == meta
+    with pytest.raises(MetadataError, match="m.onnx: unknown metadata keys"):
+        ModelMetadata.from_json('{"classes": ["a"], "input_size": 32, "bogus": 1}', "m.onnx")
+    with pytest.raises(MetadataError, match="input_size"):
+        ModelMetadata(classes=["a"], input_size=3)
+    with pytest.raises(MetadataError, match="not valid JSON"):
+        ModelMetadata.from_json("{", "m.onnx")
+
+
+@dataclasses.dataclass
+class _Inner:
+    threshold: float = spec(0.5, min=0.0, max=1.0)
+    mode: str = spec("a", choices=("a", "b"))
+
+
+@dataclasses.dataclass
+class _Cfg:
+    inner: _Inner = spec(factory=_Inner)
+    batch: int = spec(8, min=1)
+    name: str | None = None
+    sizes: list[int] = spec(factory=lambda: [1, 2])
+
+
+def test_config_defaults_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch: 4\ninner:\n  threshold: 0.25\n")
+    cfg = load_config(_Cfg, path, ["inner.mode=b", "batch=16"])
+    assert cfg.batch == 16 and cfg.inner.threshold == 0.25 and cfg.inner.mode == "b"
+    assert cfg.sizes == [1, 2] and cfg.name is None
+
+
+@pytest.mark.parametrize("text, key, what", [
+    ("inner:\n  treshold: 0.3\n", "inner.treshold", "unknown key"),
+    ("batch: two\n", "batch", "expected an integer"),
+    ("batch: 0\n", "batch", "below the minimum"),
+    ("inner:\n  threshold: 1.5\n", "inner.threshold", "above the maximum"),
+    ("inner:\n  mode: c\n", "inner.mode", "is not one of"),
+    ("sizes: [1, x]\n", "sizes[1]", "expected an integer"),
+    ("inner: 3\n", "inner", "expected a mapping"),
+])
+def test_config_errors_name_file_and_key(tmp_path, text, key, what):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(_Cfg, path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: {key}:") and what in msg
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(_Cfg, tmp_path / "missing.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("a: [1\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(_Cfg, bad)
+    with pytest.raises(ConfigError, match="command line"):
+        load_config(_Cfg, None, ["batch"])
