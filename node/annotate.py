@@ -1,0 +1,78 @@
+"""Draw published cones on a frame: class-coloured boxes, label and score, FPS/latency overlay.
+
+Used by the annotated video (``--video-out``) and the bag's optional CompressedImage topic.
+Colours are BGR and follow the cone colours so a glance at the video checks the labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import cv2
+import numpy as np
+
+from node.classes import BLUE, LARGE_ORANGE, ORANGE, UNKNOWN, YELLOW
+from node.types import Cone
+
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    BLUE: (255, 80, 0),
+    YELLOW: (0, 230, 255),
+    ORANGE: (0, 140, 255),
+    LARGE_ORANGE: (0, 60, 230),
+    UNKNOWN: (200, 200, 200),
+}
+_SHORT = {BLUE: "blue", YELLOW: "yellow", ORANGE: "orange", LARGE_ORANGE: "large orange",
+          UNKNOWN: "unknown"}
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def draw_cones(image: np.ndarray, cones: Iterable[Cone], fps: float | None = None,
+               latency_ms: float | None = None, *, copy: bool = True,
+               error: str | None = None) -> np.ndarray:
+    """Annotated copy of ``image`` (BGR uint8), or ``image`` itself when ``copy=False``.
+
+    Args:
+        image: H×W×3 BGR frame.
+        cones: boxes in pixels of this frame.
+        fps: shown top-left when given.
+        latency_ms: end-to-end latency shown next to the FPS when given.
+        error: a frame error shown in red across the top.
+    """
+    out = image.copy() if copy else image
+    h, w = out.shape[:2]
+    scale = max(0.35, min(w, h) / 1000.0)
+    thickness = max(1, round(scale * 2))
+    for cone in cones:
+        colour = CLASS_COLOURS.get(cone.label, CLASS_COLOURS[UNKNOWN])
+        x1, y1, x2, y2 = (round(float(v)) for v in cone.box)
+        cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
+        text = f"{_SHORT.get(cone.label, cone.label)} {float(cone.score):.2f}"
+        (tw, th), base = cv2.getTextSize(text, _FONT, scale, 1)
+        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y2 + th + base + 2)
+        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), colour, cv2.FILLED)
+        b, g, r = colour  # dark label backgrounds (blue, large orange) get white text
+        ink = (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 110 else (255, 255, 255)
+        cv2.putText(out, text, (x1 + 1, ty - base + 1), _FONT, scale, ink, 1, cv2.LINE_AA)
+    overlay = []
+    if fps is not None:
+        overlay.append(f"{fps:.1f} FPS")
+    if latency_ms is not None:
+        overlay.append(f"{latency_ms:.1f} ms")
+    if overlay:
+        _banner(out, " | ".join(overlay), (0, 0), scale * 1.2, (255, 255, 255))
+    if error:
+        _banner(out, error[:80], (0, h // 2), scale * 1.2, (0, 0, 255))
+    return out
+
+
+def blank_frame(width: int, height: int) -> np.ndarray:
+    """A dark grey frame for records without an image (unreadable input)."""
+    return np.full((height, width, 3), 40, dtype=np.uint8)
+
+
+def _banner(image: np.ndarray, text: str, origin: tuple[int, int], scale: float,
+            colour: tuple[int, int, int]) -> None:
+    (tw, th), base = cv2.getTextSize(text, _FONT, scale, 1)
+    x, y = origin
+    cv2.rectangle(image, (x, y), (x + tw + 8, y + th + base + 8), (0, 0, 0), cv2.FILLED)
+    cv2.putText(image, text, (x + 4, y + th + 4), _FONT, scale, colour, 1, cv2.LINE_AA)
