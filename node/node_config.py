@@ -1,0 +1,205 @@
+"""The node's typed configuration: ``configs/node.yaml`` as validated dataclasses.
+
+YAML defaults first, then CLI overrides (``--set key.path=value`` and the dedicated flags),
+into one ``NodeConfig`` built by ``node.config.load_config``. Every key is documented in place
+in ``configs/node.yaml``; bounds live here in ``spec()``. Relative paths (model, config) are
+resolved against the working directory first and then against the repository root, so the
+bundled model is found from anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, load_config, spec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/node.yaml"
+DEFAULT_MODEL = "models/cone_classifier.onnx"
+
+
+@dataclass
+class ModelConfig:
+    """The classifier and its backend."""
+
+    path: str = DEFAULT_MODEL
+    providers: list[str] | None = None
+    threads: int | None = spec(None, min=1, max=64)
+    max_batch: int = spec(64, min=1, max=1024)
+    score_threshold: float = spec(0.5, min=0.0, max=1.0)
+
+
+@dataclass
+class HueRange:
+    """One colour's HSV window (OpenCV scale: hue 0..179, saturation and value 0..255)."""
+
+    hue: list[int] = field(default_factory=lambda: [0, 179])
+    sat_min: int = spec(80, min=0, max=255)
+    val_min: int = spec(60, min=0, max=255)
+    val_max: int = spec(255, min=0, max=255)
+
+    def __post_init__(self) -> None:
+        if len(self.hue) != 2 or not all(0 <= h <= 179 for h in self.hue) or \
+                self.hue[0] > self.hue[1]:
+            raise ValueError(f"hue must be [low, high] within 0..179, got {self.hue}")
+        if self.val_min > self.val_max:
+            raise ValueError(f"val_min {self.val_min} exceeds val_max {self.val_max}")
+
+
+def _blue() -> list[HueRange]:
+    # Bright blue, plus teal and dark navy (blue cones in shadow lose value and drift green).
+    return [HueRange([95, 130], 80, 35), HueRange([85, 135], 60, 20, 110)]
+
+
+def _yellow() -> list[HueRange]:
+    return [HueRange([14, 36], 100, 45)]
+
+
+def _orange() -> list[HueRange]:
+    # Orange and its red end wrap around hue 0.
+    return [HueRange([0, 13], 100, 60), HueRange([168, 179], 100, 60)]
+
+
+@dataclass
+class ColourRanges:
+    """HSV windows per cone colour; a pixel is that colour if any window holds it."""
+
+    blue: list[HueRange] = field(default_factory=_blue)
+    yellow: list[HueRange] = field(default_factory=_yellow)
+    orange: list[HueRange] = field(default_factory=_orange)
+
+
+@dataclass
+class ProposerConfig:
+    """How candidate boxes are found."""
+
+    kind: str = spec("colour", choices=("colour", "external"))
+    external_dir: str | None = None
+    max_candidates: int = spec(32, min=1, max=1024)
+    colours: ColourRanges = field(default_factory=ColourRanges)
+    open_px: int = spec(0, min=0, max=15)
+    stripe_merge: float = spec(0.6, min=0.0, max=5.0)
+    min_height_px: int = spec(6, min=1, max=4096)
+    max_height_frac: float = spec(0.9, min=0.01, max=1.0)
+    min_area_px: int = spec(12, min=1)
+    aspect_min: float = spec(0.25, min=0.01, max=10.0)
+    aspect_max: float = spec(3.0, min=0.01, max=10.0)
+    cone_aspect: float = spec(0.55, min=0.1, max=2.0)
+    min_fill: float = spec(0.2, min=0.0, max=1.0)
+    base_extend: float = spec(0.04, min=0.0, max=1.0)
+    body_mask: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.aspect_min > self.aspect_max:
+            raise ValueError(f"aspect_min {self.aspect_min} exceeds aspect_max "
+                             f"{self.aspect_max}")
+        if self.kind == "external" and not self.external_dir:
+            raise ValueError("kind 'external' needs external_dir (or --proposals yolo:DIR)")
+        if self.body_mask and len(self.body_mask) < 3:
+            raise ValueError("body_mask needs at least 3 points")
+        for point in self.body_mask:
+            if len(point) != 2 or not all(-0.5 <= v <= 1.5 for v in point):
+                raise ValueError(f"body_mask point {point} must be [x, y] in frame fractions")
+
+
+@dataclass
+class PostConfig:
+    """Turning class scores into published cones."""
+
+    nms_iou: float | None = spec(0.6, min=0.0, max=1.0)
+
+
+@dataclass
+class PipelineConfig:
+    """Loop scheduling."""
+
+    sync: bool = False
+    cv_threads: int | None = spec(1, min=0, max=256)
+
+
+@dataclass
+class PublishersConfig:
+    """Where results go; any number at once. ``null`` disables one."""
+
+    jsonl: str | None = None
+    zmq: str | None = None
+    bag: str | None = None
+    video_out: str | None = None
+    annotate_bag_images: bool = False
+    video_fps: float = spec(20.0, min=1.0, max=240.0)
+
+
+@dataclass
+class MetricsConfig:
+    """Latency reporting."""
+
+    print_interval_s: float = spec(5.0, min=0.1, max=3600.0)
+    prometheus_port: int | None = spec(None, min=1, max=65535)
+    prometheus_host: str = "127.0.0.1"
+
+
+@dataclass
+class SourceConfig:
+    """Source options: the live camera of ``python -m node run`` and the replay bag topic."""
+
+    uri: str | None = None
+    width: int | None = spec(None, min=1, max=16384)
+    height: int | None = spec(None, min=1, max=16384)
+    fps: float | None = spec(None, min=0.1, max=1000.0)
+    reconnect_initial_s: float = spec(0.5, min=0.01, max=60.0)
+    reconnect_max_s: float = spec(5.0, min=0.01, max=600.0)
+    max_attempts: int = spec(0, min=0)
+    topic: str | None = None
+
+    def camera_options(self) -> dict:
+        """Keyword options for ``node.sources.open_source`` on a live camera."""
+        opts = {"reconnect_initial_s": self.reconnect_initial_s,
+                "reconnect_max_s": self.reconnect_max_s, "max_attempts": self.max_attempts}
+        for key in ("width", "height", "fps"):
+            if getattr(self, key) is not None:
+                opts[key] = getattr(self, key)
+        return opts
+
+
+@dataclass
+class NodeConfig:
+    """Everything ``python -m node replay|run`` needs, as one validated object."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    proposer: ProposerConfig = field(default_factory=ProposerConfig)
+    post: PostConfig = field(default_factory=PostConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    publishers: PublishersConfig = field(default_factory=PublishersConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+
+    def __post_init__(self) -> None:
+        if self.proposer.max_candidates > self.model.max_batch:
+            raise ValueError(f"proposer.max_candidates ({self.proposer.max_candidates}) "
+                             f"must not exceed model.max_batch ({self.model.max_batch})")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A relative path as given if it exists from the working directory, else from the
+    repository root (where ``configs/`` and ``models/`` live)."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = REPO_ROOT / p
+    return candidate if candidate.exists() else p
+
+
+def load_node_config(path: str | Path | None = DEFAULT_CONFIG,
+                     overrides: Sequence[str] | dict | None = None) -> NodeConfig:
+    """Load ``NodeConfig`` from YAML (default ``configs/node.yaml``) plus overrides.
+
+    Raises:
+        ConfigError: missing file, unknown key, wrong type or out-of-range value; the message
+            names the file (or ``command line``) and the dotted key.
+    """
+    resolved = resolve_path(path) if path is not None else None
+    if resolved is not None and not resolved.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    return load_config(NodeConfig, resolved, overrides)
