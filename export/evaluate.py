@@ -1,0 +1,231 @@
+"""Score a classifier on labelled frames: ``python -m export.evaluate --model M --data yolo:DIR``.
+
+``M`` is a training checkpoint (``.pt``), an ONNX model or a TensorRT engine (both through
+``node.backends.load_backend``). Crops come from the ground-truth boxes through the crop policy
+in the *model's* metadata (no jitter), plus background crops mined the safe way
+(``export.background``, seeded). Prints top-1 accuracy, top-1 over the four cone colours,
+per-class recall, the background rejection rate and the confusion matrix, and writes the same
+to ``metrics.json`` and ``confusion.png`` under ``--out``.
+
+``evaluate_crops`` is the scoring core, reused by training, the benchmark and the INT8 checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from node.classes import BACKGROUND, CONE_CLASSES
+
+
+def evaluate_crops(predict_fn: Callable[[np.ndarray], np.ndarray], crops: np.ndarray,
+                   labels: Sequence[int] | Sequence[str] | np.ndarray,
+                   classes: Sequence[str]) -> dict:
+    """Score ``predict_fn`` on labelled crops.
+
+    Args:
+        predict_fn: uint8 BGR N×S×S×3 crops → N×C scores (logits or probabilities).
+        crops: the crops.
+        labels: true class per crop, as indices into ``classes`` or as class names.
+        classes: the model's class list (output order).
+
+    Returns:
+        ``count``, ``accuracy`` (top-1 over all crops), ``cone_accuracy`` (top-1 over crops
+        whose true class is one of the four cone colours), ``recall`` (per class; ``None``
+        when a class has no crops), ``min_cone_recall``, ``background_rejection`` (share of
+        background crops predicted ``background``), ``balanced_accuracy`` (mean recall over
+        classes present) and ``confusion`` (rows: true class, columns: predicted).
+    """
+    classes = list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[v] if isinstance(v, str) else int(v) for v in labels], np.int64)
+    if len(y) != len(crops):
+        raise ValueError(f"{len(crops)} crops but {len(y)} labels")
+    pred = (np.asarray(predict_fn(crops)).argmax(axis=1) if len(crops)
+            else np.zeros(0, np.int64))
+    k = len(classes)
+    confusion = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    support = confusion.sum(axis=1)
+    recall = {c: (float(confusion[i, i] / support[i]) if support[i] else None)
+              for i, c in enumerate(classes)}
+    cone_idx = [index[c] for c in CONE_CLASSES if c in index]
+    cone_rows = np.isin(y, cone_idx)
+    cone_recalls = [recall[classes[i]] for i in cone_idx if recall[classes[i]] is not None]
+    present = [r for r in recall.values() if r is not None]
+    return {
+        "count": len(y),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "cone_accuracy": float((pred[cone_rows] == y[cone_rows]).mean()) if cone_rows.any()
+        else None,
+        "recall": recall,
+        "min_cone_recall": min(cone_recalls) if cone_recalls else None,
+        "background_rejection": recall.get(BACKGROUND),
+        "balanced_accuracy": float(np.mean(present)) if present else 0.0,
+        "confusion": confusion.tolist(),
+        "classes": classes,
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "  n/a" if v is None else f"{100 * v:5.1f}"
+
+
+def format_metrics(m: dict) -> str:
+    """One log line: held-out top-1, cone top-1, background rejection, per-class recall."""
+    short = {"blue_cone": "blue", "yellow_cone": "yellow", "orange_cone": "orange",
+             "large_orange_cone": "big_orange", "background": "bg"}
+    rec = " ".join(f"{short.get(c, c)} {_pct(r)}" for c, r in m["recall"].items())
+    return (f"top1 {_pct(m['accuracy'])} cone-top1 {_pct(m['cone_accuracy'])} "
+            f"bg-reject {_pct(m['background_rejection'])} | recall {rec}")
+
+
+def format_report(m: dict) -> str:
+    """Multi-line report with the confusion matrix."""
+    classes = m["classes"]
+    width = max(len(c) for c in classes) + 2
+    lines = [f"crops: {m['count']}", f"top-1 accuracy: {_pct(m['accuracy'])} %",
+             f"top-1 over the four cone colours: {_pct(m['cone_accuracy'])} %",
+             f"background rejection: {_pct(m['background_rejection'])} %", "recall:"]
+    lines += [f"  {c:<{width}}{_pct(r)} %" for c, r in m["recall"].items()]
+    lines.append("confusion (rows: true, columns: predicted):")
+    lines.append(" " * width + "".join(f"{c[:8]:>9}" for c in classes))
+    lines += [f"{c:<{width}}" + "".join(f"{v:>9}" for v in row)
+              for c, row in zip(classes, m["confusion"])]
+    return "\n".join(lines)
+
+
+def plot_confusion(m: dict, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(m["confusion"], float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    k = len(m["classes"])
+    ax.set_xticks(range(k), m["classes"], rotation=35, ha="right")
+    ax.set_yticks(range(k), m["classes"])
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"top-1 {_pct(m['accuracy'])} %, cone top-1 "
+                          f"{_pct(m['cone_accuracy'])} %")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[], None]]:
+    """``(predict_fn, metadata, close)`` for a checkpoint, ONNX model or engine."""
+    from node.preprocess import normalize
+
+    path = Path(model_path)
+    if path.suffix == ".pt":
+        import torch
+
+        from .train import load_checkpoint, metadata_from_checkpoint
+
+        model, ckpt = load_checkpoint(path)
+        meta = metadata_from_checkpoint(ckpt)
+
+        @torch.no_grad()
+        def run(batch: np.ndarray) -> np.ndarray:
+            return model(torch.from_numpy(batch)).numpy()
+
+        close = lambda: None
+        chunk = 512
+    else:
+        from node.backends import load_backend
+
+        backend = load_backend(path, max_batch=256).activate()
+        meta, run, close, chunk = backend.meta, backend.infer, backend.deactivate, 256
+    mean, std = np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32)
+
+    def predict(crops: np.ndarray) -> np.ndarray:
+        out = [run(normalize(crops[i:i + chunk], mean, std, meta.channel_order == "RGB"))
+               for i in range(0, len(crops), chunk)]
+        return np.concatenate(out) if out else np.zeros((0, len(meta.classes)), np.float32)
+
+    return predict, meta, close
+
+
+def crops_for_evaluation(data_spec: str, meta, clips: Sequence[str] | None, seed: int,
+                         background_cfg=None) -> tuple[np.ndarray, list[str]]:
+    """Ground-truth crops (no jitter) and safely mined background crops of a YOLO dataset,
+    cropped by the model's own policy. ``clips`` keeps frames matching BGRacing clip rules
+    (``CLIP`` or ``CLIP:FIRST-LAST``)."""
+    from node.crop import crop_batch
+    from node.datasets import load_samples
+
+    from .background import HeightByRow, mine_background
+    from .data import clip_and_frame, is_heldout
+    from .train_config import BackgroundConfig
+
+    samples = load_samples(data_spec)
+    if clips:
+        samples = [s for s in samples if is_heldout(*clip_and_frame(s.image_path), list(clips))]
+    if not samples:
+        raise ValueError(f"{data_spec}: no frames" + (f" in clips {list(clips)}" if clips else ""))
+    bg_cfg = background_cfg or BackgroundConfig()
+    heights = HeightByRow.fit(samples)
+    rng = np.random.default_rng(seed)
+    policy, size = meta.crop_policy, meta.input_size
+    known = set(meta.classes) - {BACKGROUND}
+    xs, labels = [], []
+    for s in samples:
+        image = s.load()
+        keep = [i for i, c in enumerate(s.labels) if c in known]
+        boxes = [np.asarray(s.boxes, np.float32).reshape(-1, 4)[keep]]
+        names = [s.labels[i] for i in keep]
+        if BACKGROUND in meta.classes:
+            for mined in mine_background(image, s.boxes, rng, bg_cfg, heights).values():
+                boxes.append(mined)
+                names += [BACKGROUND] * len(mined)
+        xs.append(crop_batch(image, np.concatenate(boxes), size, policy))
+        labels += names
+    return np.concatenate(xs), labels
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.evaluate",
+                                     description="Score a cone classifier on labelled frames.")
+    parser.add_argument("--model", required=True, help="checkpoint .pt, .onnx or .engine")
+    parser.add_argument("--data", required=True, help="yolo:DIR (a YOLO dataset root)")
+    parser.add_argument("--out", default=None, help="folder for metrics.json and confusion.png")
+    parser.add_argument("--clips", nargs="*", default=None,
+                        help="only these clips (CLIP or CLIP:FIRST-LAST), e.g. the held-out set")
+    parser.add_argument("--seed", type=int, default=0, help="seed of background mining")
+    args = parser.parse_args(argv)
+    try:
+        predict, meta, close = load_predictor(args.model)
+        try:
+            crops, labels = crops_for_evaluation(args.data, meta, args.clips, args.seed)
+            metrics = evaluate_crops(predict, crops, labels, meta.classes)
+        finally:
+            close()
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics.update(model=str(args.model), data=args.data, clips=args.clips, seed=args.seed)
+    print(format_report(metrics))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_confusion(metrics, out / "confusion.png", title=Path(args.model).name)
+        print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

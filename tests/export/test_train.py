@@ -1,0 +1,286 @@
+"""Training side: config, split by clip, crop cache, colour-safe augmentation, a tiny training
+run that must learn, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from export.augment import (
+    MAX_STRENGTH,
+    SAFE_OPS,
+    ColourSafeRandAugment,
+    check_ops,
+    normalize_tensor,
+)
+from export.background import HeightByRow, far_from_all, grown, mine_background
+from export.data import (
+    CLASS_INDEX,
+    CropSet,
+    crops_to_tensor,
+    is_heldout,
+    jitter_boxes,
+    load_cache,
+    save_cache,
+)
+from export.train_config import BackgroundConfig, ConfigError, load_train_config
+from node.classes import CLASSIFIER_CLASSES
+from node.preprocess import normalize
+
+from . import cone_patches
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "train.yaml"
+SHARED = ROOT.parent / "shared" / "data" / "bgracing"
+
+
+# --------------------------------------------------------------------------- config
+
+def test_yaml_matches_dataclass_defaults() -> None:
+    assert load_train_config(CONFIG) == load_train_config(None)
+
+
+@pytest.mark.parametrize("override, key", [
+    (["optim.lrr=0.1"], "optim.lrr"),
+    (["optim.epochs=zero"], "optim.epochs"),
+    (["optim.lr=-1"], "optim.lr"),
+    (["augment.randaugment.ops=[Solarize]"], "augment.randaugment.ops"),
+    (["model.arch=resnet50"], "model.arch"),
+    (["augment.randaugment.magnitude=12"], "augment.randaugment.magnitude"),
+    (["data.synth.per_class={purple_cone: 3}"], "data.synth.per_class"),
+])
+def test_config_errors_name_the_key_and_file(override, key) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_train_config(CONFIG, override)
+    assert key in str(err.value)
+    assert str(CONFIG) in str(err.value) or "command line" in str(err.value)
+
+
+def test_cli_reports_config_error_in_one_line(capsys) -> None:
+    from export.train import main
+
+    assert main(["--config", str(CONFIG), "optim.batch_size=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.batch_size" in err and "\n" not in err
+
+
+# --------------------------------------------------------------------------- data
+
+def test_split_by_clip_rules() -> None:
+    rules = ["accel", "autox2", "skidpad:20-37"]
+    assert is_heldout("accel", 3, rules) and is_heldout("accel", None, rules)
+    assert is_heldout("autox2", 0, rules)
+    assert is_heldout("skidpad", 20, rules) and is_heldout("skidpad", 37, rules)
+    assert not is_heldout("skidpad", 19, rules) and not is_heldout("skidpad", 38, rules)
+    assert not is_heldout("skidpad", None, rules)  # the two single frames train
+    assert not is_heldout("autox", 25, rules)
+    with pytest.raises(ValueError, match="CLIP:FIRST-LAST"):
+        is_heldout("skidpad", 1, ["skidpad:30-20"])
+
+
+def test_jitter_stays_within_configured_error() -> None:
+    boxes = np.array([[100, 100, 120, 140]] * 2000, np.float32)
+    j = jitter_boxes(boxes, np.random.default_rng(0), 0.15, 0.8, 1.25, 0.15)
+    shift_x = ((j[:, 0] + j[:, 2]) / 2 - 110) / 20
+    assert np.abs(shift_x).max() <= 0.15 + 1e-5 and np.abs(shift_x).max() > 0.12
+    area_ratio = (j[:, 2] - j[:, 0]) * (j[:, 3] - j[:, 1]) / 800
+    assert 0.8**2 - 1e-3 <= area_ratio.min() and area_ratio.max() <= 1.25**2 + 1e-3
+
+
+def test_torch_normalisation_equals_the_runtime_one() -> None:
+    crops, _ = cone_patches(10)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    want = normalize(crops, np.array(mean), np.array(std), to_rgb=True)
+    got = normalize_tensor(crops_to_tensor(crops), torch.tensor(mean), torch.tensor(std))
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+
+
+def test_background_mining_keeps_away_from_cones_and_horizon() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)
+    boxes = np.array([[300, 300, 320, 340], [100, 400, 130, 460]], np.float32)
+    cfg = BackgroundConfig()
+    got = mine_background(image, boxes, rng, cfg, HeightByRow())
+    allb = np.concatenate(list(got.values()))
+    assert len(got["random"]) == cfg.per_frame and len(got["nose"]) == cfg.nose_per_frame
+    assert far_from_all(allb, grown(boxes, cfg.gap, cfg.margin_px)).all()
+    top, bottom = (np.array(cfg.horizon_band) * 640)
+    assert not np.any((allb[:, 3] >= top) & (allb[:, 1] <= bottom))
+
+
+def test_cache_round_trip_is_lossless(tmp_path) -> None:
+    x, names = cone_patches(40)
+    y = np.array([CLASS_INDEX[n] for n in names])
+    crops = CropSet(x, y, x[:10], y[:10], x[:5], y[:5], np.array(["a"] * 40),
+                    np.array(["b"] * 10), input_size=32, info={"heldout": ["b"]})
+    save_cache(crops, tmp_path / "c.npz")
+    back = load_cache(tmp_path / "c.npz")
+    assert np.array_equal(back.train_x, x) and np.array_equal(back.synth_y, y[:5])
+    assert back.val_clip.tolist() == ["b"] * 10 and back.info == {"heldout": ["b"]}
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def _hue_class(bgr: np.ndarray) -> str:
+    """Dominant cone colour among saturated pixels (OpenCV hue, 0..180)."""
+    hsv = cv2.cvtColor(np.ascontiguousarray(bgr), cv2.COLOR_BGR2HSV).reshape(-1, 3)
+    hue = hsv[(hsv[:, 1] > 60) & (hsv[:, 2] > 40), 0].astype(int)
+    counts = {"orange": np.sum(hue <= 16) + np.sum(hue >= 170),
+              "yellow": np.sum((hue >= 18) & (hue <= 40)),
+              "blue": np.sum((hue >= 90) & (hue <= 135))}
+    return max(counts, key=counts.get)
+
+
+def _patches() -> tuple[np.ndarray, list[str]]:
+    """Solid colour patches and cones on grey ground: blue, yellow, orange."""
+    crops, names = [], []
+    for name, bgr in (("blue", (200, 90, 20)), ("yellow", (20, 210, 235)),
+                      ("orange", (0, 110, 245))):
+        crops.append(np.full((32, 32, 3), bgr, np.uint8))
+        cone = np.full((32, 32, 3), 110, np.uint8)
+        cv2.fillPoly(cone, [np.array([[16, 4], [6, 28], [26, 28]], np.int32)], bgr)
+        crops.append(cone)
+        names += [name, name]
+    return np.stack(crops), names
+
+
+def test_unsafe_ops_are_refused() -> None:
+    for op in ("Solarize", "Equalize", "AutoContrast"):
+        with pytest.raises(ValueError, match=op):
+            check_ops([op])
+
+
+@pytest.mark.parametrize("op", SAFE_OPS)
+def test_kept_ops_preserve_the_cone_colour(op) -> None:
+    crops, names = _patches()
+    images = crops_to_tensor(crops)
+    torch.manual_seed(0)
+    # The strongest magnitude the config accepts, both signs drawn over 12 tries.
+    aug = ColourSafeRandAugment([op], num_ops=1, magnitude=int(MAX_STRENGTH * 30))
+    for _ in range(12):
+        out = aug(images).numpy().transpose(0, 2, 3, 1)[..., ::-1]
+        assert [_hue_class(c) for c in out] == names
+
+
+def test_solarize_would_flip_colours() -> None:
+    """Negative control: the hue check does catch a colour-changing op."""
+    from torchvision.transforms.v2 import functional as F
+
+    crops, names = _patches()
+    out = F.solarize(crops_to_tensor(crops), 100).numpy().transpose(0, 2, 3, 1)[..., ::-1]
+    assert [_hue_class(c) for c in out] != names
+
+
+# --------------------------------------------------------------------------- training
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A crop cache of drawn cone patches: 1500 training and 300 held-out crops."""
+    tmp = tmp_path_factory.mktemp("cache")
+    x, names = cone_patches(1500, seed=1)
+    vx, vnames = cone_patches(300, seed=2)
+    y = np.array([CLASS_INDEX[n] for n in names])
+    vy = np.array([CLASS_INDEX[n] for n in vnames])
+    empty = np.zeros((0, 32, 32, 3), np.uint8)
+    save_cache(CropSet(x, y, vx, vy, empty, np.zeros(0, np.int64), np.array(["t"] * len(y)),
+                       np.array(["v"] * len(vy)), input_size=32), tmp / "cache.npz")
+    return tmp / "cache.npz"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cache, tmp_path_factory):
+    """60 steps of batch 32 on drawn cone patches through the real ``train()``."""
+    from export.train import train
+
+    out = tmp_path_factory.mktemp("train") / "run"
+    cfg = load_train_config(CONFIG, [
+        f"data.cache={tiny_cache}", f"run.out={out}", "run.progress=false",
+        "run.device=cpu", "run.threads=1", "optim.epochs=3", "optim.samples_per_epoch=640",
+        "optim.batch_size=32", "optim.warmup_epochs=0.3"])
+    metrics = train(cfg)
+    return out, metrics
+
+
+def test_tiny_model_learns_far_above_chance(tiny_run) -> None:
+    run, metrics = tiny_run
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 3
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["accuracy"] >= 0.6  # chance is 1/5
+    assert metrics["count"] == 300 and sum(map(sum, metrics["confusion"])) == 300
+
+
+def test_checkpoint_round_trip(tiny_run) -> None:
+    from export.evaluate import evaluate_crops
+    from export.train import load_checkpoint, make_predict_fn, metadata_from_checkpoint
+
+    run, _ = tiny_run
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["arch"] == "se_resnet_slim32" and ckpt["classes"] == list(CLASSIFIER_CLASSES)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["optim"]["epochs"] == 3
+    model, ckpt2 = load_checkpoint(run / "last.pt")
+    vx, vnames = cone_patches(300, seed=2)
+    again = evaluate_crops(make_predict_fn(model, torch.device("cpu")), vx, vnames,
+                           ckpt2["classes"])
+    assert again["accuracy"] == pytest.approx(ckpt["metrics"]["accuracy"])
+    meta = metadata_from_checkpoint(ckpt2)
+    assert meta.input_size == 32 and meta.crop == ckpt["crop"] and meta.arch == ckpt["arch"]
+    assert (run / "config.yaml").is_file() and (run / "best.pt").is_file()
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED / "images").is_dir(), reason="needs ../shared/data/bgracing")
+def test_heldout_clips_hold_small_orange_cones_and_never_train() -> None:
+    from export.data import clip_and_frame
+    from node.datasets import load_samples
+
+    rules = load_train_config(CONFIG).data.heldout
+    samples = load_samples(f"yolo:{SHARED}")
+    held = [s for s in samples if is_heldout(*clip_and_frame(s.image_path), rules)]
+    train = [s for s in samples if not is_heldout(*clip_and_frame(s.image_path), rules)]
+    assert {clip_and_frame(s.image_path)[0] for s in held} == {"accel", "autox2", "skidpad"}
+    assert len(held) == 10 + 16 + 18 and len(held) + len(train) == len(samples)
+    small_orange = sum(s.labels.count("orange_cone") for s in held)
+    assert small_orange >= 40
+    held_names = {s.image_path.name for s in held}
+    assert not held_names & {s.image_path.name for s in train}
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not (SHARED / "images").is_dir(), reason="needs ../shared/data/bgracing")
+def test_training_frames_that_repeat_heldout_frames_are_dropped() -> None:
+    from export.data import clip_and_frame, near_duplicates
+    from node.datasets import load_samples
+
+    cfg = load_train_config(CONFIG).data
+    samples = [s for s in load_samples(f"yolo:{SHARED}")
+               if clip_and_frame(s.image_path)[0] == "skidpad"]
+    held = [s for s in samples if is_heldout(*clip_and_frame(s.image_path), cfg.heldout)]
+    train = [s for s in samples if not is_heldout(*clip_and_frame(s.image_path), cfg.heldout)]
+    dups = near_duplicates(train, held, cfg.duplicate_threshold)
+    assert [(a.split("_jpg")[0], b.split("_jpg")[0]) for a, b, _ in dups] == [
+        ("skidpad_2", "skidpad_mp4-21")]
+
+
+def test_ablation_runs_every_variant_per_seed(tiny_cache, tmp_path) -> None:
+    from export.ablation import main
+
+    assert main(["--config", str(CONFIG), "--seeds", "0", "1", "--out", str(tmp_path),
+                 "--variants", "baseline,no_se", f"data.cache={tiny_cache}",
+                 "run.progress=false", "run.threads=1", "optim.epochs=1",
+                 "optim.samples_per_epoch=64", "optim.batch_size=32"]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    runs = {(r["variant"], r["seed"], r["arch"]) for r in result["runs"]}
+    assert runs == {("baseline", 0, "se_resnet_slim32"), ("baseline", 1, "se_resnet_slim32"),
+                    ("no_se", 0, "resnet_slim32"), ("no_se", 1, "resnet_slim32")}
+    mean, spread = result["summary"]["baseline"]["cone_accuracy"]
+    accs = [r["metrics"]["cone_accuracy"] for r in result["runs"] if r["variant"] == "baseline"]
+    assert mean == pytest.approx(np.mean(accs)) and spread == pytest.approx(np.std(accs))
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| baseline |" in table and "| no_se |" in table
