@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("node.cli_run", "run on a live camera (csi://N, v4l2:///dev/videoN, rtsp://...)"),
     "demo": ("node.cli_demo", "render a synthetic clip and replay it with the bundled model"),
     "bench": ("node.bench", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
+    "evaluate": ("node.evaluate", "score a replay's cones (or bare proposals) against YOLO labels"),
     "selfcheck": ("node.selfcheck", ("on the Jetson: build TensorRT engines, compare them with "
                                     "ONNX Runtime, time them")),
 }

@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .bench_measure import latency_stats
 from .types import Frame
 
 DEFAULT_INPUT = 640
@@ -135,7 +136,8 @@ def time_peer(detector: PeerDetector, frames: Iterable[Frame | np.ndarray],
         warmup: runs on the first frame before the clock starts (like the node's warm-up).
 
     Returns:
-        ``{"frames", "fps", "latency_ms": {"mean", "p50", "p90", "p99"}, "detections"}``.
+        ``{"frames", "fps", "latency_ms": latency_stats (mean/p50/p90/p99 ms, cv),
+        "detections"}``.
     """
     images = (f.image if isinstance(f, Frame) else f for f in frames)
     images = (img for img in images if img is not None)
@@ -155,11 +157,9 @@ def time_peer(detector: PeerDetector, frames: Iterable[Frame | np.ndarray],
         t0 = time.perf_counter()
         image = next(images, None)
     wall = t0 - started
-    lat = np.asarray(latencies)
     return {
         "frames": len(latencies),
         "fps": len(latencies) / wall if wall > 0 else float("nan"),
-        "latency_ms": {"mean": float(lat.mean()), "p50": float(np.percentile(lat, 50)),
-                       "p90": float(np.percentile(lat, 90)), "p99": float(np.percentile(lat, 99))},
+        "latency_ms": latency_stats(latencies),
         "detections": detections,
     }

@@ -232,6 +232,19 @@ class LiveSource(Source):
         return cap
 
     def _run(self) -> None:
+        try:
+            self._capture_loop()
+        except Exception as exc:  # noqa: BLE001 - a dead capture thread must not hang the node
+            with self._cond:
+                self._health.update(state="failed", since=time.time(),
+                                    last_error=f"capture thread failed: {exc}")
+                self._fatal = SourceError(f"{self.name}: capture thread failed "
+                                          f"({type(exc).__name__}: {exc})")
+                self._cond.notify_all()
+            log.error("%s", self._fatal)
+            _release(self._capture)
+
+    def _capture_loop(self) -> None:
         while not self._stop.is_set():
             t0 = time.perf_counter()
             try:

@@ -78,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 
 def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
     """Assemble the node from ``args`` and run it over ``uri``; prints the summary."""
-    from .pipeline import Pipeline
+    from .pipeline import Pipeline, check_batch_capacity
 
     config = config_from_args(args)
     model_path = resolve_path(config.model.path)
@@ -91,6 +91,7 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
     publishers: list = []
     try:
         with backend:  # the model is loaded before any output file is created
+            check_batch_capacity(proposer, backend)  # engines know their batch limit now
             source = _open_source(uri, config, live)
             try:
                 publishers = _build_publishers(config)
@@ -186,7 +187,8 @@ def format_summary(summary: dict) -> str:
             f"{summary['candidates_per_frame']}")
     if summary.get("interrupted"):
         head += "  (interrupted: stopped by signal)"
-    return head + "\n" + latency_table(summary)
+    notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]
+    return "\n".join([head, latency_table(summary), *notes])
 
 
 def _close_quietly(things: list) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,11 +58,13 @@ class ModelMetadata:
         self.validate()
 
     def validate(self) -> None:
-        if not self.classes or not all(isinstance(c, str) for c in self.classes):
+        if not isinstance(self.classes, list) or not self.classes or \
+                not all(isinstance(c, str) for c in self.classes):
             raise MetadataError("metadata 'classes' must be a non-empty list of names")
         if len(set(self.classes)) != len(self.classes):
             raise MetadataError(f"metadata 'classes' has duplicates: {self.classes}")
-        if not isinstance(self.input_size, int) or not 8 <= self.input_size <= 1024:
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int) or \
+                not 8 <= self.input_size <= 1024:
             raise MetadataError(f"metadata 'input_size' must be an int in [8, 1024], got "
                                 f"{self.input_size!r}")
         if self.channel_order not in ("RGB", "BGR"):
@@ -69,17 +72,26 @@ class ModelMetadata:
                                 f"{self.channel_order!r}")
         for key in ("mean", "std"):
             v = getattr(self, key)
-            if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
-                raise MetadataError(f"metadata '{key}' must be 3 numbers, got {v!r}")
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                    for x in v):
+                raise MetadataError(f"metadata '{key}' must be 3 finite numbers, got {v!r}")
         if any(s <= 0 for s in self.std):
             raise MetadataError(f"metadata 'std' must be positive, got {self.std}")
         if self.precision not in ("fp32", "fp16", "int8"):
             raise MetadataError(f"metadata 'precision' must be fp32, fp16 or int8, got "
                                 f"{self.precision!r}")
+        if not isinstance(self.extra, dict):
+            raise MetadataError(f"metadata 'extra' must be a JSON object, got {self.extra!r}")
+        if not isinstance(self.crop, dict):
+            raise MetadataError(f"metadata 'crop' must be a JSON object, got {self.crop!r}")
         try:
-            CropPolicy(**self.crop)
+            policy = CropPolicy(**self.crop)
         except (TypeError, ValueError) as exc:
             raise MetadataError(f"metadata 'crop' is invalid: {exc}") from None
+        if not math.isfinite(policy.min_side) or not isinstance(policy.pad_value, int):
+            raise MetadataError(f"metadata 'crop' is invalid: min_side must be finite and "
+                                f"pad_value an integer, got {self.crop!r}")
 
     @property
     def crop_policy(self) -> CropPolicy:
@@ -89,10 +101,10 @@ class ModelMetadata:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, origin: str = "model") -> ModelMetadata:
+    def from_json(cls, text: str | bytes, origin: str = "model") -> ModelMetadata:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # (nesting)
             raise MetadataError(f"{origin}: metadata is not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise MetadataError(f"{origin}: metadata must be a JSON object")
@@ -144,7 +156,7 @@ def read_sidecar(engine_path: str | Path) -> ModelMetadata:
     if not side.is_file():
         raise MetadataError(f"{side}: engine sidecar not found; rebuild the engine with "
                             f"`python -m export.engine MODEL.onnx`")
-    return ModelMetadata.from_json(side.read_text(), origin=str(side))
+    return ModelMetadata.from_json(side.read_bytes(), origin=str(side))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

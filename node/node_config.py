@@ -75,9 +75,15 @@ class ColourRanges:
 class ProposerConfig:
     """How candidate boxes are found."""
 
-    kind: str = spec("colour", choices=("colour", "external"))
+    kind: str = spec("colour", choices=("colour", "hsv", "heatmap", "external"))
     external_dir: str | None = None
     max_candidates: int = spec(32, min=1, max=1024)
+    colour_model: str = "models/colour_model.json"
+    colour_threshold: float = spec(0.2, min=0.0, max=1.0)
+    min_part_px: int = spec(2, min=1)
+    min_height_frac: float = spec(0.9, min=0.0, max=2.0)
+    grow_height: float = spec(1.1, min=0.5, max=3.0)
+    grow_width: float = spec(1.1, min=0.5, max=3.0)
     colours: ColourRanges = field(default_factory=ColourRanges)
     open_px: int = spec(0, min=0, max=15)
     stripe_merge: float = spec(0.6, min=0.0, max=5.0)
@@ -90,6 +96,9 @@ class ProposerConfig:
     min_fill: float = spec(0.2, min=0.0, max=1.0)
     base_extend: float = spec(0.04, min=0.0, max=1.0)
     body_mask: list[list[float]] = field(default_factory=list)
+    heatmap_model: str = "models/cone_proposer.onnx"
+    heatmap_threshold: float = spec(0.3, min=0.0, max=1.0)
+    heatmap_threads: int = spec(1, min=1, max=64)
 
     def __post_init__(self) -> None:
         if self.aspect_min > self.aspect_max:

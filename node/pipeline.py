@@ -3,8 +3,9 @@
 Pipelined mode overlaps the CPU and the backend as DESIGN.md describes: while the backend's
 worker (an ONNX Runtime thread, or a CUDA stream for TensorRT) infers frame t, the main thread
 captures, proposes and preprocesses frame t+1 into the *other* of two preallocated batch
-buffers, then waits for t, post-processes and publishes it, and submits t+1. ``sync`` runs the
-same stages one after another, for comparison.
+buffers, then waits for t, post-processes and publishes it, and submits t+1. With a live
+source, frame t is published as soon as no frame t+1 is ready, so a slow camera never holds a
+result back. ``sync`` runs the same stages one after another, for comparison.
 
 Replay never drops a frame: every frame the source yields gets exactly one ``FrameResult``, in
 input order, including unreadable frames (``error`` set, no cones) and frames whose inference
@@ -18,12 +19,13 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import cv2
 import numpy as np
 
+from .config import ConfigError
 from .node_config import NodeConfig
 from .postprocess import cones_from_logits
 from .preprocess import Preprocessor
@@ -80,6 +82,7 @@ class Pipeline:
         self.progress = progress
         self.report = report
         meta = backend.meta
+        check_batch_capacity(proposer, backend)
         self.classes: list[str] = list(meta.classes)
         capacity = max(config.model.max_batch, proposer.max_candidates)
         self.preprocessor = Preprocessor(meta, capacity)
@@ -90,7 +93,8 @@ class Pipeline:
         self._last_publish: float | None = None
         self._last_health: float | None = None
         self._rate: float | None = None
-        self.counts = {"frames": 0, "errors": 0, "cones": 0, "candidates": 0}
+        self.counts = {"frames": 0, "errors": 0, "cones": 0, "candidates": 0,
+                       "source_errors": 0}
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -102,13 +106,15 @@ class Pipeline:
         return self._stop.is_set()
 
     # -- stages --------------------------------------------------------------------------
-    def _capture(self, frames: Any) -> _InFlight | None:
+    def _capture(self, frames: Any, idle: Any = None) -> _InFlight | None:
         """The next frame, or None at the end of the source or when stopped.
 
         Replay: the time spent in the source (reading, decoding). Live sources: the frame's
         age when the node takes it (its wall-clock stamp is the capture instant), so that
         ``total`` is the true capture-to-publish latency; while a camera is away the loop
-        polls, so that health is published and a stop request is honoured.
+        polls, so that health is published and a stop request is honoured. ``idle`` is
+        called when a live source has no frame ready (the pipelined loop publishes the frame
+        in flight then, instead of holding it until the next frame arrives).
         """
         started = time.perf_counter()
         read = getattr(self._source, "read", None)
@@ -118,15 +124,20 @@ class Pipeline:
             except StopIteration:
                 return None
             return _InFlight(frame, started, {"capture": (time.perf_counter() - started) * 1e3})
+        timeout = 0.0 if idle is not None else CAMERA_POLL_S
         while True:
             if self.stopped:
                 return None
             try:
-                frame = read(timeout=CAMERA_POLL_S)
+                frame = read(timeout=timeout)
             except StopIteration:
                 return None
             if frame is not None:
                 break
+            if timeout == 0.0:
+                idle()
+                timeout = CAMERA_POLL_S
+                continue
             self._camera_waiting()
         taken = time.perf_counter()
         age_s = time.time() - frame.stamp
@@ -163,6 +174,9 @@ class Pipeline:
             item.error = (f"frame has shape {getattr(image, 'shape', None)} dtype "
                           f"{getattr(image, 'dtype', type(image).__name__)}; "
                           f"expected H×W×3 uint8")
+            # Publishers read and draw the frame's image: they get none rather than one they
+            # cannot handle (the error names its shape).
+            item.frame = replace(frame, image=None)
             return
         t0 = time.perf_counter()
         try:
@@ -206,6 +220,9 @@ class Pipeline:
             if gpu_ms is not None and logits is not None:
                 lat["infer_gpu"] = float(gpu_ms)
             t1 = time.perf_counter()
+            if logits is not None and not np.all(np.isfinite(logits)):
+                # NaN/inf (an FP16 overflow, a broken engine) would silently yield no cones.
+                logits, item.error = None, "inference failed: backend returned non-finite scores"
             if logits is not None:
                 try:
                     cones = cones_from_logits(
@@ -238,6 +255,7 @@ class Pipeline:
     def _account(self, result: FrameResult) -> None:
         self.counts["frames"] += 1
         self.counts["errors"] += bool(result.error or result.frame.error)
+        self.counts["source_errors"] += bool(result.frame.error)
         self.counts["cones"] += len(result.cones)
         self.counts["candidates"] += result.num_candidates
         if self.tracker is not None:
@@ -287,9 +305,16 @@ class Pipeline:
     def _run_pipelined(self, frames: Any) -> None:
         pending: _InFlight | None = None
         slot = 0
+
+        def publish_pending() -> None:  # a live source has no frame ready: don't hold this one
+            nonlocal pending
+            if pending is not None:
+                self._finish(pending)
+                pending = None
+
         try:
             while not self.stopped:
-                item = self._capture(frames)
+                item = self._capture(frames, idle=publish_pending)
                 if item is None:
                     break
                 # The backend may still read the other buffer (frame t): write this one.
@@ -304,12 +329,19 @@ class Pipeline:
                 self._finish(pending)
 
     def summary(self, wall_s: float, source: Any = None) -> dict:
-        """Counts, FPS, latency percentiles (from the tracker) and drops."""
+        """Counts, FPS, latency percentiles (from the tracker) and drops.
+
+        ``unread`` counts frames a source announced but never delivered (a video truncated
+        mid-file), which therefore have no record; ``source_warnings`` says why.
+        """
         frames = self.counts["frames"]
+        source_errors = int(getattr(source, "errors", 0) or 0)
         out = {
             "mode": "sync" if self.config.pipeline.sync else "pipelined",
             "frames": frames,
             "errors": self.counts["errors"],
+            "unread": max(0, source_errors - self.counts["source_errors"]),
+            "source_warnings": list(getattr(source, "warnings", None) or []),
             "dropped": int(getattr(source, "dropped", 0) or 0),
             "cones": self.counts["cones"],
             "candidates_per_frame": round(self.counts["candidates"] / max(frames, 1), 2),
@@ -332,6 +364,21 @@ class Pipeline:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return restore
+
+
+def check_batch_capacity(proposer: Proposer, backend: Any) -> None:
+    """Refuse a candidate cap the model cannot take in one batch (an engine's batch profile
+    may be smaller than the config's ``max_candidates``): every busy frame would fail.
+
+    Raises:
+        ConfigError: names ``proposer.max_candidates``, the model and its batch limit.
+    """
+    accepted = getattr(backend, "max_batch", None)
+    if isinstance(accepted, int) and proposer.max_candidates > accepted:
+        raise ConfigError(
+            f"proposer.max_candidates ({proposer.max_candidates}) exceeds the largest batch "
+            f"{getattr(backend, 'path', 'the model')} accepts ({accepted}); lower it or "
+            f"rebuild the engine with a larger batch profile")
 
 
 def _close_all(things: Sequence[Any]) -> None:

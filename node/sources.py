@@ -298,8 +298,12 @@ def _no_options(uri: str, opts: dict) -> None:
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:
-    if image.ndim == 2:
+    """Grey and BGRA uint8 images as BGR; anything else unchanged (the pipeline records a
+    frame of the wrong shape or dtype as an error frame, it must not kill a capture thread)."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+        return image
+    if image.ndim == 2 and image.size:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
-    if image.shape[2] == 4:
+    if image.ndim == 3 and image.shape[2] == 4 and image.size:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metadata import ModelMetadata
+from ..classes import BACKGROUND, PUBLISHED_CLASSES
+from ..metadata import MetadataError, ModelMetadata
 
 QUEUE_DEPTH = 2
 """Batches that may be in flight per backend: one per staging slot (double buffering)."""
@@ -63,6 +64,11 @@ class Backend:
                  max_batch: int) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BackendError(f"{path}: max_batch must be a positive integer, got {max_batch!r}")
+        foreign = [c for c in meta.classes if c not in (*PUBLISHED_CLASSES, BACKGROUND)]
+        if foreign:
+            raise MetadataError(f"{path}: metadata classes {foreign} are not the node's class "
+                                f"names {[*PUBLISHED_CLASSES, BACKGROUND]}; re-export the model "
+                                f"with `python -m export.onnx`")
         self.path = Path(path)
         self.meta = meta
         self.name = name

@@ -173,7 +173,7 @@ def test_bench_table_logs_plot_and_peer(bench_files, tmp_path, capsys):
         # 5 boxes labelled blue, one of them an orange cone; every other label is right.
         assert row["accuracy_per_class"] == {"blue_cone": pytest.approx(4 / 5),
                                              "yellow_cone": 1.0, "orange_cone": 1.0}
-        assert row["e2e_frames"] == 4 and row["candidates_per_frame"] >= 3
+        assert row["e2e_frames"] == 4 and row["candidates_per_frame"] > 0
         assert row["peer"] == "tiny_yolo.onnx" and row["peer_input"] == 64
         # Two interleaved rounds of each; the table shows the median run.
         runs = row["e2e_fps_runs"]

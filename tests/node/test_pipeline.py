@@ -360,6 +360,10 @@ def test_live_source_records_plus_drops_cover_every_captured_frame(tiny_model, t
         assert 0 <= lat["capture"] <= lat["total"]
 
 
+HSV_20 = {"kind": "hsv", "max_candidates": 20}
+"""Busy frames of random rectangles: HSV windows fire on them wherever they are."""
+
+
 def _timed_run(backend, sync, frames, proposer_cfg) -> float:
     config = load_node_config(None, {"pipeline": {"sync": sync}, "proposer": proposer_cfg})
     pipeline = Pipeline(config, backend, build_proposer(config.proposer), [])
@@ -426,7 +430,7 @@ def test_pipelined_mode_overlaps_inference_with_the_next_frame():
     backend = SleepyBackend(meta, delay_s=0.010)
     frames = busy_frames(24)
     try:
-        piped, sync = pipelined_vs_sync_fps(backend, frames, {"max_candidates": 20}, repeats=2)
+        piped, sync = pipelined_vs_sync_fps(backend, frames, HSV_20, repeats=2)
     finally:
         backend.close()
     print(f"off-CPU inference: pipelined {piped:.1f} FPS / sync {sync:.1f} FPS = "
@@ -478,7 +482,7 @@ def test_pipelined_mode_is_faster_than_sync(tmp_path):
     require_two_free_cores()
     model = make_colour_classifier(tmp_path / "deep.onnx", size=32, depth=4, width=16)
     with load_backend(model, threads=1) as backend:
-        piped, sync = pipelined_vs_sync_fps(backend, busy_frames(), {"max_candidates": 20})
+        piped, sync = pipelined_vs_sync_fps(backend, busy_frames(), HSV_20)
     print(f"pipelined {piped:.1f} FPS / sync {sync:.1f} FPS = {piped / sync:.2f}x")
     assert piped / sync > 1.1
 
@@ -488,7 +492,7 @@ def test_pipelined_mode_is_faster_than_sync(tmp_path):
 def test_pipelined_mode_is_faster_than_sync_with_the_bundled_model():
     require_two_free_cores()
     with load_backend(BUNDLED, threads=1) as backend:
-        piped, sync = pipelined_vs_sync_fps(backend, busy_frames(20), {"max_candidates": 20},
+        piped, sync = pipelined_vs_sync_fps(backend, busy_frames(20), HSV_20,
                                             repeats=3)
     print(f"bundled model: pipelined {piped:.1f} FPS / sync {sync:.1f} FPS = "
           f"{piped / sync:.2f}x")

@@ -1,0 +1,353 @@
+"""Train and export the cone-heatmap proposer: ``python -m export.proposer_train --out DIR``.
+
+A tiny CenterNet (Zhou et al., "Objects as Points", 2019): a fully-convolutional net on the
+frame resized to 320x320 predicts, at output stride 4, a cone-centre heatmap (focal loss of
+CenterNet / CornerNet, alpha 2, beta 4), log box size and sub-cell offset (L1 at the centre
+cells). Channels 16-24-32-48 with stride-2 steps and two top-down merges (as in a feature
+pyramid); the stride-4 convolutions are depthwise-separable (MobileNet) to keep the CPU cost
+at about 3 ms per frame on one core. The frames come from ``export.proposer_data`` (real
+training clips + synthetic scenes, cached under ``cache/``).
+
+Training runs on the CPU (``--threads``, default 2) or on CUDA with automatic mixed precision
+(``--device auto|cpu|cuda``). One training clip (``--val-clips``, default ``autox4``) is kept
+out of training: the score threshold is tuned on it with the exported model running through
+the node's own ``HeatmapProposer`` (never on the held-out clips). Writes ``<out>/best.pt``,
+``<out>/config.yaml``, ``<out>/history.jsonl``, ``<out>/cone_proposer.onnx`` (opset 17,
+metadata JSON under ``cone_proposer`` in ``metadata_props``) and copies it to ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from node.heatmap_proposer import OUTPUTS, ProposerMetadata
+
+from .data import DataError
+from .proposer_data import ProposerFrames, augment_frame, centre_targets
+
+STRIDE = 4
+CHANNELS = (16, 24, 32, 48)
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def separable(cin: int, cout: int) -> nn.Sequential:
+    """Depthwise 3x3 + pointwise 1x1, each with BN and ReLU (MobileNet v1 block)."""
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False),
+                         nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                         nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class ConeHeatmapNet(nn.Module):
+    """Centre heatmap (logits), log size and offset at stride 4: (B,1,G,G), (B,2,G,G) x2."""
+
+    def __init__(self, channels: tuple[int, int, int, int] = CHANNELS) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.stem = conv_bn(3, c1, 2)
+        self.stage4 = nn.Sequential(conv_bn(c1, c2, 2), separable(c2, c2))
+        self.stage8 = nn.Sequential(conv_bn(c2, c3, 2), separable(c3, c3))
+        self.stage16 = nn.Sequential(conv_bn(c3, c4, 2), conv_bn(c4, c4))
+        self.lateral16 = nn.Conv2d(c4, c2, 1)
+        self.lateral8 = nn.Conv2d(c3, c2, 1)
+        self.fuse = separable(c2, c2)
+        self.heat = nn.Conv2d(c2, 1, 1)
+        self.size = nn.Conv2d(c2, 2, 1)
+        self.offset = nn.Conv2d(c2, 2, 1)
+        nn.init.constant_(self.heat.bias, -4.6)  # CenterNet's prior: sigmoid ~ 0.01
+        nn.init.constant_(self.size.bias, 2.5)   # exp(2.5) ~ 12 px, a typical cone at 320
+        nn.init.constant_(self.offset.bias, 0.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f4 = self.stage4(self.stem(x))
+        f8 = self.stage8(f4)
+        f16 = self.stage16(f8)
+        up = nn.functional.interpolate(self.lateral16(f16), scale_factor=2.0, mode="nearest")
+        up = nn.functional.interpolate(up + self.lateral8(f8), scale_factor=2.0, mode="nearest")
+        f = self.fuse(up + f4)
+        return self.heat(f), self.size(f), self.offset(f)
+
+
+class ExportWrapper(nn.Module):
+    """What the node runs: the heatmap as probabilities."""
+
+    def __init__(self, net: ConeHeatmapNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        heat, size, offset = self.net(x)
+        return torch.sigmoid(heat), size, offset
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0,
+               beta: float = 4.0) -> torch.Tensor:
+    """CenterNet's penalty-reduced pixel-wise focal loss, normalised by the peak count."""
+    logits = logits.float()
+    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
+    pos = target.eq(1.0).float()
+    log_p, log_not_p = nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits)
+    pos_loss = -(log_p * (1 - p) ** alpha * pos).sum()
+    neg_loss = -(log_not_p * p ** alpha * (1 - target) ** beta * (1 - pos)).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
+def detection_loss(outputs: tuple, targets: dict[str, torch.Tensor],
+                   size_weight: float = 1.0, offset_weight: float = 1.0) -> torch.Tensor:
+    """Focal heatmap loss plus masked L1 on log size and offset at the centre cells."""
+    heat, size, offset = outputs
+    mask = targets["mask"]
+    n = mask.sum().clamp(min=1.0)
+    l_size = (torch.abs(size.float() - targets["size"]) * mask).sum() / n
+    l_off = (torch.abs(offset.float() - targets["offset"]) * mask).sum() / n
+    return focal_loss(heat, targets["heat"]) + size_weight * l_size + offset_weight * l_off
+
+
+def normalise_batch(images: np.ndarray, meta: ProposerMetadata) -> torch.Tensor:
+    """uint8 BGR (B, S, S, 3) → float (B, 3, S, S), the same arithmetic as the node's
+    ``node.heatmap_proposer.to_input_tensor``."""
+    x = images[..., ::-1] if meta.channel_order == "RGB" else images
+    mean = np.asarray(meta.mean, np.float32) * 255.0
+    scale = 1.0 / (np.asarray(meta.std, np.float32) * 255.0)
+    x = (x.astype(np.float32) - mean) * scale
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
+               rng: np.random.Generator | None, device: torch.device
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Images and CenterNet targets of frames ``idx`` (augmented when ``rng`` is given)."""
+    images, targets = [], []
+    for i in idx:
+        img, boxes = frames.images[i], frames.frame_boxes(i)
+        if rng is not None:
+            img, boxes = augment_frame(img, boxes, rng)
+        images.append(img)
+        targets.append(centre_targets(boxes, meta.input_size, meta.stride))
+    x = normalise_batch(np.stack(images), meta).to(device, non_blocking=True)
+    t = {k: torch.from_numpy(np.stack([d[k] for d in targets])).to(device) for k in targets[0]}
+    return x, t
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: CUDA is not available here; use --device cpu or auto")
+    return torch.device(name)
+
+
+def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, epochs: int,
+          batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
+          seed: int = 0, log: Path | None = None, max_steps: int | None = None) -> list[float]:
+    """AdamW with a one-cycle schedule; returns the mean loss of every epoch (or of every
+    step when ``max_steps`` is set, for quick checks)."""
+    device = torch.device(device)
+    net.to(device).train()
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = max(1, len(frames) // batch_size)
+    total = max_steps or epochs * steps_per_epoch
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
+                                                pct_start=0.1)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history, step, t0 = [], 0, time.perf_counter()
+    while step < total:
+        order = rng.permutation(len(frames))
+        losses = []
+        for k in range(steps_per_epoch):
+            if step >= total:
+                break
+            x, t = make_batch(frames, order[k * batch_size:(k + 1) * batch_size], meta, rng,
+                              device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = detection_loss(net(x), t)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            losses.append(float(loss))
+            if max_steps:
+                history.append(losses[-1])
+        if not max_steps:
+            history.append(float(np.mean(losses)))
+            rec = {"epoch": len(history), "loss": round(history[-1], 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            if log is not None:
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+    net.eval()
+    return history
+
+
+def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Path) -> Path:
+    """ONNX (opset 17, batch 1) with ``meta`` as JSON under ``cone_proposer``."""
+    import warnings
+
+    import onnx
+
+    from node.heatmap_proposer import METADATA_KEY
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = ExportWrapper(net.cpu().eval()).eval()
+    dummy = torch.zeros(1, 3, meta.input_size, meta.input_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(wrapper, (dummy,), str(path), input_names=["image"],
+                          output_names=list(OUTPUTS), opset_version=17, dynamo=False,
+                          do_constant_folding=True)
+    proto = onnx.load(str(path))
+    extra = dict(meta.extra)
+    extra["torch"] = torch.__version__
+    onnx.helper.set_model_props(proto, {METADATA_KEY: ProposerMetadata(
+        meta.input_size, meta.stride, meta.channel_order, meta.mean, meta.std, extra).to_json()})
+    proto.producer_name = "cone_node.export.proposer_train"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def tune_threshold(model_path: Path, samples: list, thresholds: list[float],
+                   max_candidates: int, budget: float = 2.5) -> tuple[float, list[dict]]:
+    """Run the node's ``HeatmapProposer`` on validation frames (full size, from disk) at each
+    threshold; pick the lowest threshold whose candidates stay within ``budget`` x the
+    labelled cones (the highest recall that does)."""
+    from node.evaluate import score_proposals
+    from node.heatmap_proposer import HeatmapProposer
+    from node.node_config import ProposerConfig
+
+    rows = []
+    for th in sorted(thresholds):
+        cfg = ProposerConfig(kind="heatmap", heatmap_model=str(model_path),
+                             heatmap_threshold=th, max_candidates=max_candidates)
+        rep = score_proposals(HeatmapProposer(cfg), samples)
+        rows.append({"threshold": th, "recall_ge12": rep["recall_ge12"],
+                     "per_cone": rep["candidates_per_labelled_cone"],
+                     "per_frame": rep["candidates_per_frame"]})
+    ok = [r for r in rows if (r["per_cone"] or 0) <= budget] or rows[-1:]
+    return max(ok, key=lambda r: (r["recall_ge12"] or 0, r["threshold"]))["threshold"], rows
+
+
+def validation_samples(root: Path, clips: list[str]) -> list:
+    """Labelled full-size frames of the validation clips (training clips kept out of
+    training for tuning)."""
+    from node.datasets import load_samples
+
+    from .data import clip_and_frame
+
+    if not (root / "images").is_dir():
+        return []
+    return [s for s in load_samples(f"yolo:{root}") if clip_and_frame(s.image_path)[0] in clips]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.proposer_train",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="run folder, e.g. runs/proposer")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--data", default="../shared/data/bgracing", help="YOLO root")
+    parser.add_argument("--train-config", default="configs/train.yaml",
+                        help="its data.heldout clips are never trained on")
+    parser.add_argument("--cache", default="cache/proposer_320.npz",
+                        help="frame cache (.npz), built when missing")
+    parser.add_argument("--input-size", type=int, default=320)
+    parser.add_argument("--synth-frames", type=int, default=300)
+    parser.add_argument("--synth-seed", type=int, default=20000)
+    parser.add_argument("--val-clips", nargs="*", default=["autox4"],
+                        help="training clips kept out of training to tune the threshold")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-candidates", type=int, default=32)
+    parser.add_argument("--model", default=None, help="also copy the ONNX here, e.g. "
+                        "models/cone_proposer.onnx")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from node.node_config import resolve_path
+
+    from .proposer_data import build_proposer_frames, load_frames, save_frames
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
+    root = resolve_path(args.data)
+    cache = Path(args.cache)
+    if cache.is_file():
+        frames = load_frames(cache)
+        if frames.info.get("heldout") != list(heldout) or frames.images.shape[1] != \
+                args.input_size:
+            raise DataError(f"{cache}: built for other held-out clips or input size; delete it")
+    else:
+        frames = build_proposer_frames(root, heldout, args.input_size, args.synth_frames,
+                                       args.synth_seed)
+        save_frames(frames, cache)
+    train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))
+    device = pick_device(args.device)
+    meta = ProposerMetadata(input_size=args.input_size, stride=STRIDE)
+    print(f"training on {len(train_frames)} frames ({device}); validation clips "
+          f"{args.val_clips}", flush=True)
+    net = ConeHeatmapNet()
+    (out / "history.jsonl").write_text("")
+    train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
+          log=out / "history.jsonl")
+    torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
+                "input_size": args.input_size, "stride": STRIDE}, out / "best.pt")
+    clips = sorted(set(train_frames.clips.tolist()))
+    meta.extra = {"arch": "cone_heatmap_net", "channels": list(CHANNELS),
+                  "training_clips": clips, "validation_clips": list(args.val_clips),
+                  "heldout": list(heldout), "synth_seeds": [args.synth_seed,
+                                                            args.synth_seed + args.synth_frames],
+                  "epochs": args.epochs}
+    onnx_path = export_proposer(net, meta, out / "cone_proposer.onnx")
+    val = validation_samples(root, list(args.val_clips))
+    if val:
+        best, rows = tune_threshold(onnx_path, val, [0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5],
+                                    args.max_candidates)
+        for r in rows:
+            print(json.dumps(r))
+        meta.extra["threshold"] = best
+        meta.extra["threshold_tuning"] = rows
+        onnx_path = export_proposer(net, meta, onnx_path)
+        print(f"threshold tuned on {args.val_clips}: {best}")
+    if args.model:
+        shutil.copyfile(onnx_path, args.model)
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e3:.0f} KB)"
+          + (f", copied to {args.model}" if args.model else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""A learned cone-centre heatmap as the cone proposer (``proposer.kind: heatmap``).
+
+CenterNet-style (Zhou, Wang and Krähenbühl, "Objects as Points", 2019), made tiny: the frame
+is resized to the model's square input (320 px by default), a small fully-convolutional
+network (``export.proposer_train``) predicts at output stride 4 a cone-centre heatmap
+(sigmoid), the box size (log height and log width, input pixels) and the centre's sub-cell
+offset. Decoding is CenterNet's: a 3x3 max filter keeps local peaks, a score threshold and a
+top-K cap select them, and each peak becomes one class-agnostic box, mapped back to frame
+pixels and clipped to the frame. The classifier labels the boxes (``background`` included).
+
+The model runs in its own ``onnxruntime.InferenceSession`` with one intra-op thread (the
+proposer runs on the capture thread, next to the classifier's worker), not through
+``node.backends``: those validate classifier metadata (class list, crop policy). The
+proposer's own contract travels in the ONNX ``metadata_props`` under ``cone_proposer`` (JSON:
+input size, output stride, channel order, mean and std, output names, training clips).
+Only numpy, cv2 and onnxruntime are used.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .node_config import ProposerConfig, resolve_path
+from .proposers import _EMPTY, Proposer, body_mask_image
+from .types import Frame
+
+METADATA_KEY = "cone_proposer"
+FORMAT = "cone-proposer/1"
+OUTPUTS = ("heatmap", "size", "offset")
+"""Output names of the ONNX graph: (1,1,G,G) sigmoid centre heat, (1,2,G,G) log(h), log(w)
+in input pixels, (1,2,G,G) x and y offsets of the centre within its cell (cells)."""
+
+
+class HeatmapModelError(ValueError):
+    """The proposer model is missing, unreadable or lacks its metadata; names the file."""
+
+
+@dataclass
+class ProposerMetadata:
+    """The preprocessing and decoding contract of a cone-heatmap model.
+
+    Attributes:
+        input_size: square input side in pixels (the frame is resized to it, aspect ignored).
+        stride: input pixels per heatmap cell.
+        channel_order: ``RGB`` or ``BGR`` order of the input tensor's channels.
+        mean, std: per-channel normalisation on the 0..1 scale: ``(x / 255 - mean) / std``.
+        extra: anything else recorded at export (training clips, architecture, scores).
+    """
+
+    input_size: int = 320
+    stride: int = 4
+    channel_order: str = "RGB"
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "input_size": self.input_size,
+                           "stride": self.stride, "channel_order": self.channel_order,
+                           "mean": list(self.mean), "std": list(self.std),
+                           "outputs": list(OUTPUTS), "extra": self.extra}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, origin: str) -> ProposerMetadata:
+        """Parse and check; raises ``HeatmapModelError`` naming ``origin``."""
+        try:
+            d = json.loads(text)
+            if d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
+            meta = cls(int(d["input_size"]), int(d["stride"]), str(d["channel_order"]),
+                       [float(v) for v in d["mean"]], [float(v) for v in d["std"]],
+                       dict(d.get("extra", {})))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HeatmapModelError(f"{origin}: bad {METADATA_KEY} metadata ({exc})") from None
+        if (meta.input_size % meta.stride or meta.channel_order not in ("RGB", "BGR")
+                or len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0):
+            raise HeatmapModelError(f"{origin}: inconsistent {METADATA_KEY} metadata "
+                                    f"(input_size {meta.input_size}, stride {meta.stride}, "
+                                    f"channel_order {meta.channel_order})")
+        return meta
+
+
+def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
+    """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation)."""
+    s = meta.input_size
+    small = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+    if meta.channel_order == "RGB":
+        small = small[..., ::-1]
+    mean = np.asarray(meta.mean, np.float32) * 255.0
+    scale = 1.0 / (np.asarray(meta.std, np.float32) * 255.0)
+    x = (small.astype(np.float32) - mean) * scale
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, stride: int,
+                   threshold: float, top_k: int, scale: tuple[float, float] = (1.0, 1.0),
+                   frame_size: tuple[int, int] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """CenterNet decoding of one image's outputs into boxes.
+
+    Args:
+        heat: (G_h, G_w) centre probabilities.
+        log_size: (2, G_h, G_w) log(height), log(width) in input pixels.
+        offset: (2, G_h, G_w) x and y of the centre within its cell, in cells.
+        stride: input pixels per cell.
+        threshold: smallest peak probability kept.
+        top_k: most boxes returned (highest peaks first).
+        scale: (x, y) frame pixels per input pixel.
+        frame_size: (width, height) to clip the boxes to; None leaves them unclipped.
+
+    Returns:
+        (N, 4) float32 x1, y1, x2, y2 in frame pixels, and (N,) float32 peak scores, best first.
+    """
+    heat = np.asarray(heat, np.float32)
+    peaks = (heat == cv2.dilate(heat, np.ones((3, 3), np.uint8))) & (heat >= threshold)
+    ys, xs = np.nonzero(peaks)
+    if len(ys) == 0:
+        return _EMPTY.copy(), np.zeros(0, np.float32)
+    scores = heat[ys, xs]
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    ys, xs, scores = ys[order], xs[order], scores[order]
+    cx = (xs + offset[0, ys, xs]) * stride * scale[0]
+    cy = (ys + offset[1, ys, xs]) * stride * scale[1]
+    half_h = 0.5 * np.exp(np.clip(log_size[0, ys, xs], -2.0, 8.0)) * scale[1]
+    half_w = 0.5 * np.exp(np.clip(log_size[1, ys, xs], -2.0, 8.0)) * scale[0]
+    boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).astype(np.float32)
+    if frame_size is not None:
+        np.clip(boxes[:, 0::2], 0.0, float(frame_size[0]), out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0.0, float(frame_size[1]), out=boxes[:, 1::2])
+        keep = (boxes[:, 2] - boxes[:, 0] >= 1.0) & (boxes[:, 3] - boxes[:, 1] >= 1.0)
+        boxes, scores = boxes[keep], scores[keep]
+    return boxes, scores.astype(np.float32)
+
+
+def open_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session for the proposer model and its metadata.
+
+    Raises:
+        HeatmapModelError: missing or unreadable file, missing metadata or outputs.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeatmapModelError(f"{path}: proposer model not found (train it with "
+                                f"`python -m export.proposer_train --out runs/proposer`)")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise HeatmapModelError(f"{path}: not a loadable ONNX model "
+                                f"({str(exc).splitlines()[0]})") from None
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise HeatmapModelError(f"{path}: no {METADATA_KEY!r} metadata; not a cone proposer "
+                                f"model (export it with export.proposer_train)")
+    meta = ProposerMetadata.from_json(props[METADATA_KEY], str(path))
+    names = [o.name for o in session.get_outputs()]
+    if names != list(OUTPUTS):
+        raise HeatmapModelError(f"{path}: outputs {names}, expected {list(OUTPUTS)}")
+    return session, meta
+
+
+class HeatmapProposer(Proposer):
+    """Class-agnostic cone boxes from the peaks of a learned cone-centre heatmap.
+
+    Args:
+        config: the ``proposer`` section (``heatmap_model``, ``heatmap_threshold``,
+            ``heatmap_threads``, ``max_candidates``, ``body_mask``).
+
+    Raises:
+        HeatmapModelError: the model is missing or is not a cone proposer model.
+    """
+
+    def __init__(self, config: ProposerConfig) -> None:
+        super().__init__(config.max_candidates)
+        self.config = config
+        self.threshold = float(config.heatmap_threshold)
+        self.session, self.meta = open_session(resolve_path(config.heatmap_model),
+                                               config.heatmap_threads)
+        self._input = self.session.get_inputs()[0].name
+        self._body_cache: dict[tuple[int, int], np.ndarray | None] = {}
+
+    def raw_outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network's heatmap (G, G), log size (2, G, G) and offset (2, G, G) of a frame."""
+        heat, size, offset = self.session.run(None, {self._input: to_input_tensor(image,
+                                                                                  self.meta)})
+        return heat[0, 0], size[0], offset[0]
+
+    def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        image = frame.image
+        h, w = image.shape[:2]
+        heat, size, offset = self.raw_outputs(image)
+        s = self.meta.input_size
+        boxes, scores = decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
+                                       self.max_candidates, (w / s, h / s), (w, h))
+        if self.config.body_mask and len(boxes):
+            key = (h, w)
+            if key not in self._body_cache:
+                self._body_cache[key] = body_mask_image(self.config.body_mask, h, w)
+            mask = self._body_cache[key]
+            cx = np.clip(((boxes[:, 0] + boxes[:, 2]) * 0.5).astype(np.int64), 0, w - 1)
+            cy = np.clip(((boxes[:, 1] + boxes[:, 3]) * 0.5).astype(np.int64), 0, h - 1)
+            keep = mask[cy, cx] > 0
+            boxes, scores = boxes[keep], scores[keep]
+        return boxes, scores

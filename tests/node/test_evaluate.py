@@ -1,0 +1,119 @@
+"""Tests of ``node.evaluate``: greedy one-to-one matching, recall by height bucket, precision
+of detections >= 20 px, label accuracy, clip selection and the ``evaluate`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from node.__main__ import main as node_main
+from node.datasets import Sample
+from node.evaluate import Tally, in_clips, match_greedy, parse_clip_rules, select_samples
+
+# Ground truth: one cone per height bucket (10, 18, 30, 60 px tall).
+TRUTH = np.array([[10, 100, 14, 110], [40, 100, 47, 118], [80, 100, 92, 130],
+                  [200, 100, 224, 160]], np.float64)
+TRUTH_LABELS = ["blue_cone", "yellow_cone", "blue_cone", "orange_cone"]
+
+
+def test_greedy_matching_is_one_to_one_and_best_score_first():
+    truth = np.array([[0, 0, 10, 20]], np.float64)
+    pred = np.array([[0, 0, 10, 20], [0, 1, 10, 21]], np.float64)
+    assert match_greedy(pred, np.array([0.2, 0.9]), truth).tolist() == [-1, 0]
+    assert match_greedy(pred, np.array([0.9, 0.2]), truth).tolist() == [0, -1]
+    # IoU 0.45 is not a match
+    assert match_greedy(np.array([[0, 11, 10, 31.0]]), np.ones(1), truth).tolist() == [-1]
+
+
+def test_recall_by_bucket_precision_over_20_px_and_label_accuracy():
+    pred = np.array([TRUTH[1], TRUTH[2] + [1, 1, 1, 1], TRUTH[3],   # three hits
+                     [300, 100, 310, 125],                            # FP, 25 px tall
+                     [400, 100, 405, 115]], np.float64)               # FP, 15 px: not counted
+    labels = ["yellow_cone", "yellow_cone", "orange_cone", "blue_cone", "blue_cone"]
+    tally = Tally()
+    tally.add(pred, np.linspace(1, 0.5, 5), labels, TRUTH, TRUTH_LABELS)
+    report = tally.report()
+    recall = {k: v["recall"] for k, v in report["recall_by_height"].items()}
+    assert recall == {"<12": 0.0, "12-24": 1.0, "24-48": 1.0, ">=48": 1.0}
+    assert report["recall_ge12"] == 1.0
+    # >= 20 px detections: the 30 px and 60 px hits and the 25 px false positive
+    assert report["detections_ge20"] == 3 and report["precision_ge20"] == pytest.approx(2 / 3,
+                                                                                         abs=1e-4)
+    assert report["matched"] == 3 and report["label_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_clip_rules_select_whole_clips_and_video_frame_spans():
+    assert parse_clip_rules(["accel", "skidpad:20-37"]) == [("accel", None, None),
+                                                            ("skidpad", 20, 37)]
+    rules = parse_clip_rules(["accel", "skidpad:20-37"])
+    assert in_clips("accel_mp4-3_jpg.rf.ab.jpg", rules)
+    assert in_clips("skidpad_mp4-20_jpg.rf.ab.jpg", rules)
+    assert not in_clips("skidpad_mp4-19_jpg.rf.ab.jpg", rules)
+    assert not in_clips("skidpad_21_jpg.rf.ab.jpg", rules)  # a single frame, not the video
+    samples = [Sample(Path(f"{n}.jpg"), np.zeros((0, 4)), [], (640, 640))
+               for n in ("accel_mp4-1_jpg.rf.a", "autox_mp4-5_jpg.rf.b", "autox2_mp4-2_jpg.rf.c")]
+    held = select_samples(samples, "heldout")
+    train = select_samples(samples, "train")
+    assert [s.image_path.stem for s in held] == ["accel_mp4-1_jpg.rf.a", "autox2_mp4-2_jpg.rf.c"]
+    assert [s.image_path.stem for s in train] == ["autox_mp4-5_jpg.rf.b"]
+    with pytest.raises(ValueError, match="CLIP:FIRST-LAST"):
+        parse_clip_rules(["skidpad:9-1"])
+
+
+def _yolo_root(tmp_path):
+    """Two 256x256 frames with BGRacing ids (0 blue, 3 yellow)."""
+    (tmp_path / "images").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    rows = {"a": ["0 0.5 0.5 0.1 0.2", "3 0.2 0.5 0.05 0.1"], "b": ["0 0.7 0.7 0.1 0.2"]}
+    for stem, lines in rows.items():
+        cv2.imwrite(str(tmp_path / "images" / f"{stem}.png"), np.zeros((256, 256, 3), np.uint8))
+        (tmp_path / "labels" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_the_evaluate_command_scores_a_replay_jsonl(tmp_path, capsys):
+    root = _yolo_root(tmp_path / "data")
+    records = [
+        {"frame": 0, "source": "a.png", "cones": [
+            {"box": [115.2, 102.4, 140.8, 153.6], "label": "blue_cone", "score": 0.9},
+            {"box": [10, 10, 40, 60], "label": "yellow_cone", "score": 0.8}],
+         "latency_ms": {"propose": 2.0}, "candidates": 5},
+        {"frame": 1, "source": "b.png", "cones": [
+            {"box": [166.4, 153.6, 192.0, 204.8], "label": "yellow_cone", "score": 0.7}],
+         "latency_ms": {"propose": 4.0}, "candidates": 3}]
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report.json"
+    assert node_main(["evaluate", str(run), "--data", f"yolo:{root}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    # 51 px blue and 51 px blue found; the 25.6 px yellow missed
+    assert report["recall_ge12"] == pytest.approx(2 / 3, abs=1e-4)
+    assert report["precision_ge20"] == pytest.approx(2 / 3, abs=1e-4)
+    assert report["label_accuracy"] == 0.5
+    assert report["candidates_per_frame"] == 4.0
+    assert report["propose_ms"]["median"] == 3.0
+    assert "recall >= 12 px" in capsys.readouterr().out
+
+
+def test_proposals_only_scores_the_configured_proposer(tmp_path):
+    root = _yolo_root(tmp_path / "data")
+    out = tmp_path / "report.json"
+    assert node_main(["evaluate", "--proposals-only", "--data", f"yolo:{root}",
+                      "--set", "proposer.kind=external",
+                      "--set", f"proposer.external_dir={root}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["recall_ge12"] == 1.0 and report["precision_ge20"] == 1.0
+    assert report["candidates_per_frame"] == 1.5 and report["label_accuracy"] is None
+
+
+def test_an_unreadable_run_is_a_one_line_error(tmp_path, capsys):
+    root = _yolo_root(tmp_path / "data")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    assert node_main(["evaluate", str(bad), "--data", f"yolo:{root}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "bad.jsonl:1" in err and "\n" not in err
