@@ -60,8 +60,15 @@ class Proposer(ABC):
         boxes, scores = self._propose(frame)
         if len(boxes) == 0:
             return _EMPTY.copy()
-        order = np.argsort(-np.asarray(scores, np.float64), kind="stable")[: self.max_candidates]
-        return np.ascontiguousarray(np.asarray(boxes, np.float32)[order])
+        # Boxes are clipped to the frame (labels are too); a box left with no area is dropped.
+        h, w = frame.image.shape[:2]
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4).copy()
+        np.clip(boxes[:, 0::2], 0, w, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, h, out=boxes[:, 1::2])
+        keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        scores = np.asarray(scores, np.float64)[keep]
+        order = keep[np.argsort(-scores, kind="stable")[: self.max_candidates]]
+        return np.ascontiguousarray(boxes[order])
 
     @abstractmethod
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
