@@ -146,36 +146,39 @@ def load_frames(path: str | Path) -> ProposerFrames:
 # --------------------------------------------------------------------------- augmentation
 
 def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
-                  scale_range: tuple[float, float] = (0.8, 1.3), flip: bool = True
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale jitter about a random point, horizontal flip and photometric jitter.
+                  scale_range: tuple[float, float] = (0.8, 1.3), flip: bool = True,
+                  out_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Scale jitter, a random window of ``out_size`` (default: the whole frame), horizontal
+    flip and photometric jitter. The network is fully convolutional, so training on windows
+    of the frame is training on the frame, at a fraction of the cost.
 
     Returns:
-        the augmented uint8 image and its boxes (cones mostly outside the frame are dropped;
-        the others are clipped to it).
+        the augmented uint8 image (``out_size`` square) and its boxes (cones mostly outside
+        the window are dropped; the others are clipped to it).
     """
     s = image.shape[0]
+    out = out_size or s
     zoom = float(np.exp(rng.uniform(*np.log(scale_range))))
-    px, py = rng.uniform(0, s, 2)
+    window = out / zoom
+    ox, oy = rng.uniform(-0.1 * window, s - 0.9 * window, 2)
     mirror = flip and rng.random() < 0.5
-    sx = -zoom if mirror else zoom
-    # x' = sx * (x - px) + px (flip then mirrors about the centre); y' = zoom * (y - py) + py.
-    tx = (s - px if mirror else px) - sx * px
-    ty = py - zoom * py
+    # x' = zoom * (x - ox), mirrored as out - zoom * (x - ox); y' = zoom * (y - oy).
+    sx, tx = (-zoom, out + zoom * ox) if mirror else (zoom, -zoom * ox)
+    ty = -zoom * oy
     mat = np.array([[sx, 0, tx], [0, zoom, ty]], np.float32)
-    out = cv2.warpAffine(image, mat, (s, s), flags=cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REFLECT_101)
+    warped = cv2.warpAffine(image, mat, (out, out), flags=cv2.INTER_LINEAR,
+                            borderMode=cv2.BORDER_REFLECT_101)
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     xs = b[:, [0, 2]] * sx + tx
     ys = b[:, [1, 3]] * zoom + ty
     nb = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)
-    clipped = np.clip(nb, 0, s)
+    clipped = np.clip(nb, 0, out)
     area = np.prod(nb[:, 2:] - nb[:, :2], 1)
     kept = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), 1)
     nb = clipped[kept >= 0.5 * np.maximum(area, 1e-6)]
     gain = rng.uniform(0.6, 1.4) * rng.uniform(0.9, 1.1, 3)   # exposure x white balance
     contrast = rng.uniform(0.7, 1.3)
-    f = out.astype(np.float32)
+    f = warped.astype(np.float32)
     mean = f.mean()
     f = (f - mean) * contrast + mean
     f = f * gain.astype(np.float32)

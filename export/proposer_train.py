@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -127,16 +128,17 @@ def normalise_batch(images: np.ndarray, meta: ProposerMetadata) -> torch.Tensor:
 
 
 def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
-               rng: np.random.Generator | None, device: torch.device
+               rng: np.random.Generator | None, device: torch.device, crop: int | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Images and CenterNet targets of frames ``idx`` (augmented when ``rng`` is given)."""
+    """Images and CenterNet targets of frames ``idx`` (augmented windows of ``crop`` px when
+    ``rng`` is given, else the whole frames)."""
     images, targets = [], []
     for i in idx:
         img, boxes = frames.images[i], frames.frame_boxes(i)
         if rng is not None:
-            img, boxes = augment_frame(img, boxes, rng)
+            img, boxes = augment_frame(img, boxes, rng, out_size=crop)
         images.append(img)
-        targets.append(centre_targets(boxes, meta.input_size, meta.stride))
+        targets.append(centre_targets(boxes, img.shape[0], meta.stride))
     x = normalise_batch(np.stack(images), meta).to(device, non_blocking=True)
     t = {k: torch.from_numpy(np.stack([d[k] for d in targets])).to(device) for k in targets[0]}
     return x, t
@@ -152,17 +154,19 @@ def pick_device(name: str) -> torch.device:
 
 def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, epochs: int,
           batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
-          seed: int = 0, log: Path | None = None, max_steps: int | None = None) -> list[float]:
-    """AdamW with a one-cycle schedule; returns the mean loss of every epoch (or of every
-    step when ``max_steps`` is set, for quick checks)."""
+          seed: int = 0, log: Path | None = None, max_steps: int | None = None,
+          crop: int | None = None) -> list[float]:
+    """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames);
+    returns the mean loss of every epoch (or of every step when ``max_steps`` is set)."""
     device = torch.device(device)
     net.to(device).train()
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, len(frames) // batch_size)
     total = max_steps or epochs * steps_per_epoch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total,
-                                                pct_start=0.1)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / total))))
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history, step, t0 = [], 0, time.perf_counter()
@@ -173,7 +177,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
             if step >= total:
                 break
             x, t = make_batch(frames, order[k * batch_size:(k + 1) * batch_size], meta, rng,
-                              device)
+                              device, crop)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 loss = detection_loss(net(x), t)
             opt.zero_grad(set_to_none=True)
@@ -182,7 +186,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
             scaler.update()
             sched.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if max_steps:
                 history.append(losses[-1])
         if not max_steps:
@@ -276,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth-seed", type=int, default=20000)
     parser.add_argument("--val-clips", nargs="*", default=["autox4"],
                         help="training clips kept out of training to tune the threshold")
+    parser.add_argument("--crop", type=int, default=160,
+                        help="train on augmented windows this big (multiple of 16; 0 = whole "
+                        "frames)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-candidates", type=int, default=32)
@@ -321,8 +328,10 @@ def run(args: argparse.Namespace) -> int:
           f"{args.val_clips}", flush=True)
     net = ConeHeatmapNet()
     (out / "history.jsonl").write_text("")
+    if args.crop % 16 or args.crop > args.input_size:
+        raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
-          log=out / "history.jsonl")
+          log=out / "history.jsonl", crop=args.crop or None)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
                 "input_size": args.input_size, "stride": STRIDE}, out / "best.pt")
     clips = sorted(set(train_frames.clips.tolist()))

@@ -89,6 +89,12 @@ def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
     """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation)."""
     s = meta.input_size
     small = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+    if len(set(meta.std)) == 1:
+        # One C++ pass (channel swap, mean, scale, HWC -> NCHW); the mean is given in the
+        # output channel order. Several times cheaper than the numpy arithmetic below.
+        return cv2.dnn.blobFromImage(small, 1.0 / (255.0 * meta.std[0]), None,
+                                     tuple(255.0 * v for v in meta.mean),
+                                     meta.channel_order == "RGB", False, cv2.CV_32F)
     if meta.channel_order == "RGB":
         small = small[..., ::-1]
     mean = np.asarray(meta.mean, np.float32) * 255.0
@@ -155,7 +161,7 @@ def open_session(path: str | Path, threads: int = 1):
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+    except Exception as exc:  # noqa: BLE001 (onnxruntime raises private exception types)
         raise HeatmapModelError(f"{path}: not a loadable ONNX model "
                                 f"({str(exc).splitlines()[0]})") from None
     props = session.get_modelmeta().custom_metadata_map
