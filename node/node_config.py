@@ -75,7 +75,8 @@ class ColourRanges:
 class ProposerConfig:
     """How candidate boxes are found."""
 
-    kind: str = spec("colour", choices=("colour", "hsv", "heatmap", "external"))
+    kind: str = spec("heatmap", choices=("colour", "hsv", "heatmap", "heatmap+hsv",
+                                        "heatmap+colour", "external"))
     external_dir: str | None = None
     max_candidates: int = spec(32, min=1, max=1024)
     colour_model: str = "models/colour_model.json"

@@ -304,6 +304,52 @@ def _heatmap_proposer(config: ProposerConfig) -> Proposer:
     return HeatmapProposer(config)
 
 
+class CombinedProposer(Proposer):
+    """The union of several proposers' candidates (e.g. the learned heatmap and a colour
+    proposer, which miss different cones).
+
+    Candidates are taken in turns from each proposer's ranked list, so every proposer keeps its
+    best boxes under the cap; a box overlapping an already taken one at IoU >= ``dedup_iou`` is
+    the same cone and is skipped.
+    """
+
+    def __init__(self, parts: list[Proposer], max_candidates: int, dedup_iou: float = 0.6):
+        super().__init__(max_candidates)
+        self.parts = parts
+        self.dedup_iou = dedup_iou
+
+    def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        ranked = [p.propose(frame) for p in self.parts]
+        order = [b for rank in range(max((len(r) for r in ranked), default=0))
+                 for r in ranked if rank < len(r) for b in (r[rank],)]
+        taken: list[np.ndarray] = []
+        for box in order:
+            if taken and _iou_one(box, np.asarray(taken)).max() >= self.dedup_iou:
+                continue
+            taken.append(box)
+            if len(taken) == self.max_candidates:
+                break
+        if not taken:
+            return _EMPTY, np.zeros(0)
+        boxes = np.asarray(taken, np.float32)
+        return boxes, -np.arange(len(boxes), dtype=np.float64)  # keep the interleaved order
+
+    def close(self) -> None:
+        for p in self.parts:
+            p.close()
+
+
+def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
 PROPOSERS = {"colour": ColourProposer, "hsv": _hsv_proposer, "heatmap": _heatmap_proposer}
 """``proposer.kind`` → constructor taking the proposer config (``external`` takes a folder)."""
 
@@ -312,4 +358,7 @@ def build_proposer(config: ProposerConfig) -> Proposer:
     """The proposer named by ``config.kind``."""
     if config.kind == "external":
         return ExternalBoxProposer(config.external_dir, config.max_candidates)
+    if "+" in config.kind:  # e.g. heatmap+hsv: the union, taken in turns under one cap
+        parts = [PROPOSERS[k](config) for k in config.kind.split("+")]
+        return CombinedProposer(parts, config.max_candidates)
     return PROPOSERS[config.kind](config)

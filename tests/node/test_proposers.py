@@ -181,7 +181,10 @@ def test_bad_proposals_folder_is_a_one_line_error(tmp_path):
 
 def test_build_proposer_picks_the_kind(tmp_path):
     (tmp_path / "x.txt").write_text("0 0.5 0.5 0.1 0.1\n")
-    assert isinstance(build_proposer(ProposerConfig()), ColourProposer)
+    from node.heatmap_proposer import HeatmapProposer
+
+    assert isinstance(build_proposer(ProposerConfig()), HeatmapProposer)  # the default
+    assert isinstance(build_proposer(ProposerConfig(kind="colour")), ColourProposer)
     ext = build_proposer(ProposerConfig(kind="external", external_dir=str(tmp_path),
                                         max_candidates=5))
     assert isinstance(ext, ExternalBoxProposer) and ext.max_candidates == 5
@@ -282,3 +285,41 @@ def test_learned_recall_on_held_out_real_frames():
     report = score_proposals(learned(), samples)
     assert report["recall_ge12"] >= 0.40, report
     assert report["candidates_per_labelled_cone"] <= 3.5, report
+
+
+class _FixedProposer:
+    """A stand-in part: returns its boxes, best first, like Proposer.propose."""
+
+    def __init__(self, boxes):
+        self.boxes = np.asarray(boxes, np.float32)
+        self.closed = False
+
+    def propose(self, frame):
+        return self.boxes
+
+    def close(self):
+        self.closed = True
+
+
+def test_combined_proposer_interleaves_dedups_and_caps():
+    from node.proposers import CombinedProposer
+
+    a = _FixedProposer([[0, 0, 10, 20], [50, 50, 60, 70], [100, 0, 110, 20]])
+    b = _FixedProposer([[1, 0, 11, 20], [200, 0, 210, 20], [300, 0, 310, 20]])
+    frame = Frame(0, 0.0, np.zeros((240, 400, 3), np.uint8))
+    boxes = CombinedProposer([a, b], max_candidates=4).propose(frame)
+    # a0, (b0 duplicates a0 at IoU 0.82), a1, b1, a2 -> capped at 4, in turns.
+    np.testing.assert_array_equal(boxes, [[0, 0, 10, 20], [50, 50, 60, 70], [200, 0, 210, 20],
+                                          [100, 0, 110, 20]])
+    combined = CombinedProposer([a, b], max_candidates=10)
+    assert len(combined.propose(frame)) == 5
+    combined.close()
+    assert a.closed and b.closed
+
+
+def test_combined_kind_builds_from_config():
+    from node.proposers import CombinedProposer
+
+    config = load_node_config(None, {"proposer": {"kind": "heatmap+colour"}})
+    proposer = build_proposer(config.proposer)
+    assert isinstance(proposer, CombinedProposer) and len(proposer.parts) == 2
