@@ -206,8 +206,10 @@ class HeatmapProposer(Proposer):
         h, w = image.shape[:2]
         heat, size, offset = self.raw_outputs(image)
         s = self.meta.input_size
+        # Every peak above the threshold is decoded; the base class caps after the body mask
+        # and frame clipping, so a smaller cap is always a prefix of a larger one.
         boxes, scores = decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
-                                       self.max_candidates, (w / s, h / s), (w, h))
+                                       heat.size, (w / s, h / s), (w, h))
         if self.config.body_mask and len(boxes):
             key = (h, w)
             if key not in self._body_cache:

@@ -88,7 +88,8 @@ class ModelMetadata:
         try:
             policy = CropPolicy(**self.crop)
         except (TypeError, ValueError) as exc:
-            raise MetadataError(f"metadata 'crop' is invalid: {exc}") from None
+            detail = str(exc).encode("unicode_escape").decode()  # one line, whatever the keys
+            raise MetadataError(f"metadata 'crop' is invalid: {detail}") from None
         if not math.isfinite(policy.min_side) or not isinstance(policy.pad_value, int):
             raise MetadataError(f"metadata 'crop' is invalid: min_side must be finite and "
                                 f"pad_value an integer, got {self.crop!r}")

@@ -42,7 +42,7 @@ def live_run(model, period_s: float, frames: int) -> tuple[dict, LiveSource, lis
     """The default (pipelined) node on a camera with the given frame period."""
     source = LiveSource(lambda: ScriptedCamera((48, 64), frames=frames, period_s=period_s),
                         "v4l2:///dev/video0", reconnect=False)
-    config = load_node_config(None, {})
+    config = load_node_config(None, {"proposer": {"kind": "colour"}})  # colour blobs
     publisher = CollectingPublisher()
     with load_backend(model, threads=1) as backend:
         slow_down(backend, INFER_S)

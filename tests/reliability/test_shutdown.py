@@ -53,7 +53,7 @@ def test_a_signal_during_replay_leaves_whole_consistent_outputs(clip, tmp_path, 
     node = subprocess.Popen(
         [sys.executable, "-m", "node", "replay", str(images), "--model", str(model), "--jsonl",
          str(jsonl), "--bag", str(bag), "--summary", str(summary), "--no-progress",
-         "--set", "model.threads=1"],
+         "--set", "model.threads=1", "--set", "proposer.kind=colour"],  # drawn colour blobs
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

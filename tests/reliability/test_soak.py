@@ -68,7 +68,8 @@ class SyntheticSource:
 @pytest.mark.slow
 def test_twenty_thousand_frames_without_leaks_or_losses(tmp_path):
     model = make_colour_classifier(tmp_path / "colour.onnx")
-    config = load_node_config(None, {"model": {"threads": 1}})
+    config = load_node_config(None, {"model": {"threads": 1},
+                                     "proposer": {"kind": "colour"}})  # drawn colour cones
 
     def replay(source: SyntheticSource, jsonl: Path) -> dict:
         with load_backend(model, threads=1) as backend:
