@@ -26,7 +26,7 @@ class ModelConfig:
 
     path: str = DEFAULT_MODEL
     providers: list[str] | None = None
-    threads: int | None = spec(None, min=1, max=64)
+    threads: int | None = spec(1, min=1, max=64)
     max_batch: int = spec(64, min=1, max=1024)
     score_threshold: float = spec(0.5, min=0.0, max=1.0)
 
