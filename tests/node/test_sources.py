@@ -363,12 +363,14 @@ def test_live_source_gives_up_after_max_attempts_with_clear_error():
 
     src = LiveSource(open_capture, "v4l2:///dev/video7", reconnect_initial_s=0.01,
                      reconnect_max_s=0.02, max_attempts=3)
-    got = [src.read(timeout=1), src.read(timeout=1)]
+    got = []  # the camera delivers 2 frames; a slow reader may see only the newer one
     with pytest.raises(SourceError, match=r"v4l2:///dev/video7: camera lost, gave up after 3 "
                                           r"reconnect attempts \(capture did not open\)"):
         while True:
-            src.read(timeout=2)
-    assert all(f is not None for f in got) and len(calls) == 4
+            frame = src.read(timeout=2)
+            if frame is not None:
+                got.append(frame)
+    assert 1 <= len(got) <= 2 and len(calls) == 4
     assert src.health["state"] == "failed"
     src.close()
 
