@@ -67,9 +67,9 @@ __all__ = [
 class QuantizeConfig:
     """The ``quantize`` section of ``configs/export.yaml`` (documented there)."""
 
-    method: str = spec("minmax", choices=METHODS)
+    method: str = spec("entropy", choices=METHODS)
     percentile: float = spec(99.999, min=90.0, max=100.0)
-    keep_float: list[str] = field(default_factory=list)
+    keep_float: list[str] = field(default_factory=lambda: ["first_conv"])
 
 
 @dataclass

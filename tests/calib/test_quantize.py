@@ -167,3 +167,17 @@ def test_cli_quantizes_from_yolo_data_and_refuses_bad_input(fp32, tmp_path, caps
     assert rc == 2 and err.count("\n") == 1 and "/no/such/dir" in err
     rc = main([str(out), "-o", str(tmp_path / "y.onnx"), "--data", f"yolo:{data}"])
     assert rc == 2 and "already int8" in capsys.readouterr().err
+
+
+def test_export_yaml_quantize_section_equals_the_code_defaults():
+    """`python -m calib.quantize` without --config must build what configs/export.yaml says
+    (the bundled INT8 model was made with it)."""
+    from pathlib import Path
+
+    from calib.quantize import QuantizeConfig, _FileConfig
+    from node.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(_FileConfig, repo / "configs" / "export.yaml")
+    assert cfg.quantize == QuantizeConfig()
+    assert cfg.quantize.method == "entropy" and cfg.quantize.keep_float == ["first_conv"]
