@@ -83,7 +83,7 @@ def tensorrt_version() -> str:
         import tensorrt
 
         return str(tensorrt.__version__)
-    except Exception:  # the PyPI stub raises at import where the libraries are missing
+    except Exception:  # noqa: BLE001 - the PyPI stub raises at import where the libraries are missing
         return NA
 
 

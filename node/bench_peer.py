@@ -99,7 +99,7 @@ class PeerDetector:
         try:
             self.session = ort.InferenceSession(str(self.path), opts,
                                                 providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises several private exception types
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several private exception types
             raise PeerError(f"{self.path}: not a loadable ONNX model "
                             f"({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})"
                             ) from None

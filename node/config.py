@@ -166,9 +166,8 @@ def _check(tp: Any, value: Any, meta: typing.Mapping, origin: str, key: str) -> 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{origin}: {key}: expected a number, got {value!r}")
         value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
+    elif tp is str and not isinstance(value, str):
+        raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
     if lo is not None and value < lo:
         raise ConfigError(f"{origin}: {key}: {value!r} is below the minimum {lo}")

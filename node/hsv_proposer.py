@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from .node_config import HueRange, ProposerConfig
-from .proposers import _EMPTY, Proposer
+from .proposers import _EMPTY, Proposer, union_by_group
 from .types import Frame
 
 
@@ -105,15 +105,7 @@ class HsvProposer(Proposer):
         area = area[keep]
         x1, y1, x2, y2, area = self._split_stacked(mask, x1, y1, x2, y2, area)
         groups = self._stripe_groups(x1, y1, x2, y2)
-        # Union box and pixel count per group, vectorised over the group labels.
-        count = groups.max() + 1
-        gx1, gy1 = np.full(count, np.inf), np.full(count, np.inf)
-        gx2, gy2 = np.full(count, -np.inf), np.full(count, -np.inf)
-        np.minimum.at(gx1, groups, x1)
-        np.minimum.at(gy1, groups, y1)
-        np.maximum.at(gx2, groups, x2)
-        np.maximum.at(gy2, groups, y2)
-        garea = np.bincount(groups, weights=area)
+        gx1, gy1, gx2, gy2, garea = union_by_group(groups, x1, y1, x2, y2, area)
         gx1, gy1, gx2, gy2, garea = self._split_side_by_side(mask, gx1, gy1, gx2, gy2, garea)
         bw, bh = gx2 - gx1, gy2 - gy1
         fill = garea / np.maximum(bw * bh, 1.0)

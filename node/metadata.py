@@ -137,7 +137,7 @@ def read_onnx_metadata(path: str | Path) -> ModelMetadata:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises several private exception types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises several private exception types
         raise MetadataError(f"{path}: not a loadable ONNX model ({_first_line(exc)})") from None
     props = sess.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:

@@ -151,14 +151,7 @@ class ColourProposer(Proposer):
         x1, y1 = stats[:, 0], stats[:, 1] + row0
         x2, y2, area = x1 + stats[:, 2], y1 + stats[:, 3], stats[:, 4]
         groups = self._merge_parts(x1, y1, x2, y2, h)
-        count = groups.max() + 1
-        gx1, gy1 = np.full(count, np.inf), np.full(count, np.inf)
-        gx2, gy2 = np.full(count, -np.inf), np.full(count, -np.inf)
-        np.minimum.at(gx1, groups, x1)
-        np.minimum.at(gy1, groups, y1)
-        np.maximum.at(gx2, groups, x2)
-        np.maximum.at(gy2, groups, y2)
-        garea = np.bincount(groups, weights=area)
+        gx1, gy1, gx2, gy2, garea = union_by_group(groups, x1, y1, x2, y2, area)
         expected = np.maximum(model.expected_height(gy2, h), cfg.min_height_px)
         bh, bw = gy2 - gy1, gx2 - gx1
         # A cone's box: at least the prior's share of the expected height (a lone stripe-cut
@@ -282,6 +275,19 @@ class ExternalBoxProposer(Proposer):
         boxes = yolo_to_xyxy(rows, w, h)
         return boxes, (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
+
+
+def union_by_group(groups: np.ndarray, x1, y1, x2, y2, area):
+    """Union box and summed pixel count of the parts sharing a group label (0..G-1),
+    vectorised over the labels."""
+    count = int(groups.max()) + 1
+    gx1, gy1 = np.full(count, np.inf), np.full(count, np.inf)
+    gx2, gy2 = np.full(count, -np.inf), np.full(count, -np.inf)
+    np.minimum.at(gx1, groups, x1)
+    np.minimum.at(gy1, groups, y1)
+    np.maximum.at(gx2, groups, x2)
+    np.maximum.at(gy2, groups, y2)
+    return gx1, gy1, gx2, gy2, np.bincount(groups, weights=area, minlength=count)
 
 def yolo_to_xyxy(rows: np.ndarray, width: int, height: int) -> np.ndarray:
     """YOLO rows (cls, xc, yc, w, h), normalised → (N, 4) float32 pixel boxes x1, y1, x2, y2."""

@@ -35,7 +35,7 @@ def test_every_node_module_imports_without_heavy_packages():
 def test_export_and_calib_packages_import_light():
     code = ("import sys, export, calib, export.synth\n"
             "print(','.join(h for h in ('torch', 'tensorrt', 'pycuda') if h in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False,
                          text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""

@@ -8,8 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from node.classes import (BACKGROUND, CLASSIFIER_CLASSES, DATASET_IDS, canonical_name,
-                          names_from_ids)
+from node.classes import BACKGROUND, CLASSIFIER_CLASSES, DATASET_IDS, canonical_name, names_from_ids
 from node.config import ConfigError, load_config, spec
 from node.crop import CropPolicy, crop_batch
 from node.metadata import MetadataError, ModelMetadata
@@ -130,10 +129,10 @@ class _Inner:
 
 @dataclasses.dataclass
 class _Cfg:
-    inner: _Inner = spec(factory=_Inner)
+    inner: _Inner = spec(factory=_Inner)  # noqa: RUF009 - spec() builds a dataclass field
     batch: int = spec(8, min=1)
     name: str | None = None
-    sizes: list[int] = spec(factory=lambda: [1, 2])
+    sizes: list[int] = spec(factory=lambda: [1, 2])  # noqa: RUF009 - a dataclass field
 
 
 def test_config_defaults_then_overrides(tmp_path):
