@@ -137,7 +137,64 @@ def _take(opts: dict, uri: str, *names: str) -> dict:
     return taken
 
 
-class LiveSource(Source):
+class NewestFrameSource(Source):
+    """A live source's one-frame slot: a producer thread offers frames, the consumer takes the
+    newest, and a frame replaced before it was taken counts in ``dropped``.
+
+    Shared by cameras (``LiveSource``) and ROS image topics (``node.ros2_io.TopicSource``).
+    Subclasses say when the stream has ended or failed through ``_check_end``.
+    """
+
+    is_live = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+
+    def _offer(self, frame: Frame) -> None:
+        """Put a frame in the slot (caller holds ``self._cond``), replacing an untaken one."""
+        if self._slot is not None:
+            self.dropped += 1
+        self._slot = frame
+        self._cond.notify_all()
+
+    def _check_end(self) -> None:
+        """Raise ``StopIteration`` (or an error) when no frame will come any more; the caller
+        holds ``self._cond``."""
+        if self._closed:
+            raise StopIteration
+
+    def read(self, timeout: float | None = None) -> Frame | None:
+        """The newest frame; ``None`` if none arrived within ``timeout`` seconds (``None`` =
+        wait until one comes).
+
+        Raises:
+            StopIteration: the source was closed or reached its end.
+            SourceError: the source failed for good (see the subclass).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._slot is None:
+                self._check_end()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame, self._slot = self._slot, None
+            return frame
+
+    def _generate(self) -> Iterator[Frame]:
+        while True:
+            try:
+                frame = self.read()
+            except StopIteration:
+                return
+            if frame is not None:
+                yield frame
+
+
+class LiveSource(NewestFrameSource):
     """Newest-frame reader over a capture factory, with reconnect and health.
 
     Args:
@@ -170,8 +227,6 @@ class LiveSource(Source):
         self.max_attempts = max_attempts
         self.captured = 0
         self.reconnects = 0
-        self._cond = threading.Condition()
-        self._slot: Frame | None = None
         self._stop = threading.Event()
         self._finished = False
         self._fatal: SourceError | None = None
@@ -188,35 +243,11 @@ class LiveSource(Source):
             return {**self._health, "dropped": self.dropped, "errors": self.errors,
                     "captured": self.captured}
 
-    def read(self, timeout: float | None = None) -> Frame | None:
-        """The newest frame; ``None`` if none arrived within ``timeout`` seconds.
-
-        Raises:
-            StopIteration: the source was closed or (file) reached its end.
-            SourceError: the camera could not be recovered after ``max_attempts``.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._slot is None:
-                if self._fatal is not None:
-                    raise self._fatal
-                if self._finished or self._closed:
-                    raise StopIteration
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            frame, self._slot = self._slot, None
-            return frame
-
-    def _generate(self) -> Iterator[Frame]:
-        while True:
-            try:
-                frame = self.read()
-            except StopIteration:
-                return
-            if frame is not None:
-                yield frame
+    def _check_end(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal  # the camera could not be recovered after max_attempts
+        if self._finished or self._closed:
+            raise StopIteration
 
     def _try_open(self) -> Any | None:
         try:
@@ -270,11 +301,8 @@ class LiveSource(Source):
     def _deliver(self, image: np.ndarray, capture_ms: float) -> None:
         frame = Frame(self.captured, time.time(), _as_bgr(image), None, capture_ms)
         with self._cond:
-            if self._slot is not None:
-                self.dropped += 1
-            self._slot = frame
+            self._offer(frame)
             self.captured += 1
-            self._cond.notify_all()
 
     def _reconnect(self) -> bool:
         """Reopen with exponential backoff; ``False`` when giving up or stopping."""

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from .node_config import ProposerConfig
+from .postprocess import suppress_overlaps
 from .types import Frame
 
 _EMPTY = np.zeros((0, 4), np.float32)
@@ -315,7 +316,7 @@ class CombinedProposer(Proposer):
     proposer, which miss different cones).
 
     Candidates are taken in turns from each proposer's ranked list, so every proposer keeps its
-    best boxes under the cap; a box overlapping an already taken one at IoU >= ``dedup_iou`` is
+    best boxes under the cap; a box overlapping an already taken one at IoU > ``dedup_iou`` is
     the same cone and is skipped.
     """
 
@@ -326,34 +327,18 @@ class CombinedProposer(Proposer):
 
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         ranked = [p.propose(frame) for p in self.parts]
-        order = [b for rank in range(max((len(r) for r in ranked), default=0))
-                 for r in ranked if rank < len(r) for b in (r[rank],)]
-        taken: list[np.ndarray] = []
-        for box in order:
-            if taken and _iou_one(box, np.asarray(taken)).max() >= self.dedup_iou:
-                continue
-            taken.append(box)
-            if len(taken) == self.max_candidates:
-                break
-        if not taken:
+        boxes = np.concatenate(ranked) if ranked else _EMPTY
+        if len(boxes) == 0:
             return _EMPTY, np.zeros(0)
-        boxes = np.asarray(taken, np.float32)
-        return boxes, -np.arange(len(boxes), dtype=np.float64)  # keep the interleaved order
+        # Turn order: rank r of every part comes before rank r + 1 of any part.
+        turn = np.concatenate([np.arange(len(r)) * len(ranked) + i for i, r in enumerate(ranked)])
+        priority = -turn.astype(np.float64)
+        keep = suppress_overlaps(boxes, priority, self.dedup_iou)
+        return boxes[keep], priority[keep]
 
     def close(self) -> None:
         for p in self.parts:
             p.close()
-
-
-def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-9)
 
 
 PROPOSERS = {"colour": ColourProposer, "hsv": _hsv_proposer, "heatmap": _heatmap_proposer}

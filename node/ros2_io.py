@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from node import ros_msgs
+from node.camera import NewestFrameSource
 from node.node_config import DEFAULT_CONFIG, NodeConfig, load_node_config
 from node.publishers import Publisher
 from node.sources import Source
@@ -82,7 +83,7 @@ def stamp_seconds(header: Any) -> float:
     return int(header.stamp.sec) + int(header.stamp.nanosec) * 1e-9
 
 
-class TopicSource(Source):
+class TopicSource(NewestFrameSource):
     """Frames pushed by a subscription callback; only the newest one waits.
 
     ``put`` is called from the ROS executor thread, iteration happens in the pipeline's
@@ -91,14 +92,10 @@ class TopicSource(Source):
     reader and ends the iteration.
     """
 
-    is_live = True
-
     def __init__(self, topic: str) -> None:
         super().__init__(topic)
         self.received = 0
         self.frame_id: str | None = None
-        self._cond = threading.Condition()
-        self._slot: Frame | None = None
 
     @property
     def health(self) -> dict:
@@ -128,41 +125,11 @@ class TopicSource(Source):
             if self._closed:
                 return
             frame = Frame(self.received, float(stamp), image, None, capture_ms, error)
-            if self._slot is not None:
-                self.dropped += 1
             self.errors += error is not None
-            self._slot = frame
             self.received += 1
             if frame_id:
                 self.frame_id = frame_id
-            self._cond.notify_all()
-
-    def read(self, timeout: float | None = None) -> Frame | None:
-        """The newest frame, waiting up to ``timeout`` s (``None`` = until one comes).
-
-        Raises:
-            StopIteration: the source was closed.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._slot is None:
-                if self._closed:
-                    raise StopIteration
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return None
-                self._cond.wait(remaining)
-            frame, self._slot = self._slot, None
-            return frame
-
-    def _generate(self) -> Iterator[Frame]:
-        while True:
-            try:
-                frame = self.read()
-            except StopIteration:
-                return
-            if frame is not None:
-                yield frame
+            self._offer(frame)
 
     def close(self) -> None:
         # No generator.close() here: the pipeline thread may be inside it; waking it is enough.
