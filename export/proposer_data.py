@@ -8,8 +8,9 @@ interpolation, as the node does) and cached with its boxes as one ``.npz`` under
 
 Targets follow CenterNet (Zhou et al., "Objects as Points", 2019): a Gaussian peak per cone
 centre on the stride-4 grid, with the radius CornerNet's ``gaussian_radius`` gives at minimum
-overlap 0.7 (Law and Deng, 2018), plus log height, log width and the sub-cell offset at the
-centre cell. Augmentation (``augment_frame``) draws its random parameters, then applies them
+overlap 0.7 (Law and Deng, 2018), plus log height, log width and the centre's offset, set
+densely over the cells about each centre (TTFNet) so that a peak one cell off still decodes to
+the right box. Augmentation (``augment_frame``) draws its random parameters, then applies them
 to image and boxes together: scale jitter about a random point, horizontal flip, brightness,
 contrast and a mild white-balance shift.
 """
@@ -200,19 +201,28 @@ def gaussian_radius(height: np.ndarray, width: np.ndarray, min_overlap: float = 
     return np.minimum(np.minimum(r1, r2), r3)
 
 
-def centre_targets(boxes: np.ndarray, size: int, stride: int) -> dict[str, np.ndarray]:
-    """CenterNet targets of one frame on the ``size / stride`` grid.
+def centre_targets(boxes: np.ndarray, size: int, stride: int,
+                   min_sigma: float = 0.6) -> dict[str, np.ndarray]:
+    """CenterNet targets of one frame on the ``size / stride`` grid, with TTFNet's dense
+    box regression (Liu et al., "Training-Time-Friendly Network for Real-Time Object
+    Detection", 2020): size and offset are trained at every cell near a centre, not only at the
+    centre cell, so a peak one cell off still decodes to the cone's box.
 
     Returns:
-        ``heat`` (1, G, G) Gaussian peaks (1.0 exactly at each centre cell), ``size`` (2, G, G)
-        log(h), log(w) in input pixels, ``offset`` (2, G, G) sub-cell x, y, and ``mask``
-        (1, G, G) 1 at the centre cells (where size and offset are trained).
+        ``heat`` (1, G, G) Gaussian peaks (1.0 exactly at each centre cell); ``size`` (2, G, G)
+        log(h), log(w) in input pixels and ``offset`` (2, G, G) x, y of the centre relative to
+        the cell (cells; in [0, 1) at the centre cell), both set over each cone's regression
+        region; ``weight`` (1, G, G) the Gaussian weight of a cell in that region, summing to 1
+        per cone (a cell near two cones belongs to the smaller one); ``mask`` (1, G, G) 1 at
+        the centre cells.
     """
     g = size // stride
     heat = np.zeros((g, g), np.float32)
     reg = np.zeros((2, g, g), np.float32)
     off = np.zeros((2, g, g), np.float32)
     mask = np.zeros((g, g), np.float32)
+    owner = np.full((g, g), -1, np.int64)
+    gain = np.zeros((g, g), np.float32)
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(b):
         w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
@@ -222,7 +232,7 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int) -> dict[str, np.nd
         cx, cy = (b[:, 0] + b[:, 2]) / (2 * stride), (b[:, 1] + b[:, 3]) / (2 * stride)
         ix = np.clip(np.floor(cx).astype(int), 0, g - 1)
         iy = np.clip(np.floor(cy).astype(int), 0, g - 1)
-        # Larger cones first, so a small cone's size target wins a shared cell.
+        # Larger cones first, so a small cone's targets win a shared cell.
         for k in np.argsort(-(w * h)):
             r, x, y = radius[k], ix[k], iy[k]
             sigma = (2 * r + 1) / 6.0
@@ -231,7 +241,23 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int) -> dict[str, np.nd
             x0, x1, y0, y1 = max(0, x - r), min(g, x + r + 1), max(0, y - r), min(g, y + r + 1)
             patch = gauss[y0 - y + r:y1 - y + r, x0 - x + r:x1 - x + r]
             np.maximum(heat[y0:y1, x0:x1], patch, out=heat[y0:y1, x0:x1])
-            reg[:, y, x] = np.log(h[k]), np.log(w[k])
-            off[:, y, x] = cx[k] - x, cy[k] - y
+            # Regression region: the Gaussian disk, at least the 3x3 cells about the centre.
+            rr = max(r, 1)
+            sig = max(sigma, min_sigma)
+            x0, x1, y0, y1 = max(0, x - rr), min(g, x + rr + 1), max(0, y - rr), min(g, y + rr + 1)
+            gy, gx = np.mgrid[y0:y1, x0:x1]
+            reg[0, y0:y1, x0:x1] = np.log(h[k])
+            reg[1, y0:y1, x0:x1] = np.log(w[k])
+            off[0, y0:y1, x0:x1] = cx[k] - gx
+            off[1, y0:y1, x0:x1] = cy[k] - gy
+            owner[y0:y1, x0:x1] = k
+            gain[y0:y1, x0:x1] = np.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * sig * sig))
             mask[y, x] = 1.0
-    return {"heat": heat[None], "size": reg, "offset": off, "mask": mask[None]}
+        weight = np.zeros((g, g), np.float32)
+        for k in np.unique(owner[owner >= 0]):
+            cells = owner == k
+            weight[cells] = gain[cells] / gain[cells].sum()
+    else:
+        weight = np.zeros((g, g), np.float32)
+    return {"heat": heat[None], "size": reg, "offset": off, "weight": weight[None],
+            "mask": mask[None]}

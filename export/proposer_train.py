@@ -2,9 +2,9 @@
 
 A tiny CenterNet (Zhou et al., "Objects as Points", 2019): a fully-convolutional net on the
 frame resized to 320x320 predicts, at output stride 4, a cone-centre heatmap (focal loss of
-CenterNet / CornerNet, alpha 2, beta 4), log box size and sub-cell offset (L1 at the centre
-cells). Channels 16-24-32-48 with stride-2 steps and two top-down merges (as in a feature
-pyramid); the stride-4 convolutions are depthwise-separable (MobileNet) to keep the CPU cost
+CenterNet / CornerNet, alpha 2, beta 4), log box size and centre offset (L1 and GIoU, trained
+densely about each centre as in TTFNet). Channels 16-24-32-48 with stride-2 steps and two
+top-down merges (as in a feature pyramid); the stride-4 convolutions are depthwise-separable (MobileNet) to keep the CPU cost
 at about 3 ms per frame on one core. The frames come from ``export.proposer_data`` (real
 training clips + synthetic scenes, cached under ``cache/``).
 
@@ -52,46 +52,130 @@ def separable(cin: int, cout: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class ConeHeatmapNet(nn.Module):
-    """Centre heatmap (logits), log size and offset at stride 4: (B,1,G,G), (B,2,G,G) x2."""
+STEMS = ("conv", "patch4")
+INPUT_SCALE, INPUT_SHIFT = 1.0 / 63.75, -2.0
+"""The ``patch4`` net's own normalisation of raw pixels: (x / 255 - 0.5) / 0.25."""
 
-    def __init__(self, channels: tuple[int, int, int, int] = CHANNELS) -> None:
+
+def stem_metadata(stem: str, input_size: int) -> ProposerMetadata:
+    """The input contract of a stem: ``conv`` takes RGB normalised by the node; ``patch4``
+    raw BGR pixels (mean 0, std 1/255: the node's normalisation is the identity)."""
+    if stem == "patch4":
+        return ProposerMetadata(input_size=input_size, stride=STRIDE, channel_order="BGR",
+                                mean=[0.0] * 3, std=[1.0 / 255.0] * 3)
+    return ProposerMetadata(input_size=input_size, stride=STRIDE)
+
+
+class ConeHeatmapNet(nn.Module):
+    """Centre heatmap (logits), log size and offset at stride 4: (B,1,G,G), (B,2,G,G) x2.
+
+    Args:
+        channels: widths at strides 4, 8, 16 and 32 of the input (``conv`` stem: 2, 4, 8, 16).
+        stem: ``conv`` takes the input to stride 4 with two stride-2 3x3 convolutions (meant
+            for a frame downscaled to 320 px); ``patch4`` with one 4x4 stride-4 convolution
+            over non-overlapping patches, so the full-resolution frame (640 px) costs about
+            what the half-resolution one does with ``conv``, at twice the output resolution.
+            This stem takes raw 0..255 BGR pixels (``RAW_INPUT`` metadata) and normalises them
+            itself, so the node only transposes the frame.
+    """
+
+    def __init__(self, channels: tuple[int, int, int, int] = CHANNELS, stem: str = "conv"
+                 ) -> None:
         super().__init__()
+        if stem not in STEMS:
+            raise ValueError(f"stem {stem!r}: expected one of {STEMS}")
         c1, c2, c3, c4 = channels
-        self.stem = conv_bn(3, c1, 2)
-        self.stage4 = nn.Sequential(conv_bn(c1, c2, 2), separable(c2, c2))
-        self.stage8 = nn.Sequential(conv_bn(c2, c3, 2), separable(c3, c3))
-        self.stage16 = nn.Sequential(conv_bn(c3, c4, 2), conv_bn(c4, c4))
-        self.lateral16 = nn.Conv2d(c4, c2, 1)
-        self.lateral8 = nn.Conv2d(c3, c2, 1)
-        self.fuse = separable(c2, c2)
-        self.heat = nn.Conv2d(c2, 1, 1)
-        self.size = nn.Conv2d(c2, 2, 1)
-        self.offset = nn.Conv2d(c2, 2, 1)
+        self.stem_kind = stem
+        self.normalise_input = stem == "patch4"
+        if stem == "conv":
+            # Widths c1 (stride 2), c2 (4), c3 (8), c4 (16); heads on c2 at stride 4.
+            self.stem = conv_bn(3, c1, 2)
+            self.stage4 = nn.Sequential(conv_bn(c1, c2, 2), separable(c2, c2))
+            self.stage8 = nn.Sequential(conv_bn(c2, c3, 2), separable(c3, c3))
+            self.stage16 = nn.Sequential(conv_bn(c3, c4, 2), conv_bn(c4, c4))
+            self.lateral16 = nn.Conv2d(c4, c2, 1)
+            self.lateral8 = nn.Conv2d(c3, c2, 1)
+            width = c2
+        else:
+            # Widths c1 (stride 4), c2 (8), c3 (16), c4 (32); heads on c1 at stride 4.
+            self.stem = nn.Sequential(nn.Conv2d(3, c1, 4, 4, bias=False), nn.BatchNorm2d(c1),
+                                      nn.ReLU(inplace=True))
+            self.stage4 = separable(c1, c1)
+            self.stage8 = nn.Sequential(conv_bn(c1, c2, 2), separable(c2, c2))
+            self.stage16 = nn.Sequential(conv_bn(c2, c3, 2), separable(c3, c3))
+            self.stage32 = nn.Sequential(conv_bn(c3, c4, 2), conv_bn(c4, c4))
+            self.lateral32 = nn.Conv2d(c4, c2, 1)
+            self.lateral16 = nn.Conv2d(c3, c2, 1)
+            self.fuse8 = separable(c2, c2)
+            self.lateral8 = nn.Conv2d(c2, c1, 1)
+            width = c1
+        self.fuse = separable(width, width)
+        self.heat = nn.Conv2d(width, 1, 1)
+        self.size = nn.Conv2d(width, 2, 1)
+        self.offset = nn.Conv2d(width, 2, 1)
         nn.init.constant_(self.heat.bias, -4.6)  # CenterNet's prior: sigmoid ~ 0.01
         nn.init.constant_(self.size.bias, 2.5)   # exp(2.5) ~ 12 px, a typical cone at 320
         nn.init.constant_(self.offset.bias, 0.5)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The stride-4 features the three heads read."""
+        if self.normalise_input:
+            x = x * INPUT_SCALE + INPUT_SHIFT
+
+        def up(t: torch.Tensor) -> torch.Tensor:
+            return nn.functional.interpolate(t, scale_factor=2.0, mode="nearest")
+
         f4 = self.stage4(self.stem(x))
         f8 = self.stage8(f4)
-        f16 = self.stage16(f8)
-        up = nn.functional.interpolate(self.lateral16(f16), scale_factor=2.0, mode="nearest")
-        up = nn.functional.interpolate(up + self.lateral8(f8), scale_factor=2.0, mode="nearest")
-        f = self.fuse(up + f4)
+        if self.stem_kind == "conv":
+            t8 = up(self.lateral16(self.stage16(f8))) + self.lateral8(f8)
+        else:
+            f16 = self.stage16(f8)
+            t16 = up(self.lateral32(self.stage32(f16))) + self.lateral16(f16)
+            t8 = self.lateral8(self.fuse8(up(t16) + f8))
+        return self.fuse(up(t8) + f4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        f = self.features(x)
         return self.heat(f), self.size(f), self.offset(f)
 
 
+def fold_input_normalisation(net: ConeHeatmapNet) -> ConeHeatmapNet:
+    """A copy of ``net`` whose stem convolution absorbs the input normalisation, so the exported
+    graph does no per-pixel arithmetic before it. Exact for ``patch4`` (its 4x4 stride-4 stem
+    has no padding); other nets are returned as copies unchanged."""
+    import copy
+
+    net = copy.deepcopy(net)
+    if not net.normalise_input:
+        return net
+    conv = net.stem[0]
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                       bias=True)
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight * INPUT_SCALE)
+        folded.bias.copy_(INPUT_SHIFT * conv.weight.sum((1, 2, 3)))
+    net.stem[0] = folded
+    net.normalise_input = False
+    return net
+
+
 class ExportWrapper(nn.Module):
-    """What the node runs: the heatmap as probabilities."""
+    """What the node runs: the heatmap as probabilities. The three 1x1 heads run as one
+    convolution with five outputs, sliced (one pass over the stride-4 features, not three)."""
 
     def __init__(self, net: ConeHeatmapNet) -> None:
         super().__init__()
         self.net = net
+        heads = (net.heat, net.size, net.offset)
+        self.heads = nn.Conv2d(net.heat.in_channels, 5, 1)
+        with torch.no_grad():
+            self.heads.weight.copy_(torch.cat([h.weight for h in heads]))
+            self.heads.bias.copy_(torch.cat([h.bias for h in heads]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        heat, size, offset = self.net(x)
-        return torch.sigmoid(heat), size, offset
+        out = self.heads(self.net.features(x))
+        return torch.sigmoid(out[:, :1]), out[:, 1:3], out[:, 3:5]
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0,
@@ -106,15 +190,50 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0,
     return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
 
 
+def decode_grid(size: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Boxes (B, 4, G, G) x1, y1, x2, y2 in cells that every cell's size and offset decode to
+    (the node's ``decode_heatmap`` arithmetic, in cells instead of pixels; sizes in pixels are
+    divided by ``STRIDE``)."""
+    g_h, g_w = size.shape[-2:]
+    gy, gx = torch.meshgrid(torch.arange(g_h, device=size.device, dtype=size.dtype),
+                            torch.arange(g_w, device=size.device, dtype=size.dtype),
+                            indexing="ij")
+    cx, cy = gx + offset[:, 0], gy + offset[:, 1]
+    half_h = 0.5 * torch.exp(size[:, 0].clamp(-2.0, 8.0)) / STRIDE
+    half_w = 0.5 * torch.exp(size[:, 1].clamp(-2.0, 8.0)) / STRIDE
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1)
+
+
+def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - generalised IoU (Rezatofighi et al., 2019) of boxes (B, 4, ...) cell by cell."""
+    area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area_t = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    iw = (torch.minimum(pred[:, 2], target[:, 2]) - torch.maximum(pred[:, 0], target[:, 0]))
+    ih = (torch.minimum(pred[:, 3], target[:, 3]) - torch.maximum(pred[:, 1], target[:, 1]))
+    inter = iw.clamp(min=0) * ih.clamp(min=0)
+    union = (area_p + area_t - inter).clamp(min=1e-6)
+    hull = ((torch.maximum(pred[:, 2], target[:, 2]) - torch.minimum(pred[:, 0], target[:, 0]))
+            * (torch.maximum(pred[:, 3], target[:, 3]) - torch.minimum(pred[:, 1], target[:, 1])))
+    return 1 - inter / union + (hull - union) / hull.clamp(min=1e-6)
+
+
 def detection_loss(outputs: tuple, targets: dict[str, torch.Tensor],
-                   size_weight: float = 1.0, offset_weight: float = 1.0) -> torch.Tensor:
-    """Focal heatmap loss plus masked L1 on log size and offset at the centre cells."""
+                   size_weight: float = 1.0, offset_weight: float = 1.0,
+                   giou_weight: float = 2.0) -> torch.Tensor:
+    """Focal heatmap loss, plus L1 on log size and offset and a GIoU loss on the decoded box,
+    each weighted over every cone's regression region (``centre_targets``' ``weight``, one in
+    total per cone) and averaged over the cones."""
     heat, size, offset = outputs
-    mask = targets["mask"]
-    n = mask.sum().clamp(min=1.0)
-    l_size = (torch.abs(size.float() - targets["size"]) * mask).sum() / n
-    l_off = (torch.abs(offset.float() - targets["offset"]) * mask).sum() / n
-    return focal_loss(heat, targets["heat"]) + size_weight * l_size + offset_weight * l_off
+    size, offset = size.float(), offset.float()
+    weight = targets["weight"]
+    n = targets["mask"].sum().clamp(min=1.0)
+    l_size = (torch.abs(size - targets["size"]) * weight).sum() / n
+    l_off = (torch.abs(offset - targets["offset"]) * weight).sum() / n
+    l_giou = (giou_loss(decode_grid(size, offset), decode_grid(targets["size"],
+                                                               targets["offset"]))
+              * weight[:, 0]).sum() / n
+    return (focal_loss(heat, targets["heat"]) + size_weight * l_size + offset_weight * l_off
+            + giou_weight * l_giou)
 
 
 def normalise_batch(images: np.ndarray, meta: ProposerMetadata) -> torch.Tensor:
@@ -211,7 +330,7 @@ def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Pat
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportWrapper(net.cpu().eval()).eval()
+    wrapper = ExportWrapper(fold_input_normalisation(net.cpu().eval())).eval()
     dummy = torch.zeros(1, 3, meta.input_size, meta.input_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -273,16 +392,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="../shared/data/bgracing", help="YOLO root")
     parser.add_argument("--train-config", default="configs/train.yaml",
                         help="its data.heldout clips are never trained on")
-    parser.add_argument("--cache", default="cache/proposer_320.npz",
-                        help="frame cache (.npz), built when missing")
-    parser.add_argument("--input-size", type=int, default=320)
+    parser.add_argument("--cache", default=None,
+                        help="frame cache (.npz), built when missing; default "
+                        "cache/proposer_<input size>.npz")
+    parser.add_argument("--stem", default="patch4", choices=STEMS,
+                        help="patch4: full-resolution input, one 4x4 stride-4 convolution; "
+                        "conv: half-resolution input, two stride-2 convolutions")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="square network input in px (default 640 for patch4, 320 for "
+                        "conv)")
     parser.add_argument("--synth-frames", type=int, default=300)
     parser.add_argument("--synth-seed", type=int, default=20000)
     parser.add_argument("--val-clips", nargs="*", default=["autox4"],
                         help="training clips kept out of training to tune the threshold")
-    parser.add_argument("--crop", type=int, default=160,
+    parser.add_argument("--crop", type=int, default=None,
                         help="train on augmented windows this big (multiple of 16; 0 = whole "
-                        "frames)")
+                        "frames; default half the input size)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-candidates", type=int, default=32)
@@ -304,6 +429,12 @@ def run(args: argparse.Namespace) -> int:
     from .proposer_data import build_proposer_frames, load_frames, save_frames
 
     torch.manual_seed(0)
+    if args.input_size is None:
+        args.input_size = 640 if args.stem == "patch4" else 320
+    if args.crop is None:
+        args.crop = args.input_size // 2
+    if args.cache is None:
+        args.cache = f"cache/proposer_{args.input_size}.npz"
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -314,28 +445,31 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(args.cache)
     if cache.is_file():
         frames = load_frames(cache)
-        if frames.info.get("heldout") != list(heldout) or frames.images.shape[1] != \
-                args.input_size:
-            raise DataError(f"{cache}: built for other held-out clips or input size; delete it")
+        built = (frames.info.get("heldout"), frames.images.shape[1],
+                 frames.info.get("synth_frames"), frames.info.get("synth_seed"))
+        if built != (list(heldout), args.input_size, args.synth_frames, args.synth_seed):
+            raise DataError(f"{cache}: built for other held-out clips, input size or synthetic "
+                            f"frames (held-out, size, synthetic frames, seed: {built}); delete "
+                            f"it or pass another --cache")
     else:
         frames = build_proposer_frames(root, heldout, args.input_size, args.synth_frames,
                                        args.synth_seed)
         save_frames(frames, cache)
     train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))
     device = pick_device(args.device)
-    meta = ProposerMetadata(input_size=args.input_size, stride=STRIDE)
+    meta = stem_metadata(args.stem, args.input_size)
     print(f"training on {len(train_frames)} frames ({device}); validation clips "
           f"{args.val_clips}", flush=True)
-    net = ConeHeatmapNet()
+    net = ConeHeatmapNet(stem=args.stem)
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
-                "input_size": args.input_size, "stride": STRIDE}, out / "best.pt")
+                "stem": args.stem, "input_size": args.input_size, "stride": STRIDE}, out / "best.pt")
     clips = sorted(set(train_frames.clips.tolist()))
-    meta.extra = {"arch": "cone_heatmap_net", "channels": list(CHANNELS),
+    meta.extra = {"arch": "cone_heatmap_net", "channels": list(CHANNELS), "stem": args.stem,
                   "training_clips": clips, "validation_clips": list(args.val_clips),
                   "heldout": list(heldout), "synth_seeds": [args.synth_seed,
                                                             args.synth_seed + args.synth_frames],

@@ -1,10 +1,10 @@
 """A learned cone-centre heatmap as the cone proposer (``proposer.kind: heatmap``).
 
 CenterNet-style (Zhou, Wang and Krähenbühl, "Objects as Points", 2019), made tiny: the frame
-is resized to the model's square input (320 px by default), a small fully-convolutional
-network (``export.proposer_train``) predicts at output stride 4 a cone-centre heatmap
-(sigmoid), the box size (log height and log width, input pixels) and the centre's sub-cell
-offset. Decoding is CenterNet's: a 3x3 max filter keeps local peaks, a score threshold and a
+is resized to the model's square input (none for a 640x640 frame and the bundled 640 px model),
+a small fully-convolutional network (``export.proposer_train``) predicts at output stride 4 a
+cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
+centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks, a score threshold and a
 top-K cap select them, and each peak becomes one class-agnostic box, mapped back to frame
 pixels and clipped to the frame. The classifier labels the boxes (``background`` included).
 
@@ -88,7 +88,13 @@ class ProposerMetadata:
 def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
     """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation)."""
     s = meta.input_size
-    small = cv2.resize(image, (s, s), interpolation=cv2.INTER_AREA)
+    small = image if image.shape[:2] == (s, s) else cv2.resize(image, (s, s),
+                                                               interpolation=cv2.INTER_AREA)
+    if not any(meta.mean) and all(abs(v * 255.0 - 1.0) < 1e-6 for v in meta.std):
+        # Raw pixels (the model normalises them itself): one transposing copy.
+        if meta.channel_order == "RGB":
+            small = small[..., ::-1]
+        return np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32)
     if len(set(meta.std)) == 1:
         # One C++ pass (channel swap, mean, scale, HWC -> NCHW); the mean is given in the
         # output channel order. Several times cheaper than the numpy arithmetic below.

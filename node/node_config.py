@@ -98,7 +98,7 @@ class ProposerConfig:
     base_extend: float = spec(0.04, min=0.0, max=1.0)
     body_mask: list[list[float]] = field(default_factory=list)
     heatmap_model: str = "models/cone_proposer.onnx"
-    heatmap_threshold: float = spec(0.2, min=0.0, max=1.0)
+    heatmap_threshold: float = spec(0.25, min=0.0, max=1.0)
     heatmap_threads: int = spec(1, min=1, max=64)
 
     def __post_init__(self) -> None:

@@ -18,14 +18,17 @@ from export.proposer_data import (
     save_frames,
 )
 from export.proposer_train import (
+    STEMS,
     ConeHeatmapNet,
     ExportWrapper,
+    detection_loss,
     export_proposer,
+    fold_input_normalisation,
     normalise_batch,
+    stem_metadata,
     train,
 )
 from node.heatmap_proposer import (
-    ProposerMetadata,
     decode_heatmap,
     open_session,
     to_input_tensor,
@@ -83,18 +86,63 @@ def test_cache_round_trip(tmp_path):
     assert back.subset(np.array([False, True, True])).names.tolist() == ["f1", "f2"]
 
 
-def test_loss_falls_in_a_few_steps_on_tiny_data():
+def test_regression_targets_are_dense_about_the_centre():
+    """Size and offset are set on the cells about the centre (TTFNet), each decoding to the
+    same box; the weights of one cone sum to 1 and peak at the centre cell."""
+    t = centre_targets(np.array([[10, 20, 18, 36]], np.float32), SIZE, 4)
+    w = t["weight"][0]
+    assert w.sum() == pytest.approx(1.0) and w.argmax() == 7 * 16 + 3
+    cells = np.argwhere(w > 0)
+    assert len(cells) >= 9
+    for y, x in cells:
+        cx, cy = (x + t["offset"][0, y, x]) * 4, (y + t["offset"][1, y, x]) * 4
+        assert (cx, cy) == pytest.approx((14.0, 28.0))
+        np.testing.assert_allclose(np.exp(t["size"][:, y, x]), [16, 8], rtol=1e-5)
+    # Of two overlapping cones, a shared cell belongs to the smaller one.
+    two = centre_targets(np.array([[0, 0, 40, 40], [16, 16, 24, 28]], np.float32), SIZE, 4)
+    assert two["weight"][0].sum() == pytest.approx(2.0)
+    np.testing.assert_allclose(np.exp(two["size"][:, 5, 5]), [12, 8], rtol=1e-5)
+
+
+def test_loss_is_zero_where_the_prediction_is_the_target():
+    t = centre_targets(np.array([[10, 20, 18, 36], [30, 30, 40, 50]], np.float32), SIZE, 4)
+    tt = {k: torch.from_numpy(v[None]) for k, v in t.items()}
+    logits = torch.where(tt["heat"] == 1.0, torch.tensor(20.0), torch.tensor(-20.0))
+    perfect = detection_loss((logits, tt["size"], tt["offset"]), tt)
+    worse = detection_loss((logits, tt["size"] + 0.3, tt["offset"]), tt)
+    assert float(perfect) < 1e-3 < float(worse)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_loss_falls_in_a_few_steps_on_tiny_data(stem):
     torch.manual_seed(0)
-    net = ConeHeatmapNet()
-    losses = train(net, tiny_frames(4), ProposerMetadata(input_size=SIZE), 1, batch_size=4,
+    net = ConeHeatmapNet(stem=stem)
+    losses = train(net, tiny_frames(4), stem_metadata(stem, SIZE), 1, batch_size=4,
                    lr=1e-2, max_steps=20)
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
 
 
-def test_onnx_export_matches_torch_and_carries_metadata(tmp_path):
+def test_folding_the_normalisation_into_the_stem_is_exact():
     torch.manual_seed(0)
-    net = ConeHeatmapNet().eval()
-    meta = ProposerMetadata(input_size=SIZE, extra={"training_clips": ["autox", "synth"]})
+    net = ConeHeatmapNet(stem="patch4").eval()
+    for m in net.modules():  # non-trivial batch-norm statistics
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randint(0, 256, (2, 3, SIZE, SIZE)).float()
+    folded = fold_input_normalisation(net)
+    assert not folded.normalise_input and net.normalise_input
+    with torch.inference_mode():
+        for a, b in zip(net(x), folded(x), strict=True):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_onnx_export_matches_torch_and_carries_metadata(tmp_path, stem):
+    torch.manual_seed(0)
+    net = ConeHeatmapNet(stem=stem).eval()
+    meta = stem_metadata(stem, SIZE)
+    meta.extra = {"training_clips": ["autox", "synth"]}
     path = export_proposer(net, meta, tmp_path / "p.onnx")
     session, read = open_session(path)
     assert read.input_size == SIZE and read.stride == 4
@@ -102,6 +150,7 @@ def test_onnx_export_matches_torch_and_carries_metadata(tmp_path):
     image = np.random.default_rng(1).integers(0, 255, (128, 96, 3), np.uint8)
     x = to_input_tensor(image, read)
     got = session.run(None, {session.get_inputs()[0].name: x})
+    assert got[0].shape == (1, 1, SIZE // 4, SIZE // 4)
     with torch.inference_mode():
         ref = ExportWrapper(net)(torch.from_numpy(x))
     for g, r in zip(got, ref, strict=True):
@@ -109,3 +158,7 @@ def test_onnx_export_matches_torch_and_carries_metadata(tmp_path):
     # Training normalises exactly as the node does.
     small = __import__("cv2").resize(image, (SIZE, SIZE), interpolation=3)  # INTER_AREA
     np.testing.assert_allclose(normalise_batch(small[None], read).numpy(), x, atol=1e-5)
+    if stem == "patch4":  # raw BGR pixels: the node only transposes a frame of the input size
+        frame = image[:SIZE, :SIZE]
+        np.testing.assert_array_equal(to_input_tensor(frame, read)[0],
+                                      frame.transpose(2, 0, 1).astype(np.float32))

@@ -137,7 +137,10 @@ def _bench_args(files: dict, out: Path) -> list[str]:
     return ["bench", "--models", str(files["model"]), "--batches", "1", "8", "--iters", "60",
             "--warmup", "5", "--seconds", "0.5", "--data", f"yolo:{files['data']}",
             "--source", str(files["data"] / "images"), "--peer", str(files["peer"]),
-            "--threads", "1", "--rounds", "2", "--out-dir", str(out)]
+            "--threads", "1", "--rounds", "2", "--out-dir", str(out),
+            # Flat colour rectangles, not cones: the HSV windows find them, the learned
+            # heatmap proposer (rightly) does not.
+            "--set", "proposer.kind=hsv"]
 
 
 def test_bench_table_logs_plot_and_peer(bench_files, tmp_path, capsys):
