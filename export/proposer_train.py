@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import shutil
 import sys
 import time
@@ -263,6 +264,23 @@ def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
     return x, t
 
 
+def load_init(path: str | Path, stem: str) -> dict:
+    """The weights of a run's ``best.pt`` to start from; raises ``DataError`` naming the file
+    when it is missing, unreadable, or holds a net of another stem or width."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        kind, channels, weights = state.get("stem", "conv"), state["channels"], state["state_dict"]
+    except (OSError, RuntimeError, KeyError, AttributeError, TypeError, EOFError,
+            pickle.UnpicklingError) as exc:
+        raise DataError(f"{path}: not a proposer checkpoint ({str(exc).splitlines()[0]})"
+                        ) from None
+    if kind != stem or list(channels) != list(CHANNELS):
+        raise DataError(f"{path}: a {kind} net with channels {list(channels)}, not --stem {stem} "
+                        f"with {list(CHANNELS)}")
+    return weights
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -408,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=None,
                         help="train on augmented windows this big (multiple of 16; 0 = whole "
                         "frames; default half the input size)")
+    parser.add_argument("--init", default=None,
+                        help="start from this run's best.pt (same stem and channels), e.g. to "
+                        "train an exported model longer at a lower --lr")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-candidates", type=int, default=32)
@@ -461,6 +482,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"training on {len(train_frames)} frames ({device}); validation clips "
           f"{args.val_clips}", flush=True)
     net = ConeHeatmapNet(stem=args.stem)
+    if args.init:
+        net.load_state_dict(load_init(args.init, args.stem))
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
@@ -473,7 +496,7 @@ def run(args: argparse.Namespace) -> int:
                   "training_clips": clips, "validation_clips": list(args.val_clips),
                   "heldout": list(heldout), "synth_seeds": [args.synth_seed,
                                                             args.synth_seed + args.synth_frames],
-                  "epochs": args.epochs}
+                  "epochs": args.epochs, "init": args.init}
     onnx_path = export_proposer(net, meta, out / "cone_proposer.onnx")
     val = validation_samples(root, list(args.val_clips))
     if val:

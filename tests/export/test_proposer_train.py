@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 
+from export.data import DataError
 from export.proposer_data import (
     ProposerFrames,
     augment_frame,
@@ -24,6 +25,7 @@ from export.proposer_train import (
     detection_loss,
     export_proposer,
     fold_input_normalisation,
+    load_init,
     normalise_batch,
     stem_metadata,
     train,
@@ -162,3 +164,19 @@ def test_onnx_export_matches_torch_and_carries_metadata(tmp_path, stem):
         frame = image[:SIZE, :SIZE]
         np.testing.assert_array_equal(to_input_tensor(frame, read)[0],
                                       frame.transpose(2, 0, 1).astype(np.float32))
+
+
+def test_init_checkpoint_must_match_the_stem(tmp_path):
+    net = ConeHeatmapNet(stem="patch4")
+    path = tmp_path / "best.pt"
+    torch.save({"state_dict": net.state_dict(), "channels": [16, 24, 32, 48], "stem": "patch4"},
+               path)
+    fresh = ConeHeatmapNet(stem="patch4")
+    fresh.load_state_dict(load_init(path, "patch4"))
+    for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(DataError, match="best.pt: a patch4 net .* not --stem conv"):
+        load_init(path, "conv")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(DataError, match="junk.pt: not a proposer checkpoint"):
+        load_init(tmp_path / "junk.pt", "patch4")
