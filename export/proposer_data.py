@@ -223,6 +223,7 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int,
     mask = np.zeros((g, g), np.float32)
     owner = np.full((g, g), -1, np.int64)
     gain = np.zeros((g, g), np.float32)
+    weight = np.zeros((g, g), np.float32)
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(b):
         w, h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
@@ -253,11 +254,8 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int,
             owner[y0:y1, x0:x1] = k
             gain[y0:y1, x0:x1] = np.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * sig * sig))
             mask[y, x] = 1.0
-        weight = np.zeros((g, g), np.float32)
         for k in np.unique(owner[owner >= 0]):
             cells = owner == k
             weight[cells] = gain[cells] / gain[cells].sum()
-    else:
-        weight = np.zeros((g, g), np.float32)
     return {"heat": heat[None], "size": reg, "offset": off, "weight": weight[None],
             "mask": mask[None]}

@@ -34,6 +34,7 @@ from node.heatmap_proposer import OUTPUTS, ProposerMetadata
 
 from .data import DataError
 from .proposer_data import ProposerFrames, augment_frame, centre_targets
+from .train import optimizer_step
 
 STRIDE = 4
 CHANNELS = (16, 24, 32, 48)
@@ -320,11 +321,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
                               device, crop)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 loss = detection_loss(net(x), t)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             step += 1
             losses.append(float(loss.detach()))
             if max_steps:

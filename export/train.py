@@ -236,6 +236,16 @@ def metadata_from_checkpoint(ckpt: dict) -> ModelMetadata:
                          arch=ckpt["arch"], precision="fp32", extra=extra)
 
 
+def optimizer_step(loss: torch.Tensor, opt, scaler, sched) -> None:
+    """One update: backward through the AMP grad scaler (disabled on the CPU), optimiser step,
+    scheduler step. Shared with ``export.proposer_train``."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, epoch, dist,
                     device) -> float:
     from tqdm import tqdm
@@ -253,11 +263,7 @@ def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, ep
         x, target = augmenter(data["x"][b], data["y"][b])
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
             loss = loss_fn(model(x), target)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
+        optimizer_step(loss, opt, scaler, sched)
         total += loss.item()
         count += 1
         bar.set_postfix(loss=f"{total / count:.3f}")

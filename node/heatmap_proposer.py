@@ -4,9 +4,9 @@ CenterNet-style (Zhou, Wang and Krähenbühl, "Objects as Points", 2019), made t
 is resized to the model's square input (none for a 640x640 frame and the bundled 640 px model),
 a small fully-convolutional network (``export.proposer_train``) predicts at output stride 4 a
 cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
-centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks, a score threshold and a
-top-K cap select them, and each peak becomes one class-agnostic box, mapped back to frame
-pixels and clipped to the frame. The classifier labels the boxes (``background`` included).
+centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks,
+a score threshold and a top-K cap select them, and each peak becomes one class-agnostic box,
+mapped back to frame pixels and clipped to the frame. The classifier labels the boxes (``background`` included).
 
 The model runs in its own ``onnxruntime.InferenceSession`` with one intra-op thread (the
 proposer runs on the capture thread, next to the classifier's worker), not through
@@ -59,6 +59,12 @@ class ProposerMetadata:
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
     extra: dict = field(default_factory=dict)
 
+    @property
+    def raw_pixels(self) -> bool:
+        """Whether the model takes raw 0..255 pixels (mean 0, std 1/255), normalising them
+        itself."""
+        return not any(self.mean) and all(abs(v * 255.0 - 1.0) < 1e-6 for v in self.std)
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "input_size": self.input_size,
                            "stride": self.stride, "channel_order": self.channel_order,
@@ -90,8 +96,8 @@ def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
     s = meta.input_size
     small = image if image.shape[:2] == (s, s) else cv2.resize(image, (s, s),
                                                                interpolation=cv2.INTER_AREA)
-    if not any(meta.mean) and all(abs(v * 255.0 - 1.0) < 1e-6 for v in meta.std):
-        # Raw pixels (the model normalises them itself): one transposing copy.
+    if meta.raw_pixels:
+        # The model normalises the pixels itself: one transposing copy.
         if meta.channel_order == "RGB":
             small = small[..., ::-1]
         return np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32)

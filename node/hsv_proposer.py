@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from .node_config import HueRange, ProposerConfig
-from .proposers import _EMPTY, Proposer, union_by_group
+from .proposers import _EMPTY, Proposer, merge_greedy, union_by_group
 from .types import Frame
 
 
@@ -168,21 +168,11 @@ class HsvProposer(Proposer):
                   & (wid[:, None] <= 1.2 * wid[None, :] + 2.0))
         # Greedy, closest pairs first; a merge must leave a cone-shaped box, so that a line
         # of cones one behind the other does not become one tall candidate.
-        bx = np.stack([x1, y1, x2, y2], axis=1)
         max_tall = 1.0 / (0.7 * self.config.cone_aspect)
         pairs = np.argwhere(linked)
-        for i, j in pairs[np.argsort(gap[linked], kind="stable")]:
-            a, b = _find(labels, i), _find(labels, j)
-            if a == b:
-                continue
-            u = np.concatenate([np.minimum(bx[a, :2], bx[b, :2]), np.maximum(bx[a, 2:], bx[b, 2:])])
-            if (u[3] - u[1]) > max_tall * (u[2] - u[0]) + 2.0:
-                continue
-            root, child = min(a, b), max(a, b)
-            labels[child] = root
-            bx[root] = u
-        roots = np.array([_find(labels, i) for i in range(n)])
-        return np.unique(roots, return_inverse=True)[1]
+        return merge_greedy(np.stack([x1, y1, x2, y2], axis=1),
+                            pairs[np.argsort(gap[linked], kind="stable")],
+                            lambda u: u[3] - u[1] <= max_tall * (u[2] - u[0]) + 2.0)
 
 
 def _replace_boxes(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray,
@@ -273,11 +263,5 @@ def _valleys(profile: np.ndarray, reach: int, depth, floor: float) -> list[int]:
             cuts.append(valley)
     return cuts
 
-
-def _find(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return int(i)
 
 

@@ -186,22 +186,15 @@ class ColourProposer(Proposer):
         pairs = np.argwhere(linked)
         if not len(pairs):
             return labels
-        bx = np.stack([x1, y1, x2, y2], axis=1).tolist()
         slope = self.model.ratio_hi * self.model.slope
         offset = self.model.ratio_hi * float(self.model.expected_height(0.0, frame_h)) + 3.0
-        for i, j in pairs[np.argsort(gap[linked], kind="stable")].tolist():
-            a, b = _find(labels, i), _find(labels, j)
-            if a == b:
-                continue
-            p, q = bx[a], bx[b]
-            u = [min(p[0], q[0]), min(p[1], q[1]), max(p[2], q[2]), max(p[3], q[3])]
-            if (u[3] - u[1]) > slope * u[3] + offset or (u[2] - u[0]) > 0.9 * (u[3] - u[1]) + 3:
-                continue
-            root, child = min(a, b), max(a, b)
-            labels[child] = root
-            bx[root] = u
-        roots = np.array([_find(labels, i) for i in range(n)])
-        return np.unique(roots, return_inverse=True)[1]
+
+        def one_cone(u: list[float]) -> bool:
+            return (u[3] - u[1] <= slope * u[3] + offset
+                    and u[2] - u[0] <= 0.9 * (u[3] - u[1]) + 3)
+
+        return merge_greedy(np.stack([x1, y1, x2, y2], axis=1),
+                            pairs[np.argsort(gap[linked], kind="stable")], one_cone)
 
 
 def _part_stats(mask: np.ndarray, min_pixels: int) -> np.ndarray:
@@ -226,6 +219,29 @@ def _find(parent: np.ndarray, i: int) -> int:
         parent[i] = parent[parent[i]]
         i = parent[i]
     return int(i)
+
+
+def merge_greedy(boxes: np.ndarray, pairs: np.ndarray, accept) -> np.ndarray:
+    """Group label per box (0..G-1): the linked ``pairs`` (row indices, best first) are merged
+    transitively, each merge only when ``accept(union)`` holds for the union box
+    ``[x1, y1, x2, y2]`` of the two groups. Shared by the colour and HSV proposers' stripe
+    merging."""
+    n = len(boxes)
+    labels = np.arange(n)
+    bx = np.asarray(boxes, np.float64).reshape(-1, 4).tolist()
+    for i, j in np.asarray(pairs).reshape(-1, 2).tolist():
+        a, b = _find(labels, i), _find(labels, j)
+        if a == b:
+            continue
+        p, q = bx[a], bx[b]
+        u = [min(p[0], q[0]), min(p[1], q[1]), max(p[2], q[2]), max(p[3], q[3])]
+        if not accept(u):
+            continue
+        root, child = min(a, b), max(a, b)
+        labels[child] = root
+        bx[root] = u
+    roots = np.array([_find(labels, i) for i in range(n)], np.int64)
+    return np.unique(roots, return_inverse=True)[1]
 
 
 class ExternalBoxProposer(Proposer):

@@ -16,17 +16,10 @@ from node.pipeline import Pipeline
 from node.proposers import ExternalBoxProposer
 from node.publishers import JsonlPublisher
 from node.types import Frame
-from tests.node.backend_doubles import FakeGpu, make_onnx, write_engine
+from tests.node.backend_doubles import FakeGpu, write_engine
 from tests.reliability.doubles import BLUE, YELLOW, FaultyBackend, cone_image
 
 FRAMES = 10
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("backend_fault") / "tiny.onnx"
-    make_onnx(path)
-    return path
 
 
 @pytest.fixture(scope="module")

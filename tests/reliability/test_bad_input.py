@@ -35,13 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bad_input") / "tiny.onnx"
-    make_onnx(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Three good frames with a blue and a yellow cone each."""
     root = tmp_path_factory.mktemp("frames")

@@ -17,15 +17,7 @@ from node.node_config import load_node_config
 from node.pipeline import Pipeline
 from node.proposers import build_proposer
 from node.sources import SourceError
-from tests.node.backend_doubles import make_onnx
 from tests.reliability.doubles import CameraScript, CollectingPublisher, ScriptedCamera
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("camera_loss") / "tiny.onnx"
-    make_onnx(path)
-    return path
 
 
 def test_unplugged_camera_reconnects_with_backoff_publishes_health_and_frames_resume(model):

@@ -16,7 +16,6 @@ from node.node_config import load_node_config
 from node.pipeline import Pipeline
 from node.proposers import build_proposer
 from node.types import Frame
-from tests.node.backend_doubles import make_onnx
 from tests.reliability.doubles import (
     BLUE,
     ORANGE,
@@ -29,13 +28,6 @@ from tests.reliability.doubles import (
 
 INFER_S = 0.012
 """Extra time per batch on the backend's worker: the node manages ~80 frames/s at most."""
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("overload") / "tiny.onnx"
-    make_onnx(path)
-    return path
 
 
 def live_run(model, period_s: float, frames: int) -> tuple[dict, LiveSource, list[dict]]:
