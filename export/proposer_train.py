@@ -400,6 +400,27 @@ def validation_samples(root: Path, clips: list[str]) -> list:
     return [s for s in load_samples(f"yolo:{root}") if clip_and_frame(s.image_path)[0] in clips]
 
 
+def cached_frames(cache: Path, root: Path, heldout: list[str], input_size: int,
+                  synth_frames: int, synth_seed: int) -> ProposerFrames:
+    """The training frames from ``cache``, built and saved there when missing; a cache built
+    for other held-out clips, size or synthetic frames is an error naming the file."""
+    from .proposer_data import build_proposer_frames, load_frames, save_frames
+
+    if cache.is_file():
+        frames = load_frames(cache)
+        built = (frames.info.get("heldout"), frames.images.shape[1],
+                 frames.info.get("synth_frames"), frames.info.get("synth_seed"))
+        if built != (list(heldout), input_size, synth_frames, synth_seed):
+            raise DataError(f"{cache}: built for other held-out clips, input size or synthetic "
+                            f"frames (held-out, size, synthetic frames, seed: {built}); delete "
+                            f"it or pass another --cache")
+    else:
+        frames = build_proposer_frames(root, heldout, input_size, synth_frames,
+                                       synth_seed)
+        save_frames(frames, cache)
+    return frames
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.proposer_train",
                                      description=__doc__.split("\n")[0])
@@ -447,8 +468,6 @@ def run(args: argparse.Namespace) -> int:
 
     from node.node_config import resolve_path
 
-    from .proposer_data import build_proposer_frames, load_frames, save_frames
-
     torch.manual_seed(0)
     if args.input_size is None:
         args.input_size = 640 if args.stem.startswith("patch4") else 320
@@ -463,19 +482,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
     heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
     root = resolve_path(args.data)
-    cache = Path(args.cache)
-    if cache.is_file():
-        frames = load_frames(cache)
-        built = (frames.info.get("heldout"), frames.images.shape[1],
-                 frames.info.get("synth_frames"), frames.info.get("synth_seed"))
-        if built != (list(heldout), args.input_size, args.synth_frames, args.synth_seed):
-            raise DataError(f"{cache}: built for other held-out clips, input size or synthetic "
-                            f"frames (held-out, size, synthetic frames, seed: {built}); delete "
-                            f"it or pass another --cache")
-    else:
-        frames = build_proposer_frames(root, heldout, args.input_size, args.synth_frames,
-                                       args.synth_seed)
-        save_frames(frames, cache)
+    frames = cached_frames(Path(args.cache), root, heldout, args.input_size, args.synth_frames,
+                           args.synth_seed)
     train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))
     device = pick_device(args.device)
     meta = stem_metadata(args.stem, args.input_size)

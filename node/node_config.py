@@ -100,6 +100,8 @@ class ProposerConfig:
     heatmap_model: str = "models/cone_proposer.onnx"
     heatmap_threshold: float = spec(0.25, min=0.0, max=1.0)
     heatmap_threads: int = spec(1, min=1, max=64)
+    refiner_model: str | None = "models/cone_refiner.onnx"
+    refiner_passes: int = spec(1, min=1, max=4)
 
     def __post_init__(self) -> None:
         if self.aspect_min > self.aspect_max:

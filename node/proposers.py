@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .node_config import ProposerConfig
+from .node_config import ProposerConfig, resolve_path
 from .postprocess import suppress_overlaps
 from .types import Frame
 
@@ -362,10 +362,19 @@ PROPOSERS = {"colour": ColourProposer, "hsv": _hsv_proposer, "heatmap": _heatmap
 
 
 def build_proposer(config: ProposerConfig) -> Proposer:
-    """The proposer named by ``config.kind``."""
+    """The proposer named by ``config.kind``, followed by the box refiner when
+    ``config.refiner_model`` names one (external boxes are taken as they are)."""
     if config.kind == "external":
         return ExternalBoxProposer(config.external_dir, config.max_candidates)
     if "+" in config.kind:  # e.g. heatmap+hsv: the union, taken in turns under one cap
         parts = [PROPOSERS[k](config) for k in config.kind.split("+")]
-        return CombinedProposer(parts, config.max_candidates)
-    return PROPOSERS[config.kind](config)
+        proposer: Proposer = CombinedProposer(parts, config.max_candidates)
+    else:
+        proposer = PROPOSERS[config.kind](config)
+    if config.refiner_model:
+        from .box_refiner import BoxRefiner, RefinedProposer
+
+        refiner = BoxRefiner(resolve_path(config.refiner_model), config.heatmap_threads,
+                             config.max_candidates, config.refiner_passes)
+        return RefinedProposer(proposer, refiner, config.max_candidates)
+    return proposer

@@ -92,7 +92,8 @@ def test_missing_model_and_classifier_model_are_clear_errors(tmp_path):
 
 @needs_model
 def test_config_selects_the_heatmap_proposer():
-    cfg = load_node_config(None, ["proposer.kind=heatmap", "proposer.max_candidates=7"])
+    cfg = load_node_config(None, ["proposer.kind=heatmap", "proposer.max_candidates=7",
+                                  "proposer.refiner_model=null"])
     proposer = build_proposer(cfg.proposer)
     assert isinstance(proposer, HeatmapProposer)
     assert proposer.meta.input_size % proposer.meta.stride == 0

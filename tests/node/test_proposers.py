@@ -181,10 +181,14 @@ def test_bad_proposals_folder_is_a_one_line_error(tmp_path):
 
 def test_build_proposer_picks_the_kind(tmp_path):
     (tmp_path / "x.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    from node.box_refiner import RefinedProposer
     from node.heatmap_proposer import HeatmapProposer
 
-    assert isinstance(build_proposer(ProposerConfig()), HeatmapProposer)  # the default
-    assert isinstance(build_proposer(ProposerConfig(kind="colour")), ColourProposer)
+    default = build_proposer(ProposerConfig())  # the heatmap, then the box refiner
+    assert isinstance(default, RefinedProposer) and isinstance(default.inner, HeatmapProposer)
+    assert isinstance(build_proposer(ProposerConfig(refiner_model=None)), HeatmapProposer)
+    colour = build_proposer(ProposerConfig(kind="colour", refiner_model=None))
+    assert isinstance(colour, ColourProposer)
     ext = build_proposer(ProposerConfig(kind="external", external_dir=str(tmp_path),
                                         max_candidates=5))
     assert isinstance(ext, ExternalBoxProposer) and ext.max_candidates == 5
@@ -320,6 +324,7 @@ def test_combined_proposer_interleaves_dedups_and_caps():
 def test_combined_kind_builds_from_config():
     from node.proposers import CombinedProposer
 
-    config = load_node_config(None, {"proposer": {"kind": "heatmap+colour"}})
+    config = load_node_config(None, {"proposer": {"kind": "heatmap+colour",
+                                                  "refiner_model": None}})
     proposer = build_proposer(config.proposer)
     assert isinstance(proposer, CombinedProposer) and len(proposer.parts) == 2

@@ -265,8 +265,10 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
     # Sync: the pipelined loop publishes frame t only once frame t+1 has been captured.
     node = cls(parameter_overrides={"overrides": ["model.score_threshold=0.4",
                                                   "pipeline.sync=true",
-                                                  # one drawn blue cone: the colour proposer
-                                                  "proposer.kind=colour"],
+                                                  # one drawn blue cone: the colour proposer,
+                                                  # boxes as proposed (a flat triangle)
+                                                  "proposer.kind=colour",
+                                                  "proposer.refiner_model=null"],
                                     "annotated_topic": "/perception/cones/image/compressed"})
     assert node.descriptors["overrides"].dynamic_typing is True
     assert node.on_configure(None) == cls.Return.SUCCESS

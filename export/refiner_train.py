@@ -1,0 +1,371 @@
+"""Train and export the candidate-box refiner: ``python -m export.refiner_train --out DIR``.
+
+The second stage of ``node.box_refiner``: a small CNN looks at a 32 px crop of each candidate
+(a square of twice the box's longer side, cut by the node's own ``crop_batch``) and predicts
+how far each edge of the cone's box lies from the candidate's, in fractions of the square.
+Loss: smooth L1 on the four offsets plus GIoU (Rezatofighi et al., 2019) of the moved box.
+
+Training boxes come from the proposer's frame cache (``export.proposer_data``: real training
+clips at 640 px plus synthetic scenes; the held-out clips are never in it) in two kinds:
+
+- the bundled heatmap proposer's own candidates on those frames that overlap a labelled cone
+  (IoU >= 0.3), with that cone as target: the errors the refiner meets at run time;
+- every labelled cone jittered afresh each epoch (centre by ~12 % of its size, width and
+  height by ~20 % in log scale), so the refiner also learns errors the proposer does not make
+  on frames it was trained on.
+
+Crops get random white balance, brightness, contrast, noise and horizontal flips. The
+validation clip (``--val-clips``, default ``autox4``, also kept out of the proposer's
+training) is scored through the node's own proposer before and after refinement. Writes
+``<out>/best.pt``, ``<out>/history.jsonl``, ``<out>/cone_refiner.onnx`` (opset 17, dynamic
+batch, metadata JSON under ``cone_refiner``) and copies it to ``--model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from node.box_refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
+
+from .data import DataError
+from .proposer_data import ProposerFrames
+from .proposer_train import cached_frames, giou_loss, pick_device
+from .train import optimizer_step
+
+CHANNELS = (16, 32, 48)
+
+
+def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class BoxRefinerNet(nn.Module):
+    """Raw BGR crops (N, 3, S, S), 0..255 → edge offsets (N, 4) in fractions of the crop.
+
+    One stride-2 3x3 convolution per entry of ``channels`` keeps where things are; a small
+    fully-connected head reads the last map. The last layer starts at zero, so an untrained
+    refiner leaves boxes where they are.
+    """
+
+    def __init__(self, input_size: int = 32, channels: tuple[int, ...] = CHANNELS,
+                 hidden: int = 96) -> None:
+        super().__init__()
+        layers, cin = [], 3
+        for c in channels:
+            layers.append(_conv(cin, c, 2))
+            cin = c
+        self.features = nn.Sequential(*layers)
+        cells = (input_size >> len(channels)) ** 2
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(cin * cells, hidden),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden, 4))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x * (1.0 / 255.0) - 0.5))
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix (len(a), len(b)) of x1, y1, x2, y2 boxes."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def jitter_boxes(gt: np.ndarray, rng: np.random.Generator, copies: int, shift: float = 0.12,
+                 scale: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """``copies`` perturbed versions of each box and the index of the box each came from."""
+    src = np.repeat(np.arange(len(gt)), copies)
+    g = gt[src]
+    w, h = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
+    cx = (g[:, 0] + g[:, 2]) * 0.5 + rng.normal(0, shift, len(g)) * w
+    cy = (g[:, 1] + g[:, 3]) * 0.5 + rng.normal(0, shift, len(g)) * h
+    w = w * np.exp(rng.normal(0, scale, len(g)))
+    h = h * np.exp(rng.normal(0, scale, len(g)))
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float32)
+    return boxes, src
+
+
+def proposer_pairs(frames: ProposerFrames, proposer, min_iou: float = 0.3) -> list:
+    """Per frame, the proposer's boxes that overlap a labelled cone, and that cone's index."""
+    from node.types import Frame
+
+    pairs = []
+    for i in range(len(frames)):
+        gt = frames.frame_boxes(i)
+        boxes = proposer.propose(Frame(i, 0.0, frames.images[i]))
+        if len(gt) == 0 or len(boxes) == 0:
+            pairs.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+            continue
+        m = box_iou(boxes, gt)
+        keep = m.max(1) >= min_iou
+        pairs.append((boxes[keep], m[keep].argmax(1)))
+    return pairs
+
+
+def epoch_samples(frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
+                  rng: np.random.Generator, copies: int, min_height: float = 6.0
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch's crops (N, S, S, 3) uint8, their boxes' offsets to the cone (N, 4), and the
+    boxes themselves (N, 4)."""
+    crops, deltas, inputs = [], [], []
+    for i in range(len(frames)):
+        gt = frames.frame_boxes(i)
+        gt = gt[(gt[:, 3] - gt[:, 1]) >= min_height]
+        if len(gt) == 0:
+            continue
+        jit, src = jitter_boxes(gt, rng, copies)
+        # A jittered box that now overlaps another cone more is that cone's box.
+        m = box_iou(jit, gt)
+        keep = (m.max(1) >= 0.25) & (m.argmax(1) == src)
+        boxes, target = jit[keep], gt[src[keep]]
+        pb, pg = pairs[i]
+        if len(pb):
+            full = frames.frame_boxes(i)
+            boxes, target = np.concatenate([boxes, pb]), np.concatenate([target, full[pg]])
+        if len(boxes) == 0:
+            continue
+        crops.append(refiner_crops(frames.images[i], boxes, meta))
+        deltas.append(box_targets(boxes, target, meta))
+        inputs.append(boxes)
+    return np.concatenate(crops), np.concatenate(deltas), np.concatenate(inputs)
+
+
+def photometric(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random white balance, brightness, contrast and noise on raw 0..255 crops (N, 3, S, S)."""
+    n = x.shape[0]
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, *shape, generator=gen)
+
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * u(0.7, 1.3, 1, 1, 1) + mean
+    x = x * u(0.85, 1.15, 3, 1, 1) + u(-25, 25, 1, 1, 1)
+    x = x + torch.randn(x.shape, generator=gen) * u(0, 6, 1, 1, 1)
+    return x.clamp(0, 255)
+
+
+def hflip(crops: torch.Tensor, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mirror crops (N, 3, S, S) left to right, and their offsets with them: the left edge's
+    offset becomes the right edge's, negated."""
+    return crops.flip(-1), torch.stack([-deltas[:, 2], deltas[:, 1], -deltas[:, 0],
+                                        deltas[:, 3]], 1)
+
+
+def refine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Smooth L1 on the offsets (in fractions of the crop) plus GIoU of the moved boxes, both
+    in crop units (the input box is the same for both, so it cancels except in GIoU)."""
+    l1 = nn.functional.smooth_l1_loss(pred, target, beta=0.02, reduction="mean") * 10.0
+    base = torch.tensor([0.25, 0.25, 0.75, 0.75], dtype=pred.dtype, device=pred.device)
+    giou = giou_loss((base + pred)[..., None], (base + target)[..., None]).mean()
+    return l1 + giou
+
+
+def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
+          epochs: int, copies: int = 4, batch_size: int = 256, lr: float = 3e-3,
+          device: torch.device | str = "cpu", seed: int = 0, log: Path | None = None
+          ) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; fresh jitter every epoch. Returns the mean
+    loss of each epoch."""
+    device = torch.device(device)
+    net.to(device).train()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history, t0, sched, total, step = [], time.perf_counter(), None, 0, 0
+    for epoch in range(epochs):
+        crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
+        steps = max(1, len(crops) // batch_size)
+        if sched is None:
+            total = epochs * steps
+            warm = max(1, total // 20)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+                    1 + math.cos(math.pi * min(1.0, s / total))))
+        order = rng.permutation(len(crops))
+        losses = []
+        for k in range(steps):
+            if step >= total:
+                break
+            idx = order[k * batch_size:(k + 1) * batch_size]
+            x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float()
+            t = torch.from_numpy(deltas[idx]).clone()
+            x = photometric(x, gen)
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x[flip], t[flip] = hflip(x[flip], t[flip])
+            x, t = x.to(device), t.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                loss = refine_loss(net(x).float(), t)
+            optimizer_step(loss, opt, scaler, sched)
+            step += 1
+            losses.append(float(loss.detach()))
+        history.append(float(np.mean(losses)))
+        rec = {"epoch": epoch + 1, "loss": round(history[-1], 4), "samples": len(crops),
+               "seconds": round(time.perf_counter() - t0, 1)}
+        print(json.dumps(rec), flush=True)
+        if log is not None:
+            with open(log, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+    net.eval()
+    return history
+
+
+def export_refiner(net: BoxRefinerNet, meta: RefinerMetadata, path: str | Path) -> Path:
+    """ONNX (opset 17, dynamic batch) with ``meta`` as JSON under ``cone_refiner``."""
+    import warnings
+
+    import onnx
+
+    from node.box_refiner import METADATA_KEY
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    net = net.cpu().eval()
+    dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        torch.onnx.export(net, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}}, opset_version=17,
+                          dynamo=False, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    extra = dict(meta.extra)
+    extra["torch"] = torch.__version__
+    onnx.helper.set_model_props(proto, {METADATA_KEY: RefinerMetadata(
+        meta.input_size, meta.context, meta.min_side, extra).to_json()})
+    proto.producer_name = "cone_node.export.refiner_train"
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return path
+
+
+def validate(model_path: Path, samples: list, proposer_config) -> dict:
+    """Proposals alone on the validation frames, without and with the refiner."""
+    from dataclasses import replace
+
+    from node.evaluate import score_proposals
+    from node.proposers import build_proposer
+
+    out = {}
+    for name, cfg in (("proposer", replace(proposer_config, refiner_model=None)),
+                      ("refined", replace(proposer_config, refiner_model=str(model_path)))):
+        rep = score_proposals(build_proposer(cfg), samples)
+        out[name] = {"recall_ge12": rep["recall_ge12"],
+                     "recall_by_height": {k: v["recall"]
+                                          for k, v in rep["recall_by_height"].items()},
+                     "propose_ms_median": rep["propose_ms"]["median"]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.refiner_train",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="run folder, e.g. runs/refiner")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--copies", type=int, default=4,
+                        help="jittered boxes per labelled cone per epoch")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--data", default="../shared/data/bgracing", help="YOLO root")
+    parser.add_argument("--train-config", default="configs/train.yaml",
+                        help="its data.heldout clips are never trained on")
+    parser.add_argument("--node-config", default="configs/node.yaml",
+                        help="its proposer section makes the candidates trained and scored on")
+    parser.add_argument("--cache", default="cache/proposer_640.npz",
+                        help="the proposer's frame cache (built when missing)")
+    parser.add_argument("--synth-frames", type=int, default=300)
+    parser.add_argument("--synth-seed", type=int, default=20000)
+    parser.add_argument("--val-clips", nargs="*", default=["autox4"],
+                        help="training clips kept out of training, scored before and after")
+    parser.add_argument("--input-size", type=int, default=32, help="crop side in px")
+    parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
+                        help="one stride-2 convolution per entry")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--model", default=None,
+                        help="also copy the ONNX here, e.g. models/cone_refiner.onnx")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import yaml
+
+    from node.node_config import load_node_config, resolve_path
+    from node.proposers import build_proposer
+
+    from .proposer_train import validation_samples
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
+    root = resolve_path(args.data)
+    frames = cached_frames(Path(args.cache), root, heldout, 640, args.synth_frames,
+                           args.synth_seed)
+    train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))
+    proposer_cfg = replace(load_node_config(args.node_config).proposer, refiner_model=None,
+                           body_mask=[])
+    t0 = time.perf_counter()
+    pairs = proposer_pairs(train_frames, build_proposer(proposer_cfg))
+    print(f"{sum(len(p[0]) for p in pairs)} proposer boxes on labelled cones in "
+          f"{len(train_frames)} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
+    meta = RefinerMetadata(input_size=args.input_size)
+    device = pick_device(args.device)
+    if args.input_size % (1 << len(args.channels)):
+        raise DataError(f"--input-size {args.input_size}: must be a multiple of "
+                        f"{1 << len(args.channels)} for {len(args.channels)} --channels")
+    net = BoxRefinerNet(args.input_size, tuple(args.channels))
+    (out / "history.jsonl").write_text("")
+    train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,
+          device, log=out / "history.jsonl")
+    torch.save({"state_dict": net.cpu().state_dict(), "channels": list(args.channels),
+                "input_size": args.input_size}, out / "best.pt")
+    meta.extra = {"arch": "box_refiner_net", "channels": list(args.channels),
+                  "training_clips": sorted(set(train_frames.clips.tolist())),
+                  "validation_clips": list(args.val_clips), "heldout": list(heldout),
+                  "epochs": args.epochs, "copies": args.copies,
+                  "proposer": proposer_cfg.heatmap_model}
+    onnx_path = export_refiner(net, meta, out / "cone_refiner.onnx")
+    val = validation_samples(root, list(args.val_clips))
+    if val:
+        scores = validate(onnx_path, val, proposer_cfg)
+        print(json.dumps(scores))
+        meta.extra["validation"] = scores
+        onnx_path = export_refiner(net, meta, onnx_path)
+    if args.model:
+        shutil.copyfile(onnx_path, args.model)
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e3:.0f} KB)"
+          + (f", copied to {args.model}" if args.model else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
