@@ -38,7 +38,7 @@ from torch import nn
 from node.box_refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
 
 from .data import DataError
-from .proposer_data import ProposerFrames
+from .proposer_data import SYNTH_CLIP, ProposerFrames
 from .proposer_train import cached_frames, giou_loss, pick_device
 from .train import optimizer_step
 
@@ -295,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--synth-seed", type=int, default=20000)
     parser.add_argument("--val-clips", nargs="*", default=["autox4"],
                         help="training clips kept out of training, scored before and after")
+    parser.add_argument("--real-only", action="store_true",
+                        help="train on the real frames of the cache only (no synthetic scenes)")
     parser.add_argument("--input-size", type=int, default=32, help="crop side in px")
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
                         help="one stride-2 convolution per entry")
@@ -330,7 +332,10 @@ def run(args: argparse.Namespace) -> int:
     root = resolve_path(args.data)
     frames = cached_frames(Path(args.cache), root, heldout, 640, args.synth_frames,
                            args.synth_seed)
-    train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))
+    keep = ~np.isin(frames.clips, args.val_clips)
+    if args.real_only:
+        keep &= frames.clips != SYNTH_CLIP
+    train_frames = frames.subset(keep)
     proposer_cfg = replace(load_node_config(args.node_config).proposer, refiner_model=None,
                            body_mask=[])
     t0 = time.perf_counter()
