@@ -338,33 +338,43 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
     return history
 
 
-def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Path) -> Path:
-    """ONNX (opset 17, batch 1) with ``meta`` as JSON under ``cone_proposer``."""
+def export_with_metadata(module: nn.Module, dummy: torch.Tensor, path: str | Path,
+                         inputs: list[str], outputs: list[str], key: str, value: str,
+                         producer: str, dynamic_axes: dict | None = None) -> Path:
+    """TorchScript ONNX export (opset 17) with ``value`` under ``key`` in ``metadata_props``,
+    checked by ``onnx.checker``; the file is written to ``path``."""
     import warnings
 
     import onnx
 
-    from node.heatmap_proposer import METADATA_KEY
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportWrapper(fold_input_normalisation(net.cpu().eval())).eval()
-    dummy = torch.zeros(1, 3, meta.input_size, meta.input_size)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(wrapper, (dummy,), str(path), input_names=["image"],
-                          output_names=list(OUTPUTS), opset_version=17, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(module, (dummy,), str(path), input_names=inputs,
+                          output_names=outputs, dynamic_axes=dynamic_axes, opset_version=17,
+                          dynamo=False, do_constant_folding=True)
     proto = onnx.load(str(path))
-    extra = dict(meta.extra)
-    extra["torch"] = torch.__version__
-    onnx.helper.set_model_props(proto, {METADATA_KEY: ProposerMetadata(
-        meta.input_size, meta.stride, meta.channel_order, meta.mean, meta.std, extra).to_json()})
-    proto.producer_name = "cone_node.export.proposer_train"
+    onnx.helper.set_model_props(proto, {key: value})
+    proto.producer_name = producer
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return path
+
+
+def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Path) -> Path:
+    """ONNX (opset 17, batch 1) with ``meta`` as JSON under ``cone_proposer``."""
+    from node.heatmap_proposer import METADATA_KEY
+
+    wrapper = ExportWrapper(fold_input_normalisation(net.cpu().eval())).eval()
+    dummy = torch.zeros(1, 3, meta.input_size, meta.input_size)
+    extra = dict(meta.extra)
+    extra["torch"] = torch.__version__
+    value = ProposerMetadata(meta.input_size, meta.stride, meta.channel_order, meta.mean,
+                             meta.std, extra).to_json()
+    return export_with_metadata(wrapper, dummy, path, ["image"], list(OUTPUTS), METADATA_KEY,
+                                value, "cone_node.export.proposer_train")
 
 
 def tune_threshold(model_path: Path, samples: list, thresholds: list[float],

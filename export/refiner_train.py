@@ -36,10 +36,11 @@ import torch
 from torch import nn
 
 from node.box_refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
+from node.evaluate import iou_matrix
 
 from .data import DataError
 from .proposer_data import SYNTH_CLIP, ProposerFrames
-from .proposer_train import cached_frames, giou_loss, pick_device
+from .proposer_train import cached_frames, export_with_metadata, giou_loss, pick_device
 from .train import optimizer_step
 
 CHANNELS = (16, 32, 48)
@@ -76,18 +77,6 @@ class BoxRefinerNet(nn.Module):
         return self.head(self.features(x * (1.0 / 255.0) - 0.5))
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (len(a), len(b)) of x1, y1, x2, y2 boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
-
-
 def jitter_boxes(gt: np.ndarray, rng: np.random.Generator, copies: int, shift: float = 0.12,
                  scale: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """``copies`` perturbed versions of each box and the index of the box each came from."""
@@ -113,7 +102,7 @@ def proposer_pairs(frames: ProposerFrames, proposer, min_iou: float = 0.3) -> li
         if len(gt) == 0 or len(boxes) == 0:
             pairs.append((np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
             continue
-        m = box_iou(boxes, gt)
+        m = iou_matrix(boxes, gt)
         keep = m.max(1) >= min_iou
         pairs.append((boxes[keep], m[keep].argmax(1)))
     return pairs
@@ -132,7 +121,7 @@ def epoch_samples(frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
             continue
         jit, src = jitter_boxes(gt, rng, copies)
         # A jittered box that now overlaps another cone more is that cone's box.
-        m = box_iou(jit, gt)
+        m = iou_matrix(jit, gt)
         keep = (m.max(1) >= 0.25) & (m.argmax(1) == src)
         boxes, target = jit[keep], gt[src[keep]]
         pb, pg = pairs[i]
@@ -190,16 +179,17 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    history, t0, sched, total, step = [], time.perf_counter(), None, 0, 0
+    history, t0, step = [], time.perf_counter(), 0
+    crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
+    # The schedule is set from the first epoch's size (the jitter changes it a little).
+    total = epochs * max(1, len(crops) // batch_size)
+    warm = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / total))))
     for epoch in range(epochs):
-        crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
+        if epoch:
+            crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
         steps = max(1, len(crops) // batch_size)
-        if sched is None:
-            total = epochs * steps
-            warm = max(1, total // 20)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-                    1 + math.cos(math.pi * min(1.0, s / total))))
         order = rng.permutation(len(crops))
         losses = []
         for k in range(steps):
@@ -230,31 +220,15 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
 
 def export_refiner(net: BoxRefinerNet, meta: RefinerMetadata, path: str | Path) -> Path:
     """ONNX (opset 17, dynamic batch) with ``meta`` as JSON under ``cone_refiner``."""
-    import warnings
-
-    import onnx
-
     from node.box_refiner import METADATA_KEY
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    net = net.cpu().eval()
-    dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        torch.onnx.export(net, (dummy,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: {0: "n"}, OUTPUT: {0: "n"}}, opset_version=17,
-                          dynamo=False, do_constant_folding=True)
-    proto = onnx.load(str(path))
     extra = dict(meta.extra)
     extra["torch"] = torch.__version__
-    onnx.helper.set_model_props(proto, {METADATA_KEY: RefinerMetadata(
-        meta.input_size, meta.context, meta.min_side, extra).to_json()})
-    proto.producer_name = "cone_node.export.refiner_train"
-    onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
-    return path
+    value = RefinerMetadata(meta.input_size, meta.context, meta.min_side, extra).to_json()
+    dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
+    return export_with_metadata(net.cpu().eval(), dummy, path, [INPUT], [OUTPUT], METADATA_KEY,
+                                value, "cone_node.export.refiner_train",
+                                {INPUT: {0: "n"}, OUTPUT: {0: "n"}})
 
 
 def validate(model_path: Path, samples: list, proposer_config) -> dict:

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from .crop import _MAX_REMAP_ROWS, PAD_MODES, CropPolicy, sampling_grid
-from .heatmap_proposer import HeatmapModelError
+from .heatmap_proposer import HeatmapModelError, cpu_session
 from .proposers import Proposer
 from .types import Frame
 
@@ -129,26 +129,10 @@ def open_refiner(path: str | Path, threads: int = 1):
     Raises:
         RefinerModelError: missing or unreadable file, missing metadata, wrong input/output.
     """
-    import onnxruntime as ort
-
     path = Path(path)
-    if not path.is_file():
-        raise RefinerModelError(f"{path}: box refiner model not found (train it with "
-                                f"`python -m export.refiner_train --out runs/refiner`)")
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 (onnxruntime raises private exception types)
-        raise RefinerModelError(f"{path}: not a loadable ONNX model "
-                                f"({str(exc).splitlines()[0]})") from None
-    props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise RefinerModelError(f"{path}: no {METADATA_KEY!r} metadata; not a box refiner "
-                                f"model (export it with export.refiner_train)")
-    meta = RefinerMetadata.from_json(props[METADATA_KEY], str(path))
+    session, text = cpu_session(path, threads, METADATA_KEY, RefinerModelError,
+                                "box refiner model", "refiner_train")
+    meta = RefinerMetadata.from_json(text, str(path))
     ins, outs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if ins != [INPUT] or outs != [OUTPUT]:
         raise RefinerModelError(f"{path}: inputs {ins} and outputs {outs}, expected "

@@ -155,18 +155,20 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
     return boxes, scores.astype(np.float32)
 
 
-def open_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session for the proposer model and its metadata.
+def cpu_session(path: Path, threads: int, key: str, error: type[ValueError], missing: str,
+                trainer: str):
+    """An ONNX Runtime CPU session of a model that carries JSON metadata under ``key``, and
+    that JSON. Every failure raises ``error`` naming the file.
 
-    Raises:
-        HeatmapModelError: missing or unreadable file, missing metadata or outputs.
+    Args:
+        missing: what the model is, for the not-found message (e.g. ``proposer model``).
+        trainer: the ``export`` module that trains and exports such a model.
     """
     import onnxruntime as ort
 
-    path = Path(path)
     if not path.is_file():
-        raise HeatmapModelError(f"{path}: proposer model not found (train it with "
-                                f"`python -m export.proposer_train --out runs/proposer`)")
+        raise error(f"{path}: {missing} not found (train it with "
+                    f"`python -m export.{trainer} --out runs/...`)")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -174,13 +176,25 @@ def open_session(path: str | Path, threads: int = 1):
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 (onnxruntime raises private exception types)
-        raise HeatmapModelError(f"{path}: not a loadable ONNX model "
-                                f"({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: not a loadable ONNX model "
+                    f"({str(exc).splitlines()[0]})") from None
     props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise HeatmapModelError(f"{path}: no {METADATA_KEY!r} metadata; not a cone proposer "
-                                f"model (export it with export.proposer_train)")
-    meta = ProposerMetadata.from_json(props[METADATA_KEY], str(path))
+    if key not in props:
+        raise error(f"{path}: no {key!r} metadata; not a {missing} (export it with "
+                    f"export.{trainer})")
+    return session, props[key]
+
+
+def open_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session for the proposer model and its metadata.
+
+    Raises:
+        HeatmapModelError: missing or unreadable file, missing metadata or outputs.
+    """
+    path = Path(path)
+    session, text = cpu_session(path, threads, METADATA_KEY, HeatmapModelError,
+                                "proposer model", "proposer_train")
+    meta = ProposerMetadata.from_json(text, str(path))
     names = [o.name for o in session.get_outputs()]
     if names != list(OUTPUTS):
         raise HeatmapModelError(f"{path}: outputs {names}, expected {list(OUTPUTS)}")

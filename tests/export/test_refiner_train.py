@@ -13,15 +13,21 @@ pytest.importorskip("onnx")
 from export.proposer_data import ProposerFrames
 from export.refiner_train import (
     BoxRefinerNet,
-    box_iou,
     epoch_samples,
-    hflip,
     export_refiner,
+    hflip,
     jitter_boxes,
     refine_loss,
     train,
 )
-from node.box_refiner import BoxRefiner, RefinerMetadata, apply_deltas, box_targets, refiner_crops
+from node.box_refiner import (
+    BoxRefiner,
+    RefinerMetadata,
+    apply_deltas,
+    box_targets,
+    refiner_crops,
+)
+from node.evaluate import iou_matrix
 
 SIZE = 96
 
@@ -53,7 +59,7 @@ def test_jitter_keeps_the_source_of_every_copy():
     gt = np.array([[10, 10, 20, 30], [100, 50, 140, 130]], np.float32)
     boxes, src = jitter_boxes(gt, np.random.default_rng(0), 200)
     assert boxes.shape == (400, 4) and (src == np.repeat([0, 1], 200)).all()
-    iou = box_iou(boxes, gt)
+    iou = iou_matrix(boxes, gt)
     assert (iou.argmax(1) == src).mean() > 0.95
     assert 0.4 < np.median(iou[np.arange(400), src]) < 0.9  # perturbed, not destroyed
 
@@ -66,7 +72,7 @@ def test_epoch_samples_lead_back_to_the_labels():
     assert crops.shape == (len(deltas), 16, 16, 3) and len(deltas) > 30
     moved = apply_deltas(inputs, deltas, meta)
     # Every moved box is exactly one labelled box.
-    iou = box_iou(moved, frames.boxes)
+    iou = iou_matrix(moved, frames.boxes)
     assert np.allclose(iou.max(1), 1.0, atol=1e-4)
 
 
