@@ -139,8 +139,8 @@ def _bench_args(files: dict, out: Path) -> list[str]:
             "--source", str(files["data"] / "images"), "--peer", str(files["peer"]),
             "--threads", "1", "--rounds", "2", "--out-dir", str(out),
             # Flat colour rectangles, not cones: the HSV windows find them, the learned
-            # heatmap proposer (rightly) does not.
-            "--set", "proposer.kind=hsv"]
+            # heatmap proposer (rightly) does not; boxes as proposed.
+            "--set", "proposer.kind=hsv", "--set", "proposer.refiner_model=null"]
 
 
 def test_bench_table_logs_plot_and_peer(bench_files, tmp_path, capsys):

@@ -84,12 +84,15 @@ def test_a_frame_with_hundreds_of_blobs_is_capped_and_costs_no_more_to_classify(
     image, blobs = blob_field()
     frame = Frame(0, 0.0, image)
     # The HSV proposer turns every blob into a candidate (the learned heatmap proposer finds
-    # few cones in a field of flat blobs), so the cap is what bounds the batch.
-    wide = load_node_config(None, {"proposer": {"kind": "hsv", "max_candidates": 1024},
+    # few cones in a field of flat blobs), so the cap is what bounds the batch. Boxes as
+    # proposed: the box refiner is not under test here.
+    wide = load_node_config(None, {"proposer": {"kind": "hsv", "max_candidates": 1024,
+                                                "refiner_model": None},
                                    "model": {"max_batch": 1024}})
     uncapped = build_proposer(wide.proposer).propose(frame)
     assert blobs >= 300 and len(uncapped) >= 4 * 24  # far more candidates than the cap
-    config = load_node_config(None, {"proposer": {"kind": "hsv", "max_candidates": 24}})
+    config = load_node_config(None, {"proposer": {"kind": "hsv", "max_candidates": 24,
+                                                  "refiner_model": None}})
     proposer = build_proposer(config.proposer)
     boxes = proposer.propose(frame)
     assert boxes.shape == (24, 4) and boxes.dtype == np.float32
