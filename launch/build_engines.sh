@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Build TensorRT engines for every model in models/ (or the folder given), on the Jetson.
+# Build TensorRT engines for every classifier in models/ (or the folder given), on the Jetson.
+# The heatmap proposer and box refiner (cone_proposer*.onnx, cone_refiner*.onnx) run on ONNX
+# Runtime on the CPU and are skipped.
 #
 # For each FP32 model <name>.onnx it builds three engines with `python -m export.engine`:
 #   fp32  from <name>.onnx
@@ -34,6 +36,13 @@ shopt -s nullglob
 MODELS=()
 for onnx in "$MODELS_DIR"/*.onnx; do
     [[ "$onnx" == *.int8.onnx ]] && continue  # a Q/DQ twin, built with its FP32 model
+    case "$(basename "$onnx")" in
+        cone_proposer*.onnx|cone_refiner*.onnx)
+            # The heatmap proposer and the box refiner run on ONNX Runtime on the CPU,
+            # beside the capture loop; only the classifier is built for TensorRT.
+            echo "build_engines: skipping $onnx (runs on ONNX Runtime, CPU)" >&2
+            continue ;;
+    esac
     MODELS+=("$onnx")
 done
 if [[ ${#MODELS[@]} -eq 0 ]]; then

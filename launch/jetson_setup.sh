@@ -210,6 +210,6 @@ if [[ "$MAX_PERF" -eq 1 ]]; then
 fi
 
 say "Next steps"
-echo "  launch/build_engines.sh                         # FP32, FP16 and INT8 engines for models/*.onnx"
+echo "  launch/build_engines.sh                         # FP32, FP16 and INT8 classifier engines"
 echo "  $VENV/bin/python -m node selfcheck             # engines vs ONNX Runtime, and FPS"
 echo "  ros2 launch launch/cone_node.launch.py python:=$VPY camera:=csi://0"

@@ -120,7 +120,7 @@ def _fake_python(tmp_path, exit_code=0):
 def test_build_engines_covers_three_precisions_int8_from_the_twin(tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    for name in ("a.onnx", "a.int8.onnx", "b.onnx"):
+    for name in ("a.onnx", "a.int8.onnx", "b.onnx", "cone_proposer.onnx", "cone_refiner.onnx"):
         (models / name).write_bytes(b"onnx")
     fake, log = _fake_python(tmp_path)
     run = subprocess.run([str(LAUNCH / "build_engines.sh"), str(models), "--", "--config",
@@ -135,6 +135,8 @@ def test_build_engines_covers_three_precisions_int8_from_the_twin(tmp_path):
                      f"-m export.engine {models}/b.onnx --precision fp32 {flags}",
                      f"-m export.engine {models}/b.onnx --precision fp16 {flags}"]
     assert "b.int8.onnx not found" in run.stderr
+    # The proposer and the refiner run on ONNX Runtime: no engines for them.
+    assert "skipping" in run.stderr and "cone_refiner.onnx" in run.stderr
 
 
 def test_build_engines_stops_with_3_without_tensorrt_and_1_without_models(tmp_path):
