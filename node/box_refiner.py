@@ -8,7 +8,8 @@ detector (Fast R-CNN, Girshick 2015), made tiny: every candidate of a frame is c
 to the model's input (32 px), and a small CNN (``export.refiner_train``) predicts the four
 edge offsets of the cone's box as fractions of that square. It runs on at most
 ``proposer.max_candidates`` boxes per frame, after the proposer's cap, in its own ONNX
-Runtime session on one thread.
+Runtime session on one thread (on the CPU unless
+``proposer.providers`` says otherwise).
 
 The model's contract travels in the ONNX ``metadata_props`` under ``cone_refiner`` (JSON:
 input size, crop context and minimum side, channel order, training clips). The model takes
@@ -26,7 +27,7 @@ import cv2
 import numpy as np
 
 from .crop import _MAX_REMAP_ROWS, PAD_MODES, CropPolicy, sampling_grid
-from .heatmap_proposer import HeatmapModelError, cpu_session
+from .heatmap_proposer import HeatmapModelError, ort_session
 from .proposers import Proposer
 from .types import Frame
 
@@ -123,15 +124,18 @@ def box_targets(boxes: np.ndarray, targets: np.ndarray, meta: RefinerMetadata) -
     return ((np.asarray(targets, np.float32) - boxes) / side).astype(np.float32)
 
 
-def open_refiner(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session for a refiner model, and its metadata.
+def open_refiner(path: str | Path, threads: int = 1,
+                 providers: str | list[str] | None = None):
+    """An ONNX Runtime session (CPU unless ``providers`` says otherwise) for a refiner model,
+    and its metadata.
 
     Raises:
-        RefinerModelError: missing or unreadable file, missing metadata, wrong input/output.
+        RefinerModelError: missing or unreadable file, missing metadata, wrong input/output,
+            or an execution provider this ONNX Runtime lacks.
     """
     path = Path(path)
-    session, text = cpu_session(path, threads, METADATA_KEY, RefinerModelError,
-                                "box refiner model", "refiner_train")
+    session, text = ort_session(path, threads, METADATA_KEY, RefinerModelError,
+                                "box refiner model", "refiner_train", providers)
     meta = RefinerMetadata.from_json(text, str(path))
     ins, outs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if ins != [INPUT] or outs != [OUTPUT]:
@@ -147,11 +151,13 @@ class BoxRefiner:
         path: the refiner ONNX model.
         threads: ONNX Runtime intra-op threads.
         max_boxes: the most boxes per call; the crop buffer is allocated once at this size.
+        passes: refinement passes, each from the previous one's boxes.
+        providers: ONNX Runtime execution providers (``None`` = CPU, ``"auto"`` or a list).
     """
 
     def __init__(self, path: str | Path, threads: int = 1, max_boxes: int = 64,
-                 passes: int = 1) -> None:
-        self.session, self.meta = open_refiner(path, threads)
+                 passes: int = 1, providers: str | list[str] | None = None) -> None:
+        self.session, self.meta = open_refiner(path, threads, providers)
         self.passes = passes
         s = self.meta.input_size
         self._crops = np.empty((max_boxes, s, s, 3), np.uint8)

@@ -155,16 +155,20 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
     return boxes, scores.astype(np.float32)
 
 
-def cpu_session(path: Path, threads: int, key: str, error: type[ValueError], missing: str,
-                trainer: str):
-    """An ONNX Runtime CPU session of a model that carries JSON metadata under ``key``, and
-    that JSON. Every failure raises ``error`` naming the file.
+def ort_session(path: Path, threads: int, key: str, error: type[ValueError], missing: str,
+                trainer: str, providers: str | list[str] | None = None):
+    """An ONNX Runtime session of a model that carries JSON metadata under ``key``, and that
+    JSON. Every failure raises ``error`` naming the file.
 
     Args:
         missing: what the model is, for the not-found message (e.g. ``proposer model``).
         trainer: the ``export`` module that trains and exports such a model.
+        providers: ``None`` (CPU), ``"auto"`` (TensorRT, CUDA, CPU where present) or a list
+            of execution providers, as ``model.providers`` for the classifier.
     """
     import onnxruntime as ort
+
+    from .backends.onnxrt import resolve_providers
 
     if not path.is_file():
         raise error(f"{path}: {missing} not found (train it with "
@@ -174,7 +178,11 @@ def cpu_session(path: Path, threads: int, key: str, error: type[ValueError], mis
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        chosen = resolve_providers(providers, ort.get_available_providers())
+    except ValueError as exc:
+        raise error(f"{path}: {exc}") from None
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=chosen)
     except Exception as exc:  # noqa: BLE001 (onnxruntime raises private exception types)
         raise error(f"{path}: not a loadable ONNX model "
                     f"({str(exc).splitlines()[0]})") from None
@@ -185,15 +193,18 @@ def cpu_session(path: Path, threads: int, key: str, error: type[ValueError], mis
     return session, props[key]
 
 
-def open_session(path: str | Path, threads: int = 1):
-    """An ONNX Runtime CPU session for the proposer model and its metadata.
+def open_session(path: str | Path, threads: int = 1,
+                 providers: str | list[str] | None = None):
+    """An ONNX Runtime session (CPU unless ``providers`` says otherwise) for the proposer
+    model and its metadata.
 
     Raises:
-        HeatmapModelError: missing or unreadable file, missing metadata or outputs.
+        HeatmapModelError: missing or unreadable file, missing metadata or outputs, or an
+            execution provider this ONNX Runtime lacks.
     """
     path = Path(path)
-    session, text = cpu_session(path, threads, METADATA_KEY, HeatmapModelError,
-                                "proposer model", "proposer_train")
+    session, text = ort_session(path, threads, METADATA_KEY, HeatmapModelError,
+                                "proposer model", "proposer_train", providers)
     meta = ProposerMetadata.from_json(text, str(path))
     names = [o.name for o in session.get_outputs()]
     if names != list(OUTPUTS):
@@ -217,7 +228,7 @@ class HeatmapProposer(Proposer):
         self.config = config
         self.threshold = float(config.heatmap_threshold)
         self.session, self.meta = open_session(resolve_path(config.heatmap_model),
-                                               config.heatmap_threads)
+                                               config.heatmap_threads, config.providers)
         self._input = self.session.get_inputs()[0].name
         self._body_cache: dict[tuple[int, int], np.ndarray | None] = {}
 

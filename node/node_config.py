@@ -25,7 +25,7 @@ class ModelConfig:
     """The classifier and its backend."""
 
     path: str = DEFAULT_MODEL
-    providers: list[str] | None = None
+    providers: str | list[str] | None = None
     threads: int | None = spec(1, min=1, max=64)
     max_batch: int = spec(64, min=1, max=1024)
     score_threshold: float = spec(0.5, min=0.0, max=1.0)
@@ -100,6 +100,7 @@ class ProposerConfig:
     heatmap_model: str = "models/cone_proposer.onnx"
     heatmap_threshold: float = spec(0.25, min=0.0, max=1.0)
     heatmap_threads: int = spec(1, min=1, max=64)
+    providers: str | list[str] | None = None
     refiner_model: str | None = "models/cone_refiner.onnx"
     refiner_passes: int = spec(1, min=1, max=4)
 

@@ -375,6 +375,6 @@ def build_proposer(config: ProposerConfig) -> Proposer:
         from .box_refiner import BoxRefiner, RefinedProposer
 
         refiner = BoxRefiner(resolve_path(config.refiner_model), config.heatmap_threads,
-                             config.max_candidates, config.refiner_passes)
+                             config.max_candidates, config.refiner_passes, config.providers)
         return RefinedProposer(proposer, refiner, config.max_candidates)
     return proposer

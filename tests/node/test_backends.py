@@ -198,6 +198,11 @@ def test_threads_and_providers_are_honoured(model):
         resolve_providers(["CUDAExecutionProvider"], ["CPUExecutionProvider"])
     with pytest.raises(BackendError, match="threads must be a positive integer"):
         load_backend(model[0], threads=0)
+    # The config takes "auto" as configs/node.yaml documents it, or a list.
+    from node.node_config import load_node_config
+
+    assert load_node_config(None, ["model.providers=auto"]).model.providers == "auto"
+    assert load_node_config(None, ["model.providers=[auto]"]).model.providers == ["auto"]
 
 
 def test_inference_overlaps_cpu_work_on_the_calling_thread(tmp_path):

@@ -176,3 +176,25 @@ REFINER_IOU_GAIN = 0.1
 REFINER_MATCH_GAIN = 0.1
 """Floors below what the shipped refiner gave here: mean IoU 0.619 -> 0.778 and IoU >= 0.5
 for 0.822 -> 1.000 of 73 cones."""
+
+
+@needs_model
+def test_proposer_providers_reach_both_sessions_and_a_missing_one_is_a_clear_error():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ONNX Runtime has CUDA: the error path cannot be shown here")
+    from node.heatmap_proposer import HeatmapModelError
+
+    cfg = load_node_config(None, {"proposer": {"providers": ["CUDAExecutionProvider"]}})
+    with pytest.raises(HeatmapModelError, match=r"cone_proposer\.onnx: execution provider\(s\) "
+                                                r"\['CUDAExecutionProvider'\] not available"):
+        build_proposer(cfg.proposer)
+    with pytest.raises(RefinerModelError, match=r"cone_refiner\.onnx: execution provider"):
+        BoxRefiner(MODEL, providers=["CUDAExecutionProvider"])
+    # "auto" takes what this ONNX Runtime has (here the CPU) for both sessions.
+    auto = build_proposer(load_node_config(None, {"proposer": {"providers": "auto"}}).proposer)
+    assert "CPUExecutionProvider" in auto.refiner.session.get_providers()
+    assert "CPUExecutionProvider" in auto.inner.session.get_providers()
+    frame = Frame(0, 0.0, np.full((640, 640, 3), 100, np.uint8))
+    assert auto.propose(frame).shape[1] == 4
