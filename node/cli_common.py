@@ -111,6 +111,8 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
             exporter.close()
     summary["model"] = str(config.model.path)
     summary["proposer"] = config.proposer.kind
+    refined = config.proposer.kind != "external" and config.proposer.refiner_model
+    summary["refiner"] = str(config.proposer.refiner_model) if refined else None
     _emit_summary(summary, args, to_stderr=config.publishers.jsonl == "-")
     return 0
 
@@ -182,9 +184,9 @@ def format_summary(summary: dict) -> str:
     """Human-readable summary: counts, FPS, drops and the per-stage latency table."""
     from .metrics import format_summary as latency_table
 
-    head = (f"mode {summary['mode']}  model {summary.get('model')}  proposer "
-            f"{summary.get('proposer')}  cones {summary['cones']}  candidates/frame "
-            f"{summary['candidates_per_frame']}")
+    proposer = f"{summary.get('proposer')}{' + refiner' if summary.get('refiner') else ''}"
+    head = (f"mode {summary['mode']}  model {summary.get('model')}  proposer {proposer}  "
+            f"cones {summary['cones']}  candidates/frame {summary['candidates_per_frame']}")
     if summary.get("interrupted"):
         head += "  (interrupted: stopped by signal)"
     notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]

@@ -125,6 +125,7 @@ def test_replay_writes_one_record_per_frame_and_the_summary(tiny_model, clip, tm
     data = json.loads(summary.read_text())
     assert data["frames"] == 7 and data["errors"] == 1 and data["dropped"] == 0
     assert data["mode"] == "sync" and data["proposer"] == "external"
+    assert data["refiner"] is None  # external boxes are taken as they are
     assert {"capture", "propose", "preprocess", "infer", "post", "publish", "total"} <= \
         set(data["latency_ms"])
     assert all({"p50", "p90", "p99"} <= set(q) for q in data["latency_ms"].values())
@@ -195,5 +196,7 @@ def test_demo_writes_every_output(tiny_model, tmp_path, capsys):
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     video.release()
     assert (out / "bag" / "metadata.yaml").is_file()
-    assert json.loads((out / "summary.json").read_text())["frames"] == 6
-    assert "p50" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 6
+    assert summary["proposer"] == "heatmap" and summary["refiner"].endswith("cone_refiner.onnx")
+    assert "p50" in stdout and "proposer heatmap + refiner" in stdout
