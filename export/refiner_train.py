@@ -297,6 +297,12 @@ def run(args: argparse.Namespace) -> int:
     from .proposer_train import validation_samples
 
     torch.manual_seed(0)
+    if args.input_size % (1 << len(args.channels)) or args.input_size < 8:
+        raise DataError(f"--input-size {args.input_size}: must be a multiple of "
+                        f"{1 << len(args.channels)} for {len(args.channels)} --channels")
+    if args.epochs < 1 or args.copies < 0:
+        raise DataError(f"--epochs {args.epochs} and --copies {args.copies}: need at least "
+                        f"one epoch and no negative copies")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -318,9 +324,6 @@ def run(args: argparse.Namespace) -> int:
           f"{len(train_frames)} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
     meta = RefinerMetadata(input_size=args.input_size)
     device = pick_device(args.device)
-    if args.input_size % (1 << len(args.channels)):
-        raise DataError(f"--input-size {args.input_size}: must be a multiple of "
-                        f"{1 << len(args.channels)} for {len(args.channels)} --channels")
     net = BoxRefinerNet(args.input_size, tuple(args.channels))
     (out / "history.jsonl").write_text("")
     train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,

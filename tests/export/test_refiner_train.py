@@ -124,3 +124,17 @@ def test_export_matches_torch_through_the_node_refiner(tmp_path):
         deltas = net(torch.from_numpy(crops).permute(0, 3, 1, 2).float()).numpy()
     np.testing.assert_allclose(got, apply_deltas(boxes, deltas, meta), atol=1e-3)
     assert not np.allclose(got, boxes)
+
+
+def test_cli_rejects_bad_sizes_and_missing_caches_in_one_line(tmp_path, capsys):
+    from export.refiner_train import main
+
+    assert main(["--out", str(tmp_path / "r"), "--input-size", "30"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --input-size 30: must be a multiple of 8 for 3 --channels")
+    missing = tmp_path / "nope"
+    code = main(["--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c.npz"),
+                 "--data", str(missing), "--synth-frames", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and str(missing) in err
+    assert len(err.splitlines()) == 1
