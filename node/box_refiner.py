@@ -183,7 +183,10 @@ class RefinedProposer(Proposer):
     """Any proposer followed by the box refiner: same ranking, tighter boxes.
 
     The inner proposer's boxes (already capped at ``max_candidates``, best first) are refined
-    and keep their order; the base class clips them to the frame again.
+    and keep their order; the base class clips them to the frame again. A refined box that
+    would be under a pixel wide or tall inside the frame (a degenerate crop can ask for that)
+    is replaced by the box as proposed, so every candidate survives: the output of a smaller
+    cap is always a prefix of that of a larger one.
     """
 
     def __init__(self, inner: Proposer, refiner: BoxRefiner, max_candidates: int) -> None:
@@ -194,6 +197,11 @@ class RefinedProposer(Proposer):
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         boxes = self.inner.propose(frame)
         refined = self.refiner(frame.image, boxes)
+        h, w = frame.image.shape[:2]
+        x1, x2 = np.clip(refined[:, 0], 0, w), np.clip(refined[:, 2], 0, w)
+        y1, y2 = np.clip(refined[:, 1], 0, h), np.clip(refined[:, 3], 0, h)
+        bad = (x2 - x1 < 1.0) | (y2 - y1 < 1.0) | ~np.isfinite(refined).all(axis=1)
+        refined[bad] = boxes[bad]
         return refined, -np.arange(len(refined), dtype=np.float64)
 
     def close(self) -> None:
