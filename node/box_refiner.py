@@ -4,12 +4,11 @@ The heatmap proposer places small cones well but sizes them coarsely: its boxes 
 cell of a stride-4 grid, so a 16 px cone's box is often a few pixels off, and IoU 0.5 is lost
 for a 9 px wide box with 3 px of error. The refiner is the box-regression head of a two-stage
 detector (Fast R-CNN, Girshick 2015), made tiny: every candidate of a frame is cropped by one
-``cv2.remap`` (``node.crop.crop_batch``) into a square of twice the box's longer side, resized
-to the model's input (32 px), and a small CNN (``export.refiner_train``) predicts the four
+``cv2.remap`` (``refiner_crops``, on ``node.crop``'s sampling grid) into a square of twice the
+box's longer side, resized to the model's input (32 px), and a small CNN (``export.refiner_train``) predicts the four
 edge offsets of the cone's box as fractions of that square. It runs on at most
 ``proposer.max_candidates`` boxes per frame, after the proposer's cap, in its own ONNX
-Runtime session on one thread (on the CPU unless
-``proposer.providers`` says otherwise).
+Runtime session on one thread (on the CPU unless ``proposer.providers`` says otherwise).
 
 The model's contract travels in the ONNX ``metadata_props`` under ``cone_refiner`` (JSON:
 input size, crop context and minimum side, channel order, training clips). The model takes
