@@ -431,16 +431,56 @@ def cached_frames(cache: Path, root: Path, heldout: list[str], input_size: int,
     return frames
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.proposer_train",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="run folder, e.g. runs/proposer")
+def trainer_parser(prog: str, doc: str, out_example: str, val_help: str
+                   ) -> argparse.ArgumentParser:
+    """The options the proposer and refiner trainers share: run folder, schedule, device, the
+    real data and its held-out rules, the synthetic frames of the cache, the validation clips
+    and where to copy the model."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
+    parser.add_argument("--out", required=True, help=f"run folder, e.g. {out_example}")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--data", default="../shared/data/bgracing", help="YOLO root")
     parser.add_argument("--train-config", default="configs/train.yaml",
                         help="its data.heldout clips are never trained on")
+    parser.add_argument("--synth-frames", type=int, default=300)
+    parser.add_argument("--synth-seed", type=int, default=20000)
+    parser.add_argument("--val-clips", nargs="*", default=["autox4"], help=val_help)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--model", default=None, help="also copy the ONNX here")
+    return parser
+
+
+def run_cli(run_fn, args: argparse.Namespace) -> int:
+    """``run_fn(args)``, with data, value and file errors as one line on stderr and exit 2."""
+    try:
+        return run_fn(args)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def start_run(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
+    """Seed torch, set its threads, create the run folder with the resolved options in
+    ``config.yaml``; returns that folder, the held-out clips and the data root."""
+    import yaml
+
+    from node.node_config import resolve_path
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+    heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
+    return out, heldout, resolve_path(args.data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = trainer_parser("python -m export.proposer_train", __doc__, "runs/proposer",
+                            "training clips kept out of training to tune the threshold")
     parser.add_argument("--cache", default=None,
                         help="frame cache (.npz), built when missing; default "
                         "cache/proposer_<input size>.npz")
@@ -450,10 +490,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=None,
                         help="square network input in px (default 640 for patch4, 320 for "
                         "conv)")
-    parser.add_argument("--synth-frames", type=int, default=300)
-    parser.add_argument("--synth-seed", type=int, default=20000)
-    parser.add_argument("--val-clips", nargs="*", default=["autox4"],
-                        help="training clips kept out of training to tune the threshold")
     parser.add_argument("--crop", type=int, default=None,
                         help="train on augmented windows this big (multiple of 16; 0 = whole "
                         "frames; default half the input size)")
@@ -461,37 +497,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="start from this run's best.pt (same stem and channels), e.g. to "
                         "train an exported model longer at a lower --lr")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-candidates", type=int, default=32)
-    parser.add_argument("--model", default=None, help="also copy the ONNX here, e.g. "
-                        "models/cone_proposer.onnx")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from node.node_config import resolve_path
-
-    torch.manual_seed(0)
     if args.input_size is None:
         args.input_size = 640 if args.stem.startswith("patch4") else 320
     if args.crop is None:
         args.crop = args.input_size // 2
     if args.cache is None:
         args.cache = f"cache/proposer_{args.input_size}.npz"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
-    heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
-    root = resolve_path(args.data)
+    out, heldout, root = start_run(args)
     frames = cached_frames(Path(args.cache), root, heldout, args.input_size, args.synth_frames,
                            args.synth_seed)
     train_frames = frames.subset(~np.isin(frames.clips, args.val_clips))

@@ -40,7 +40,15 @@ from node.evaluate import iou_matrix
 
 from .data import DataError
 from .proposer_data import SYNTH_CLIP, ProposerFrames
-from .proposer_train import cached_frames, export_with_metadata, giou_loss, pick_device
+from .proposer_train import (
+    cached_frames,
+    export_with_metadata,
+    giou_loss,
+    pick_device,
+    run_cli,
+    start_run,
+    trainer_parser,
+)
 from .train import optimizer_step
 
 CHANNELS = (16, 32, 48)
@@ -250,66 +258,38 @@ def validate(model_path: Path, samples: list, proposer_config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m export.refiner_train",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="run folder, e.g. runs/refiner")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser = trainer_parser("python -m export.refiner_train", __doc__, "runs/refiner",
+                            "training clips kept out of training, scored before and after")
     parser.add_argument("--copies", type=int, default=4,
                         help="jittered boxes per labelled cone per epoch")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--data", default="../shared/data/bgracing", help="YOLO root")
-    parser.add_argument("--train-config", default="configs/train.yaml",
-                        help="its data.heldout clips are never trained on")
     parser.add_argument("--node-config", default="configs/node.yaml",
                         help="its proposer section makes the candidates trained and scored on")
     parser.add_argument("--cache", default="cache/proposer_640.npz",
                         help="the proposer's frame cache (built when missing)")
-    parser.add_argument("--synth-frames", type=int, default=300)
-    parser.add_argument("--synth-seed", type=int, default=20000)
-    parser.add_argument("--val-clips", nargs="*", default=["autox4"],
-                        help="training clips kept out of training, scored before and after")
     parser.add_argument("--real-only", action="store_true",
                         help="train on the real frames of the cache only (no synthetic scenes)")
     parser.add_argument("--input-size", type=int, default=32, help="crop side in px")
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
                         help="one stride-2 convolution per entry")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--model", default=None,
-                        help="also copy the ONNX here, e.g. models/cone_refiner.onnx")
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli(run, parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    import yaml
-
-    from node.node_config import load_node_config, resolve_path
+    from node.node_config import load_node_config
     from node.proposers import build_proposer
 
     from .proposer_train import validation_samples
 
-    torch.manual_seed(0)
     if args.input_size % (1 << len(args.channels)) or args.input_size < 8:
         raise DataError(f"--input-size {args.input_size}: must be a multiple of "
                         f"{1 << len(args.channels)} for {len(args.channels)} --channels")
     if args.epochs < 1 or args.copies < 0:
         raise DataError(f"--epochs {args.epochs} and --copies {args.copies}: need at least "
                         f"one epoch and no negative copies")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
-    heldout = yaml.safe_load(resolve_path(args.train_config).read_text())["data"]["heldout"]
-    root = resolve_path(args.data)
+    out, heldout, root = start_run(args)
     frames = cached_frames(Path(args.cache), root, heldout, 640, args.synth_frames,
                            args.synth_seed)
     keep = ~np.isin(frames.clips, args.val_clips)

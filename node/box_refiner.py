@@ -164,17 +164,26 @@ class BoxRefiner:
     def __call__(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         """Refined copies of ``boxes`` (N, 4) in the pixels of ``image`` (BGR); with
         ``passes`` > 1 each pass starts from the previous one's boxes (iterative
-        localisation: a box that moved far is looked at again, centred where it now is)."""
+        localisation: a box that moved far is looked at again, centred where it now is).
+        Every refined box keeps at least a pixel of width and height inside the frame, so no
+        candidate is lost to the refiner."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return boxes.copy()
         if len(boxes) > len(self._crops):
             self._crops = np.empty((len(boxes),) + self._crops.shape[1:], np.uint8)
+        h, w = image.shape[:2]
         for _ in range(self.passes):
             crops = refiner_crops(image, boxes, self.meta, self._crops)
             x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
             (deltas,) = self.session.run(None, {INPUT: x})
-            boxes = apply_deltas(boxes, deltas, self.meta)
+            moved = apply_deltas(boxes, deltas, self.meta)
+            # A move that leaves under a pixel inside the frame (a degenerate crop can ask
+            # for that) is not taken: the box stays where it was.
+            iw = np.clip(moved[:, 2], 0, w) - np.clip(moved[:, 0], 0, w)
+            ih = np.clip(moved[:, 3], 0, h) - np.clip(moved[:, 1], 0, h)
+            ok = (iw >= 1.0) & (ih >= 1.0) & np.isfinite(moved).all(axis=1)
+            boxes = np.where(ok[:, None], moved, boxes)
         return boxes
 
 
@@ -182,9 +191,8 @@ class RefinedProposer(Proposer):
     """Any proposer followed by the box refiner: same ranking, tighter boxes.
 
     The inner proposer's boxes (already capped at ``max_candidates``, best first) are refined
-    and keep their order; the base class clips them to the frame again. A refined box that
-    would be under a pixel wide or tall inside the frame (a degenerate crop can ask for that)
-    is replaced by the box as proposed, so every candidate survives: the output of a smaller
+    and keep their order; the base class clips them to the frame again. The refiner never
+    leaves a box empty inside the frame, so every candidate survives: the output of a smaller
     cap is always a prefix of that of a larger one.
     """
 
@@ -194,13 +202,7 @@ class RefinedProposer(Proposer):
         self.refiner = refiner
 
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
-        boxes = self.inner.propose(frame)
-        refined = self.refiner(frame.image, boxes)
-        h, w = frame.image.shape[:2]
-        x1, x2 = np.clip(refined[:, 0], 0, w), np.clip(refined[:, 2], 0, w)
-        y1, y2 = np.clip(refined[:, 1], 0, h), np.clip(refined[:, 3], 0, h)
-        bad = (x2 - x1 < 1.0) | (y2 - y1 < 1.0) | ~np.isfinite(refined).all(axis=1)
-        refined[bad] = boxes[bad]
+        refined = self.refiner(frame.image, self.inner.propose(frame))
         return refined, -np.arange(len(refined), dtype=np.float64)
 
     def close(self) -> None:

@@ -111,8 +111,8 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
             exporter.close()
     summary["model"] = str(config.model.path)
     summary["proposer"] = config.proposer.kind
-    refined = config.proposer.kind != "external" and config.proposer.refiner_model
-    summary["refiner"] = str(config.proposer.refiner_model) if refined else None
+    refiner = getattr(proposer, "refiner", None)  # node.box_refiner.RefinedProposer
+    summary["refiner"] = str(config.proposer.refiner_model) if refiner is not None else None
     _emit_summary(summary, args, to_stderr=config.publishers.jsonl == "-")
     return 0
 

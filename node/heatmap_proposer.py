@@ -6,7 +6,8 @@ a small fully-convolutional network (``export.proposer_train``) predicts at outp
 cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
 centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks,
 a score threshold and a top-K cap select them, and each peak becomes one class-agnostic box,
-mapped back to frame pixels and clipped to the frame. The classifier labels the boxes (``background`` included).
+mapped back to frame pixels and clipped to the frame. The classifier labels the boxes
+(``background`` included).
 
 The model runs in its own ``onnxruntime.InferenceSession`` with one intra-op thread (the
 proposer runs on the capture thread, next to the classifier's worker), not through

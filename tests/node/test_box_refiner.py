@@ -133,21 +133,29 @@ def test_refined_proposer_keeps_the_inner_ranking_cap_and_frame_clipping():
     np.testing.assert_allclose(out, [[53, 10, 63, 30], [98, 5, 100, 25], [13, 10, 23, 30]])
 
 
-class Degenerate:
-    """A stand-in refiner that inverts the first box, sends the second off the frame and
-    leaves the third alone."""
+class DegenerateSession:
+    """Stands in for the refiner's ONNX Runtime session: its offsets invert the first box,
+    send the second off the frame and leave the third alone."""
 
-    def __call__(self, image, boxes):
-        out = boxes.copy()
-        out[0] = out[0, [2, 3, 0, 1]]
-        out[1] += 500
-        return out
+    def __init__(self, meta):
+        self.meta = meta
+
+    def run(self, _outputs, feeds):
+        boxes = np.asarray(self.boxes, np.float32)
+        target = boxes.copy()
+        target[0] = target[0, [2, 3, 0, 1]]
+        target[1] += 500
+        return [box_targets(boxes, target, self.meta)]
 
 
+@needs_model
 def test_a_degenerate_refinement_falls_back_to_the_box_as_proposed():
     boxes = [[10, 10, 20, 30], [50, 10, 60, 30], [30, 30, 40, 50]]
+    refiner = BoxRefiner(MODEL)
+    refiner.session = DegenerateSession(refiner.meta)
+    refiner.session.boxes = boxes
     inner = FixedBoxes(boxes, [0.9, 0.5, 0.2])
-    out = RefinedProposer(inner, Degenerate(), 3).propose(
+    out = RefinedProposer(inner, refiner, 3).propose(
         Frame(0, 0.0, np.zeros((60, 100, 3), np.uint8)))
     np.testing.assert_allclose(out, boxes)  # none lost, none reordered
 
