@@ -364,7 +364,8 @@ def export_with_metadata(module: nn.Module, dummy: torch.Tensor, path: str | Pat
 
 
 def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Path) -> Path:
-    """ONNX (opset 17, batch 1) with ``meta`` as JSON under ``cone_proposer``."""
+    """ONNX (opset 17, batch 1, any height and width that are multiples of 32) with ``meta``
+    as JSON under ``cone_proposer``."""
     from node.heatmap_proposer import METADATA_KEY
 
     wrapper = ExportWrapper(fold_input_normalisation(net.cpu().eval())).eval()
@@ -373,8 +374,12 @@ def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Pat
     extra["torch"] = torch.__version__
     value = ProposerMetadata(meta.input_size, meta.stride, meta.channel_order, meta.mean,
                              meta.std, extra).to_json()
+    # Height and width are dynamic: the network is fully convolutional, and the node may feed
+    # it only a band of rows (proposer.heatmap_rows) of the input-size frame.
+    axes = {"image": {2: "height", 3: "width"}}
+    axes.update({name: {2: "rows", 3: "cols"} for name in OUTPUTS})
     return export_with_metadata(wrapper, dummy, path, ["image"], list(OUTPUTS), METADATA_KEY,
-                                value, "cone_node.export.proposer_train")
+                                value, "cone_node.export.proposer_train", axes)
 
 
 def tune_threshold(model_path: Path, samples: list, thresholds: list[float],

@@ -92,11 +92,15 @@ class ProposerMetadata:
         return meta
 
 
-def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
-    """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation)."""
+def to_input_tensor(image: np.ndarray, meta: ProposerMetadata,
+                    rows: tuple[int, int] | None = None) -> np.ndarray:
+    """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation); with
+    ``rows`` = (top, bottom) in input pixels, only that band: (1, 3, bottom - top, S)."""
     s = meta.input_size
     small = image if image.shape[:2] == (s, s) else cv2.resize(image, (s, s),
                                                                interpolation=cv2.INTER_AREA)
+    if rows is not None:
+        small = small[rows[0]:rows[1]]
     if meta.raw_pixels:
         # The model normalises the pixels itself: one transposing copy.
         if meta.channel_order == "RGB":
@@ -118,7 +122,7 @@ def to_input_tensor(image: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
 
 def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, stride: int,
                    threshold: float, top_k: int, scale: tuple[float, float] = (1.0, 1.0),
-                   frame_size: tuple[int, int] | None = None
+                   frame_size: tuple[int, int] | None = None, top_row: int = 0
                    ) -> tuple[np.ndarray, np.ndarray]:
     """CenterNet decoding of one image's outputs into boxes.
 
@@ -131,6 +135,7 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
         top_k: most boxes returned (highest peaks first).
         scale: (x, y) frame pixels per input pixel.
         frame_size: (width, height) to clip the boxes to; None leaves them unclipped.
+        top_row: input row of the heatmap's first row (the network saw a band of rows).
 
     Returns:
         (N, 4) float32 x1, y1, x2, y2 in frame pixels, and (N,) float32 peak scores, best first.
@@ -144,7 +149,7 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
     order = np.argsort(-scores, kind="stable")[:top_k]
     ys, xs, scores = ys[order], xs[order], scores[order]
     cx = (xs + offset[0, ys, xs]) * stride * scale[0]
-    cy = (ys + offset[1, ys, xs]) * stride * scale[1]
+    cy = ((ys + offset[1, ys, xs]) * stride + top_row) * scale[1]
     half_h = 0.5 * np.exp(np.clip(log_size[0, ys, xs], -2.0, 8.0)) * scale[1]
     half_w = 0.5 * np.exp(np.clip(log_size[1, ys, xs], -2.0, 8.0)) * scale[0]
     boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).astype(np.float32)
@@ -213,12 +218,24 @@ def open_session(path: str | Path, threads: int = 1,
     return session, meta
 
 
+ROW_ALIGN = 32
+"""The network's coarsest stride: a band of input rows must start and end on a multiple."""
+
+
+def heatmap_band(rows: list[float], input_size: int) -> tuple[int, int]:
+    """``proposer.heatmap_rows`` ([top, bottom] frame fractions) → (top, bottom) input rows,
+    widened outwards to multiples of ``ROW_ALIGN`` (never empty, never past the input)."""
+    top = int(np.floor(rows[0] * input_size / ROW_ALIGN)) * ROW_ALIGN
+    bottom = min(int(np.ceil(rows[1] * input_size / ROW_ALIGN)) * ROW_ALIGN, input_size)
+    return top, max(bottom, top + ROW_ALIGN)
+
+
 class HeatmapProposer(Proposer):
     """Class-agnostic cone boxes from the peaks of a learned cone-centre heatmap.
 
     Args:
         config: the ``proposer`` section (``heatmap_model``, ``heatmap_threshold``,
-            ``heatmap_threads``, ``max_candidates``, ``body_mask``).
+            ``heatmap_threads``, ``heatmap_rows``, ``max_candidates``, ``body_mask``).
 
     Raises:
         HeatmapModelError: the model is missing or is not a cone proposer model.
@@ -230,13 +247,23 @@ class HeatmapProposer(Proposer):
         self.threshold = float(config.heatmap_threshold)
         self.session, self.meta = open_session(resolve_path(config.heatmap_model),
                                                config.heatmap_threads, config.providers)
-        self._input = self.session.get_inputs()[0].name
+        model_input = self.session.get_inputs()[0]
+        self._input = model_input.name
+        self.rows = heatmap_band(config.heatmap_rows, self.meta.input_size)
+        height = model_input.shape[2] if len(model_input.shape) == 4 else None
+        if isinstance(height, int) and height != self.rows[1] - self.rows[0]:
+            raise HeatmapModelError(
+                f"{config.heatmap_model}: fixed input height {height}, so "
+                f"proposer.heatmap_rows {list(config.heatmap_rows)} cannot be used; set it to "
+                f"[0, 1] or re-export the model (export.proposer_train exports a dynamic "
+                f"height)")
         self._body_cache: dict[tuple[int, int], np.ndarray | None] = {}
 
     def raw_outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The network's heatmap (G, G), log size (2, G, G) and offset (2, G, G) of a frame."""
-        heat, size, offset = self.session.run(None, {self._input: to_input_tensor(image,
-                                                                                  self.meta)})
+        """The network's heatmap (G_h, G), log size (2, G_h, G) and offset (2, G_h, G) of the
+        frame's band of rows (``self.rows``; G_h = G for the whole frame)."""
+        x = to_input_tensor(image, self.meta, self.rows)
+        heat, size, offset = self.session.run(None, {self._input: x})
         return heat[0, 0], size[0], offset[0]
 
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +274,7 @@ class HeatmapProposer(Proposer):
         # Every peak above the threshold is decoded; the base class caps after the body mask
         # and frame clipping, so a smaller cap is always a prefix of a larger one.
         boxes, scores = decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
-                                       heat.size, (w / s, h / s), (w, h))
+                                       heat.size, (w / s, h / s), (w, h), self.rows[0])
         if self.config.body_mask and len(boxes):
             key = (h, w)
             if key not in self._body_cache:

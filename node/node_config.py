@@ -100,6 +100,7 @@ class ProposerConfig:
     heatmap_model: str = "models/cone_proposer.onnx"
     heatmap_threshold: float = spec(0.25, min=0.0, max=1.0)
     heatmap_threads: int = spec(1, min=1, max=64)
+    heatmap_rows: list[float] = field(default_factory=lambda: [0.0, 1.0])
     providers: str | list[str] | None = None
     refiner_model: str | None = "models/cone_refiner.onnx"
     refiner_passes: int = spec(1, min=1, max=4)
@@ -115,6 +116,11 @@ class ProposerConfig:
         for point in self.body_mask:
             if len(point) != 2 or not all(-0.5 <= v <= 1.5 for v in point):
                 raise ValueError(f"body_mask point {point} must be [x, y] in frame fractions")
+        rows = self.heatmap_rows
+        if (len(rows) != 2 or not all(isinstance(v, (int, float)) for v in rows)
+                or not 0.0 <= rows[0] < rows[1] <= 1.0):
+            raise ValueError(f"heatmap_rows {rows} must be [top, bottom] frame fractions with "
+                             f"0 <= top < bottom <= 1")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from node.heatmap_proposer import (
     HeatmapProposer,
     ProposerMetadata,
     decode_heatmap,
+    heatmap_band,
     open_session,
 )
 from node.node_config import ProposerConfig, load_node_config
@@ -67,6 +68,28 @@ def test_decoder_clips_boxes_to_the_frame():
     assert len(boxes) == 2
     assert boxes.min() >= 0 and boxes[:, [0, 2]].max() <= 80 and boxes[:, [1, 3]].max() <= 80
     np.testing.assert_allclose(boxes[0], [0, 0, 15.4, 20.4], atol=1e-4)
+
+
+def test_decoder_places_a_band_at_its_top_row():
+    heat, size, offset = outputs_with_peaks([(5, 6, 0.9, 12.0, 6.0, 0.25, 0.5)])
+    boxes, _ = decode_heatmap(heat, size, offset, STRIDE, 0.3, 10, (2.0, 2.0), None, 64)
+    # As in the exact-boxes test, 64 input rows (128 frame rows) lower.
+    np.testing.assert_allclose(boxes, [[36, 40 + 128, 48, 64 + 128]], atol=1e-4)
+
+
+def test_band_rows_widen_outwards_to_the_network_grid():
+    assert heatmap_band([0.0, 1.0], 640) == (0, 640)
+    assert heatmap_band([0.2, 1.0], 640) == (128, 640)
+    assert heatmap_band([0.26, 0.9], 640) == (160, 576)
+    assert heatmap_band([0.26, 0.91], 640) == (160, 608)
+    assert heatmap_band([0.5, 0.501], 640) == (320, 352)  # never empty
+    assert heatmap_band([0.99, 1.0], 320) == (288, 320)
+
+
+def test_band_setting_is_checked():
+    for bad in ([0.5, 0.5], [0.6, 0.2], [-0.1, 1.0], [0.0, 1.2], [0.2]):
+        with pytest.raises(ValueError, match="heatmap_rows"):
+            load_node_config(None, [f"proposer.heatmap_rows={json.dumps(bad)}"])
 
 
 def test_metadata_round_trip_and_rejects_bad_contracts():
@@ -125,6 +148,49 @@ def test_shipped_model_finds_synthetic_cones_within_the_cap():
         assert len(capped.propose(frame)) == 3
     assert total > 20
     assert found / total >= RECALL_FLOOR_SYNTH
+
+
+@needs_model
+def test_a_band_of_rows_finds_the_same_cones_below_its_top():
+    """The network sees only rows 0.3..1 of the frame: no box is centred above the band, and
+    the cones well inside it get the same boxes as from the whole frame."""
+    pytest.importorskip("export.synth")
+    from export.synth import render_scene
+
+    whole = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64))
+    band = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
+                                          heatmap_rows=[0.3, 1.0]))
+    assert band.rows == (192, 640)
+    same = inside = 0
+    for seed in range(90000, 90004):
+        image = render_scene(seed, 640, 640).image
+        a, b = whole.propose(Frame(0, 0.0, image)), band.propose(Frame(0, 0.0, image))
+        assert ((b[:, 1] + b[:, 3]) / 2 >= 192 - 4).all()
+        deep = a[(a[:, 1] + a[:, 3]) / 2 >= 192 + 96]
+        inside += len(deep)
+        match = match_greedy(b, -np.arange(len(b), dtype=float), deep, 0.9)
+        same += int((match >= 0).sum())
+    assert inside >= 10
+    assert same >= 0.9 * inside
+
+
+@needs_model
+def test_a_fixed_height_model_refuses_a_band(tmp_path):
+    import onnx
+
+    proto = onnx.load(str(MODEL))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_value, dims[3].dim_value = 640, 640
+    for out in proto.graph.output:
+        for d in out.type.tensor_type.shape.dim[2:]:
+            d.dim_value = 160
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    assert len(HeatmapProposer(ProposerConfig(heatmap_model=str(fixed))).propose(
+        Frame(0, 0.0, np.zeros((640, 640, 3), np.uint8)))) == 0
+    with pytest.raises(HeatmapModelError, match="fixed.onnx: fixed input height 640.*"
+                                                "heatmap_rows"):
+        HeatmapProposer(ProposerConfig(heatmap_model=str(fixed), heatmap_rows=[0.2, 1.0]))
 
 
 RECALL_FLOOR_SYNTH = 0.75
