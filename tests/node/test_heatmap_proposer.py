@@ -157,7 +157,8 @@ def test_a_band_of_rows_finds_the_same_cones_below_its_top():
     pytest.importorskip("export.synth")
     from export.synth import render_scene
 
-    whole = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64))
+    whole = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
+                                           heatmap_rows=[0.0, 1.0]))
     band = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
                                           heatmap_rows=[0.3, 1.0]))
     assert band.rows == (192, 640)
@@ -186,7 +187,8 @@ def test_a_fixed_height_model_refuses_a_band(tmp_path):
             d.dim_value = 160
     fixed = tmp_path / "fixed.onnx"
     onnx.save(proto, str(fixed))
-    assert len(HeatmapProposer(ProposerConfig(heatmap_model=str(fixed))).propose(
+    whole = ProposerConfig(heatmap_model=str(fixed), heatmap_rows=[0.0, 1.0])
+    assert len(HeatmapProposer(whole).propose(
         Frame(0, 0.0, np.zeros((640, 640, 3), np.uint8)))) == 0
     with pytest.raises(HeatmapModelError, match="fixed.onnx: fixed input height 640.*"
                                                 "heatmap_rows"):
