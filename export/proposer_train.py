@@ -548,10 +548,16 @@ def run(args: argparse.Namespace) -> int:
         meta.extra["threshold_tuning"] = rows
         onnx_path = export_proposer(net, meta, onnx_path)
         print(f"threshold tuned on {args.val_clips}: {best}")
-    if args.model:
-        shutil.copyfile(onnx_path, args.model)
+    return finish_export(onnx_path, args.model)
+
+
+def finish_export(onnx_path: Path, model: str | None) -> int:
+    """Copy the exported ONNX to ``model`` (the ``--model`` option) if given, and say so;
+    the trainers' exit status."""
+    if model:
+        shutil.copyfile(onnx_path, model)
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e3:.0f} KB)"
-          + (f", copied to {args.model}" if args.model else ""))
+          + (f", copied to {model}" if model else ""))
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from .proposer_data import SYNTH_CLIP, ProposerFrames
 from .proposer_train import (
     cached_frames,
     export_with_metadata,
+    finish_export,
     giou_loss,
     pick_device,
     run_cli,
@@ -322,11 +322,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(scores))
         meta.extra["validation"] = scores
         onnx_path = export_refiner(net, meta, onnx_path)
-    if args.model:
-        shutil.copyfile(onnx_path, args.model)
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e3:.0f} KB)"
-          + (f", copied to {args.model}" if args.model else ""))
-    return 0
+    return finish_export(onnx_path, args.model)
 
 
 if __name__ == "__main__":
