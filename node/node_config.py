@@ -128,6 +128,7 @@ class PostConfig:
     """Turning class scores into published cones."""
 
     nms_iou: float | None = spec(0.6, min=0.0, max=1.0)
+    unknown_colour: bool = False
 
 
 @dataclass

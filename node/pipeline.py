@@ -227,7 +227,8 @@ class Pipeline:
                 try:
                     cones = cones_from_logits(
                         logits, item.boxes, self.classes, self.config.model.score_threshold,
-                        self.config.post.nms_iou if self.proposer.suppress_overlaps else None)
+                        self.config.post.nms_iou if self.proposer.suppress_overlaps else None,
+                        self.config.post.unknown_colour)
                 except ValueError as exc:
                     item.error = f"inference failed: {_one_line(exc)}"
             lat["post"] = (time.perf_counter() - t1) * 1e3

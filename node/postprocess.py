@@ -3,6 +3,12 @@
 Softmax over the model's classes (names from its metadata, never a literal list), the
 ``background`` class and low scores dropped, then optional greedy non-maximum suppression
 between overlapping candidates (class-agnostic: one place holds one cone).
+
+Optionally (``post.unknown_colour``), a candidate the classifier is sure is a cone but whose
+probability is split between colours (e.g. 0.48 large orange, 0.42 small orange: no colour
+reaches the threshold, the cone probability 1 - P(background) does) is published as
+``unknown_cone``, FSOCO's label for a cone of unclear colour, scored by its cone probability:
+found, without a coin-flip colour. By default such a candidate is dropped.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .classes import BACKGROUND
+from .classes import BACKGROUND, UNKNOWN
 from .types import Cone
 
 
@@ -46,7 +52,8 @@ def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.n
 
 
 def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str],
-                      score_threshold: float, nms_iou: float | None) -> list[Cone]:
+                      score_threshold: float, nms_iou: float | None,
+                      unknown_colour: bool = False) -> list[Cone]:
     """Softmax, drop ``background`` and low scores, optionally suppress overlaps.
 
     Args:
@@ -55,6 +62,8 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
         classes: the model's class names (from its metadata), C of them.
         score_threshold: minimum softmax probability of the winning class.
         nms_iou: IoU above which the lower-scored of two cones is dropped; None disables.
+        unknown_colour: publish a cone whose colours split the probability as
+            ``unknown_cone`` (needs a ``background`` class; see the module docstring).
     """
     logits = np.asarray(logits, np.float32)
     if logits.ndim != 2 or logits.shape != (len(boxes), len(classes)):
@@ -66,12 +75,20 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
     best = probs.argmax(axis=1)
     score = probs[np.arange(len(best)), best]
     keep = score >= score_threshold
+    labels = [classes[b] for b in best]
     if BACKGROUND in classes:
-        keep &= best != list(classes).index(BACKGROUND)
+        bg = list(classes).index(BACKGROUND)
+        keep &= best != bg
+        if unknown_colour:
+            cone = 1.0 - probs[:, bg]
+            split = (best != bg) & ~keep & (cone >= score_threshold)
+            score = np.where(split, cone, score)
+            keep |= split
+            for i in np.flatnonzero(split):
+                labels[i] = UNKNOWN
     idx = np.flatnonzero(keep)
     if nms_iou is not None and len(idx) > 1:
         idx = idx[suppress_overlaps(boxes[idx], score[idx], nms_iou)]
     else:
         idx = idx[np.argsort(-score[idx], kind="stable")]
-    return [Cone(tuple(float(v) for v in boxes[i]), classes[best[i]], float(score[i]))
-            for i in idx]
+    return [Cone(tuple(float(v) for v in boxes[i]), labels[i], float(score[i])) for i in idx]

@@ -18,7 +18,7 @@ from node.metadata import METADATA_KEY, ModelMetadata
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
 from node.postprocess import cones_from_logits, suppress_overlaps
-from node.proposers import ExternalBoxProposer, build_proposer
+from node.proposers import ExternalBoxProposer, Proposer, build_proposer
 from node.types import Frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -198,6 +198,65 @@ def test_post_processing_drops_background_and_suppresses_overlaps():
     assert list(suppress_overlaps(boxes[:2], np.array([0.2, 0.9]), 0.5)) == [1]
     with pytest.raises(ValueError, match="shape"):
         cones_from_logits(logits[:, :4], boxes, classes, 0.5, None)
+
+
+def test_a_cone_split_between_colours_is_unknown_only_when_asked():
+    classes = list(CLASSIFIER_CLASSES)
+    boxes = np.array([[0, 0, 10, 20], [20, 0, 30, 20], [40, 0, 50, 20], [60, 0, 70, 20]],
+                     np.float32)
+    probs = np.array([[0.03, 0.05, 0.42, 0.48, 0.02],   # small vs large orange: a sure cone
+                      [0.02, 0.01, 0.01, 0.01, 0.95],   # background
+                      [0.35, 0.05, 0.05, 0.05, 0.50],   # background wins, though not by 0.5
+                      [0.90, 0.04, 0.02, 0.02, 0.02]],  # a clear blue cone
+                     np.float32)
+    logits = np.log(probs)
+    plain = cones_from_logits(logits, boxes, classes, 0.5, None)
+    assert [(c.label, c.box[0]) for c in plain] == [("blue_cone", 60.0)]
+    cones = cones_from_logits(logits, boxes, classes, 0.5, None, unknown_colour=True)
+    # Best score first: the unknown cone is scored by its cone probability.
+    assert [(c.label, c.box[0]) for c in cones] == [("unknown_cone", 0.0), ("blue_cone", 60.0)]
+    assert [c.score for c in cones] == pytest.approx([0.98, 0.90], abs=1e-4)
+    # A higher threshold than its cone probability drops it again.
+    assert [c.label for c in cones_from_logits(logits, boxes, classes, 0.985, None,
+                                               unknown_colour=True)] == []
+    # Without a background class there is no cone probability: nothing becomes unknown.
+    four = [c for c in classes if c != "background"]
+    as_is = cones_from_logits(logits[:, :4], boxes, four, 0.5, None)
+    asked = cones_from_logits(logits[:, :4], boxes, four, 0.5, None, unknown_colour=True)
+    assert [c.label for c in asked] == [c.label for c in as_is] == ["blue_cone", "blue_cone"]
+
+
+class SplitOrangeBackend:
+    """Calls every crop a cone split evenly between small and large orange (P = 0.45 each)."""
+
+    def __init__(self) -> None:
+        self.meta = ModelMetadata(classes=list(CLASSIFIER_CLASSES), input_size=32)
+        self.last_timing: dict = {}
+        self._pending: list[int] = []
+
+    def infer_async(self, batch: np.ndarray) -> None:
+        self._pending.append(len(batch))
+
+    def wait(self) -> np.ndarray:
+        probs = np.array([0.04, 0.04, 0.45, 0.45, 0.02], np.float32)
+        return np.log(np.tile(probs, (self._pending.pop(0), 1)))
+
+
+class OneBoxProposer(Proposer):
+    def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([[8, 8, 24, 40]], np.float32), np.ones(1)
+
+
+def test_the_pipeline_publishes_unknown_cones_when_configured():
+    """``post.unknown_colour`` reaches post-processing."""
+    frames = [Frame(i, float(i), np.zeros((64, 64, 3), np.uint8)) for i in range(3)]
+    published = {}
+    for flag in (False, True):
+        config = load_node_config(None, {"post": {"unknown_colour": flag}})
+        publisher = ListPublisher()
+        Pipeline(config, SplitOrangeBackend(), OneBoxProposer(4), [publisher]).run(frames)
+        published[flag] = [[c["label"] for c in r["cones"]] for r in publisher.records]
+    assert published == {False: [[], [], []], True: [["unknown_cone"]] * 3}
 
 
 @pytest.mark.parametrize("sync", [False, True])
