@@ -78,7 +78,7 @@ class ProposerConfig:
     kind: str = spec("heatmap", choices=("colour", "hsv", "heatmap", "heatmap+hsv",
                                         "heatmap+colour", "external"))
     external_dir: str | None = None
-    max_candidates: int = spec(32, min=1, max=1024)
+    max_candidates: int = spec(48, min=1, max=1024)
     colour_model: str = "models/colour_model.json"
     colour_threshold: float = spec(0.2, min=0.0, max=1.0)
     min_part_px: int = spec(2, min=1)
