@@ -328,14 +328,19 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
                 history.append(losses[-1])
         if not max_steps:
             history.append(float(np.mean(losses)))
-            rec = {"epoch": len(history), "loss": round(history[-1], 4),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            print(json.dumps(rec), flush=True)
-            if log is not None:
-                with open(log, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+            log_epoch({"epoch": len(history), "loss": round(history[-1], 4),
+                       "seconds": round(time.perf_counter() - t0, 1)}, log)
     net.eval()
     return history
+
+
+def log_epoch(record: dict, log: Path | None) -> None:
+    """Print an epoch's record as one JSON line, and append it to ``log`` if given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if log is not None:
+        with open(log, "a") as fh:
+            fh.write(line + "\n")
 
 
 def export_with_metadata(module: nn.Module, dummy: torch.Tensor, path: str | Path,
@@ -502,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="start from this run's best.pt (same stem and channels), e.g. to "
                         "train an exported model longer at a lower --lr")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-candidates", type=int, default=32)
+    parser.add_argument("--max-candidates", type=int, default=None,
+                        help="per-frame cap while tuning the threshold (default: the node's "
+                        "proposer.max_candidates in configs/node.yaml)")
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -513,6 +520,10 @@ def run(args: argparse.Namespace) -> int:
         args.crop = args.input_size // 2
     if args.cache is None:
         args.cache = f"cache/proposer_{args.input_size}.npz"
+    if args.max_candidates is None:
+        from node.node_config import load_node_config
+
+        args.max_candidates = load_node_config().proposer.max_candidates
     out, heldout, root = start_run(args)
     frames = cached_frames(Path(args.cache), root, heldout, args.input_size, args.synth_frames,
                            args.synth_seed)

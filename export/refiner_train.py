@@ -44,6 +44,7 @@ from .proposer_train import (
     export_with_metadata,
     finish_export,
     giou_loss,
+    log_epoch,
     pick_device,
     run_cli,
     start_run,
@@ -216,12 +217,8 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
             step += 1
             losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
-        rec = {"epoch": epoch + 1, "loss": round(history[-1], 4), "samples": len(crops),
-               "seconds": round(time.perf_counter() - t0, 1)}
-        print(json.dumps(rec), flush=True)
-        if log is not None:
-            with open(log, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        log_epoch({"epoch": epoch + 1, "loss": round(history[-1], 4), "samples": len(crops),
+                   "seconds": round(time.perf_counter() - t0, 1)}, log)
     net.eval()
     return history
 

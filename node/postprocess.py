@@ -75,7 +75,7 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
     best = probs.argmax(axis=1)
     score = probs[np.arange(len(best)), best]
     keep = score >= score_threshold
-    labels = [classes[b] for b in best]
+    split = np.zeros(len(best), bool)
     if BACKGROUND in classes:
         bg = list(classes).index(BACKGROUND)
         keep &= best != bg
@@ -84,11 +84,10 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
             split = (best != bg) & ~keep & (cone >= score_threshold)
             score = np.where(split, cone, score)
             keep |= split
-            for i in np.flatnonzero(split):
-                labels[i] = UNKNOWN
     idx = np.flatnonzero(keep)
     if nms_iou is not None and len(idx) > 1:
         idx = idx[suppress_overlaps(boxes[idx], score[idx], nms_iou)]
     else:
         idx = idx[np.argsort(-score[idx], kind="stable")]
-    return [Cone(tuple(float(v) for v in boxes[i]), labels[i], float(score[i])) for i in idx]
+    return [Cone(tuple(float(v) for v in boxes[i]), UNKNOWN if split[i] else classes[best[i]],
+                 float(score[i])) for i in idx]
