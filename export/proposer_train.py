@@ -269,9 +269,10 @@ def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
     return x, t
 
 
-def load_init(path: str | Path, stem: str) -> dict:
-    """The weights of a run's ``best.pt`` to start from; raises ``DataError`` naming the file
-    when it is missing, unreadable, or holds a net of another stem or width."""
+def load_init(path: str | Path, stem: str) -> tuple[dict, list[dict]]:
+    """The weights of a run's ``best.pt`` to start from, and the training stages that made
+    them (empty for a checkpoint written before stages were recorded); raises ``DataError``
+    naming the file when it is missing, unreadable, or holds a net of another stem or width."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -282,7 +283,7 @@ def load_init(path: str | Path, stem: str) -> dict:
     if kind != stem or list(channels) != list(CHANNELS):
         raise DataError(f"{path}: a {kind} net with channels {list(channels)}, not --stem {stem} "
                         f"with {list(CHANNELS)}")
-    return weights
+    return weights, list(state.get("stages", []))
 
 
 def pick_device(name: str) -> torch.device:
@@ -533,21 +534,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"training on {len(train_frames)} frames ({device}); validation clips "
           f"{args.val_clips}", flush=True)
     net = ConeHeatmapNet(stem=args.stem)
+    stages: list[dict] = []
     if args.init:
-        net.load_state_dict(load_init(args.init, args.stem))
+        weights, stages = load_init(args.init, args.stem)
+        net.load_state_dict(weights)
+    # Each run is one stage (warm-up and cosine decay); a model trained further with --init
+    # carries the stages before it, so its metadata tells the whole schedule.
+    stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
+                   "init": args.init})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
-                "stem": args.stem, "input_size": args.input_size, "stride": STRIDE}, out / "best.pt")
+                "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
+                "stages": stages}, out / "best.pt")
     clips = sorted(set(train_frames.clips.tolist()))
     meta.extra = {"arch": "cone_heatmap_net", "channels": list(CHANNELS), "stem": args.stem,
                   "training_clips": clips, "validation_clips": list(args.val_clips),
                   "heldout": list(heldout), "synth_seeds": [args.synth_seed,
                                                             args.synth_seed + args.synth_frames],
-                  "epochs": args.epochs, "init": args.init}
+                  "epochs": args.epochs, "init": args.init, "lr": args.lr, "stages": stages}
     onnx_path = export_proposer(net, meta, out / "cone_proposer.onnx")
     val = validation_samples(root, list(args.val_clips))
     if val:

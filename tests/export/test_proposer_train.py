@@ -172,7 +172,13 @@ def test_init_checkpoint_must_match_the_stem(tmp_path):
     torch.save({"state_dict": net.state_dict(), "channels": [16, 24, 32, 48], "stem": "patch4"},
                path)
     fresh = ConeHeatmapNet(stem="patch4")
-    fresh.load_state_dict(load_init(path, "patch4"))
+    weights, stages = load_init(path, "patch4")
+    fresh.load_state_dict(weights)
+    assert stages == []  # a checkpoint from before stages were recorded
+    stage = {"epochs": 3, "lr": 1e-3, "synth_frames": 0, "init": None}
+    torch.save({"state_dict": net.state_dict(), "channels": [16, 24, 32, 48], "stem": "patch4",
+                "stages": [stage]}, path)
+    assert load_init(path, "patch4")[1] == [stage]
     for a, b in zip(net.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(DataError, match="best.pt: a patch4 net .* not --stem conv"):
