@@ -46,6 +46,22 @@ def test_recall_by_bucket_precision_over_20_px_and_label_accuracy():
     assert report["matched"] == 3 and report["label_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
 
 
+def test_an_extra_height_cut_scores_recall_and_labels_of_the_taller_cones():
+    # Truth heights 10, 18, 30, 60 px; found: the 18 px (wrong label) and 60 px (right) ones.
+    pred = np.array([TRUTH[1], TRUTH[3], [300, 100, 310, 125]], np.float64)
+    labels = ["blue_cone", "orange_cone", "blue_cone"]
+    tally = Tally(min_px=16)
+    tally.add(pred, np.array([0.9, 0.8, 0.7]), labels, TRUTH, TRUTH_LABELS)
+    extra = tally.report()["recall_min_px"]
+    # cones >= 16 px: 18, 30 and 60 px; two of them found, one of those two labelled right
+    assert extra == {"min_px": 16, "recall": pytest.approx(2 / 3, abs=1e-4), "cones": 3,
+                     "label_accuracy": 0.5}
+    proposals = Tally(min_px=16)
+    proposals.add(pred, np.array([0.9, 0.8, 0.7]), None, TRUTH, TRUTH_LABELS)
+    assert proposals.report()["recall_min_px"]["label_accuracy"] is None  # no labels to score
+    assert "recall_min_px" not in Tally().report()
+
+
 def test_clip_rules_select_whole_clips_and_video_frame_spans():
     assert parse_clip_rules(["accel", "skidpad:20-37"]) == [("accel", None, None),
                                                             ("skidpad", 20, 37)]
@@ -97,6 +113,12 @@ def test_the_evaluate_command_scores_a_replay_jsonl(tmp_path, capsys):
     assert report["candidates_per_frame"] == 4.0
     assert report["propose_ms"]["median"] == 3.0
     assert "recall >= 12 px" in capsys.readouterr().out
+    assert node_main(["evaluate", str(run), "--data", f"yolo:{root}", "--json", str(out),
+                      "--recall-min-px", "30"]) == 0
+    # >= 30 px: the two 51 px blue cones, both found, one labelled blue
+    assert json.loads(out.read_text())["recall_min_px"] == {
+        "min_px": 30.0, "recall": 1.0, "cones": 2, "label_accuracy": 0.5}
+    assert "| recall >= 30 px | 100.0% (of 2; label accuracy 50.0%) |" in capsys.readouterr().out
 
 
 def test_proposals_only_scores_the_configured_proposer(tmp_path):
