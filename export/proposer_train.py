@@ -555,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
                   "training_clips": clips, "validation_clips": list(args.val_clips),
                   "heldout": list(heldout), "synth_seeds": [args.synth_seed,
                                                             args.synth_seed + args.synth_frames],
-                  "epochs": args.epochs, "init": args.init, "lr": args.lr, "stages": stages}
+                  "epochs": args.epochs, "init": args.init, "stages": stages}
     onnx_path = export_proposer(net, meta, out / "cone_proposer.onnx")
     val = validation_samples(root, list(args.val_clips))
     if val:

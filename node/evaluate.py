@@ -108,21 +108,23 @@ class Tally:
             in_bucket = (th >= lo) & (th < hi)
             self.truth_by_bucket[k] += in_bucket.sum()
             self.hit_by_bucket[k] += (in_bucket & hit).sum()
+        tall = (pred[:, 3] - pred[:, 1]) >= PRECISION_MIN_PX
+        self.det_tall += int(tall.sum())
+        self.tp_tall += int((tall & (match >= 0)).sum())
+        # Per matched pair: its ground-truth index and whether the label is right.
+        pairs = np.flatnonzero(match >= 0)
+        gt = match[pairs]
+        right = (np.array([pred_labels[i] == truth_labels[j] for i, j in zip(pairs, gt)], bool)
+                 if pred_labels is not None else None)
+        if right is not None:
+            self.matched += len(pairs)
+            self.label_correct += int(right.sum())
         if self.min_px is not None:
             tall_truth = th >= self.min_px
             self.truth_min += int(tall_truth.sum())
             self.hit_min += int((tall_truth & hit).sum())
-            if pred_labels is not None:
-                self.correct_min += sum(pred_labels[i] == truth_labels[match[i]]
-                                        for i in np.flatnonzero(match >= 0)
-                                        if tall_truth[match[i]])
-        tall = (pred[:, 3] - pred[:, 1]) >= PRECISION_MIN_PX
-        self.det_tall += int(tall.sum())
-        self.tp_tall += int((tall & (match >= 0)).sum())
-        if pred_labels is not None:
-            for i in np.flatnonzero(match >= 0):
-                self.matched += 1
-                self.label_correct += pred_labels[i] == truth_labels[match[i]]
+            if right is not None:
+                self.correct_min += int(right[tall_truth[gt]].sum())
 
     def report(self) -> dict:
         """The scores as a JSON-able dict (None where there is nothing to divide by)."""
@@ -301,9 +303,8 @@ def format_table(report: dict, title: str) -> str:
     if extra:
         rows.append(f"| recall >= {extra['min_px']:g} px | {pct(extra['recall'])} "
                     f"(of {extra['cones']}; label accuracy {pct(extra['label_accuracy'])}) |")
-    rows += [
-             (f"| precision >= 20 px | {pct(report['precision_ge20'])} "
-             f"(of {report['detections_ge20']}) |"),
+    rows += [(f"| precision >= 20 px | {pct(report['precision_ge20'])} "
+              f"(of {report['detections_ge20']}) |"),
              f"| label accuracy | {pct(report['label_accuracy'])} (of {report['matched']}) |"]
     if "candidates_per_frame" in report:
         rows.append(f"| candidates per frame | {report['candidates_per_frame']} "
