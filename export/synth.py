@@ -107,6 +107,9 @@ class SynthFrame:
         cones: per-cone geometry, in the order of ``boxes``.
         occluder_mask: bool (H, W) of the car nose and HUD, which hide cones.
         camera: the camera it was rendered from.
+        prop_depth: float32 (H, W) camera depth of the props that may stand in front of a
+            cone (+inf elsewhere); a cone's pixel is hidden where it is below the cone's
+            ``depth``. None without props (a flat backdrop).
     """
 
     image: np.ndarray
@@ -115,6 +118,7 @@ class SynthFrame:
     cones: list[ConeInstance]
     occluder_mask: np.ndarray
     camera: Camera
+    prop_depth: np.ndarray | None = None
 
 
 def _options(kwargs: dict) -> RenderOptions:
@@ -133,7 +137,9 @@ def _rng(seed: int | np.random.Generator) -> np.random.Generator:
 
 
 def _draw_backdrop(img: np.ndarray, scene: Scene, camera: Camera,
-                   options: RenderOptions) -> None:
+                   options: RenderOptions) -> np.ndarray | None:
+    """Sky, ground and props; returns the props' depth buffer (float32, +inf where no prop
+    nearer than the farthest drawn cone was painted), or None without props."""
     h, w = img.shape[:2]
     horizon = int(np.clip(math.ceil(camera.horizon_row), 0, h))
     draw_sky(img, horizon, scene.sky_top, scene.sky_horizon)
@@ -145,15 +151,19 @@ def _draw_backdrop(img: np.ndarray, scene: Scene, camera: Camera,
     for quad in scene.lines:
         draw_ground_polygon(img, camera, quad, scene.line_bgr)
     if not scene.props:
-        return
+        return None
     xz = np.array([p.xz for p in scene.props])
     cam = camera.to_camera(np.column_stack([xz[:, 0], np.zeros(len(xz)), xz[:, 1]]))
     reach = np.array([max(p.size) for p in scene.props])
     ok = (cam[:, 2] + reach > 0.5) & (np.abs(cam[:, 0]) - reach < cam[:, 2] * (w / 2) / camera.fx
                                       * 1.2 + 1)
+    depth = np.full((h, w), np.inf, np.float32)
     for i in np.flatnonzero(ok)[np.argsort(-cam[ok, 2])]:
+        # Only props that may stand in front of a cone need their depth.
+        near = cam[i, 2] - reach[i] < options.max_distance
         draw_prop(img, camera, scene.props[i], scene.sun, scene.ambient, scene.sky_horizon,
-                  scene.haze_m)
+                  scene.haze_m, depth if near else None)
+    return depth
 
 
 def render_view(scene: Scene, camera: Camera, rng: np.random.Generator,
@@ -163,10 +173,11 @@ def render_view(scene: Scene, camera: Camera, rng: np.random.Generator,
     """Render one view of ``scene`` with exact labels."""
     h, w = camera.height, camera.width
     img = np.empty((h, w, 3), np.uint8)
+    prop_depth = None
     if options.flat_background is not None:
         img[:] = options.flat_background
     else:
-        _draw_backdrop(img, scene, camera, options)
+        prop_depth = _draw_backdrop(img, scene, camera, options)
     overlay = np.zeros_like(img)
     occluder = np.zeros((h, w), bool)
     if scene.car is not None and options.car:
@@ -175,7 +186,7 @@ def render_view(scene: Scene, camera: Camera, rng: np.random.Generator,
         occluder |= draw_hud(overlay, scene.hud_seed, hud_phase, speed_kmh)
     occupied = occluder.copy()
     cones = visible_cones(scene, camera, occupied, options.max_distance,
-                          options.min_cone_px)
+                          options.min_cone_px, prop_depth)
     if options.shadows and options.flat_background is None:
         draw_shadows(img, camera, scene, [d.cone for d in cones])
     for drawn in reversed(cones):  # far to near: nearer cones cover farther ones
@@ -190,7 +201,8 @@ def render_view(scene: Scene, camera: Camera, rng: np.random.Generator,
     instances = [ConeInstance(d.cone.label, tight_box(d.visible, d.origin), d.depth, d.faces,
                               d.origin, d.visible) for d in cones]
     boxes = np.array([c.box for c in instances], np.float32).reshape(-1, 4)
-    return SynthFrame(img, boxes, [c.label for c in instances], instances, occluder, camera)
+    return SynthFrame(img, boxes, [c.label for c in instances], instances, occluder, camera,
+                      prop_depth)
 
 
 def _camera(scene: Scene, s: float, lateral: float, yaw_offset: float, pitch_offset: float,

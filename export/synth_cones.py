@@ -2,8 +2,9 @@
 
 Each cone is painted into its own small BGRA patch from the convex polygons of
 ``export.synth_geometry.cone_polygons``; the alpha channel is exactly the cone's pixels.
-Cones are taken nearest first: one that the car, the HUD or nearer cones hide by half or
-more, or that the frame edge cuts by half or more, is dropped (never drawn, never labelled).
+Cones are taken nearest first: one that the car, the HUD, nearer cones or props in front of it
+(parked cars, people, trees, fences: a depth buffer the backdrop fills) hide by half or more,
+or that the frame edge cuts by half or more, is dropped (never drawn, never labelled).
 The rest keep a mask of their visible pixels, and their label box is tight on that mask.
 """
 
@@ -58,10 +59,14 @@ def rasterise_cone(camera: Camera, cone: SceneCone, depth: float, sun: np.ndarra
 
 
 def visible_cones(scene: Scene, camera: Camera, occupied: np.ndarray,
-                  max_distance: float, min_px: float) -> list[DrawnCone]:
+                  max_distance: float, min_px: float,
+                  prop_depth: np.ndarray | None = None) -> list[DrawnCone]:
     """Rasterise cones near-to-far; keep those at least half visible and inside the frame.
 
     ``occupied`` (bool H x W, the car nose and HUD on entry) collects the kept cones' pixels.
+    ``prop_depth`` (float32 H x W, camera depth of the props drawn there, +inf elsewhere)
+    hides the pixels of cones that stand behind a prop: they are neither drawn nor counted
+    as visible.
     """
     h, w = occupied.shape
     if not scene.cones:
@@ -93,9 +98,11 @@ def visible_cones(scene: Scene, camera: Camera, occupied: np.ndarray,
         inside = own[fy0 - y0:fy1 - y0, fx0 - x0:fx1 - x0]
         if np.count_nonzero(inside) * 2 < total:
             continue  # cut by the frame edge by more than half
+        if prop_depth is not None:
+            inside = inside & ~(prop_depth[fy0:fy1, fx0:fx1] < z[i])
         visible = inside & ~occupied[fy0:fy1, fx0:fx1]
         if np.count_nonzero(visible) * 2 < total:
-            continue  # mostly hidden behind nearer cones, the car or the HUD
+            continue  # mostly hidden behind nearer cones, props, the car or the HUD
         occupied[fy0:fy1, fx0:fx1] |= inside
         kept.append(DrawnCone(scene.cones[i], faces, patch, inside, (fx0, fy0), float(z[i]),
                                visible))

@@ -64,33 +64,69 @@ class Prop:
 _UNIT_CIRCLE = np.stack([np.cos(np.linspace(0, 2 * np.pi, 24, endpoint=False)),
                          np.sin(np.linspace(0, 2 * np.pi, 24, endpoint=False))], axis=1)
 _BOX_CORNERS = np.array([[0.5, 0.5], [-0.5, 0.5], [-0.5, -0.5], [0.5, -0.5]])
+DEPTH_STRIP_M = 2.0
+"""Widest strip of a box wall written at one depth into the props' depth buffer."""
+
+
+def _box_bottom(prop: Prop) -> np.ndarray:
+    """World corners (4, 3) of a box prop's bottom face, counter-clockwise seen from above."""
+    w, d, _ = prop.size
+    c, s = math.cos(prop.yaw), math.sin(prop.yaw)
+    corners = (_BOX_CORNERS * (w, d)) @ np.array([[c, s], [-s, c]]) + prop.xz
+    return np.column_stack([corners[:, 0], np.full(4, prop.base), corners[:, 1]])
 
 
 def _box_faces(camera: Camera, prop: Prop):
-    """Camera-facing faces of a box prop: ``(polygon, normal)``; None if behind the camera."""
-    w, d, h = prop.size
-    c, s = math.cos(prop.yaw), math.sin(prop.yaw)
-    corners = (_BOX_CORNERS * (w, d)) @ np.array([[c, s], [-s, c]]) + prop.xz
-    bottom = np.column_stack([corners[:, 0], np.full(4, prop.base), corners[:, 1]])
+    """Camera-facing faces of a box prop: ``(polygon, normal, corner index)`` (index 4 is the
+    roof); None if behind the camera."""
+    h = prop.size[2]
+    bottom = _box_bottom(prop)
     cam = camera.to_camera(np.concatenate([bottom, bottom + (0.0, h, 0.0)]))
     if cam[:, 2].min() < NEAR_M:
         return None
     pix = camera.project(cam)
-    edge = np.roll(corners, -1, axis=0) - corners
-    normals = np.column_stack([edge[:, 1], np.zeros(4), -edge[:, 0]])
+    edge = np.roll(bottom, -1, axis=0) - bottom
+    normals = np.column_stack([edge[:, 2], np.zeros(4), -edge[:, 0]])
     normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
     mids = (bottom + np.roll(bottom, -1, axis=0)) / 2 + (0.0, h / 2, 0.0)
     facing = np.einsum("ij,ij->i", normals, camera.position - mids) > 0
-    faces = [(pix[[k, (k + 1) % 4, (k + 1) % 4 + 4, k + 4]], normals[k])
+    faces = [(pix[[k, (k + 1) % 4, (k + 1) % 4 + 4, k + 4]], normals[k], int(k))
              for k in np.flatnonzero(facing)]
     if camera.position[1] > prop.base + h:
-        faces.append((pix[4:], np.array([0.0, 1.0, 0.0])))
+        faces.append((pix[4:], np.array([0.0, 1.0, 0.0]), 4))
     return faces
 
 
+def _box_depth(depth: np.ndarray, camera: Camera, prop: Prop, faces) -> None:
+    """Write the camera depth of a box prop's drawn faces into ``depth``: each wall in
+    vertical strips at most ``DEPTH_STRIP_M`` wide, each strip at its corners' mean depth
+    (a long fence seen at an angle spans tens of metres of depth)."""
+    h = prop.size[2]
+    bottom = _box_bottom(prop)
+    for poly, _, k in faces:
+        if k == 4:
+            z = camera.to_camera(bottom + (0.0, h, 0.0))[:, 2].mean()
+            fill(depth, poly, float(z))
+            continue
+        a, b = bottom[k], bottom[(k + 1) % 4]
+        n = max(1, math.ceil(float(np.linalg.norm(b - a)) / DEPTH_STRIP_M))
+        t = np.linspace(0.0, 1.0, n + 1)[:, None]
+        base = a + t * (b - a)
+        cam = camera.to_camera(np.concatenate([base, base + (0.0, h, 0.0)]))
+        pix = camera.project(cam)
+        for j in range(n):
+            quad = [j, j + 1, n + 2 + j, n + 1 + j]
+            fill(depth, pix[quad], float(cam[quad, 2].mean()))
+
+
 def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
-              ambient: float, haze_bgr, haze_m: float) -> None:
-    """Draw one prop with Lambert shading and distance haze."""
+              ambient: float, haze_bgr, haze_m: float, depth: np.ndarray | None = None) -> None:
+    """Draw one prop with Lambert shading and distance haze.
+
+    With ``depth`` (float32, the image's size), the prop's pixels there are set to their
+    distance along the camera axis, so that cones behind it can be hidden: walls in strips,
+    round props (trees, heads, barrels) at their centre's depth less their radius.
+    """
     dist = math.hypot(prop.xz[0] - camera.position[0], prop.xz[1] - camera.position[2])
     haze = 1.0 - math.exp(-dist / haze_m)
 
@@ -111,9 +147,14 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
             (_, v_ground), = camera.project(camera.to_camera(
                 np.array([[prop.xz[0], 0.0, prop.xz[1]]])))
             half = max(0.5, camera.fx * 0.15 / cam[0, 2])
-            fill(img, np.array([[u - half, v], [u + half, v], [u + half, v_ground],
-                                [u - half, v_ground]]), paint((40, 50, 60), 1.0))
+            trunk = np.array([[u - half, v], [u + half, v], [u + half, v_ground],
+                              [u - half, v_ground]])
+            fill(img, trunk, paint((40, 50, 60), 1.0))
+            if depth is not None:
+                fill(depth, trunk, float(cam[0, 2]))
         fill(img, _UNIT_CIRCLE * axes + (u, v), paint(prop.bgr, 0.9))
+        if depth is not None:
+            fill(depth, _UNIT_CIRCLE * axes + (u, v), float(cam[0, 2] - r))
         if axes[0] > 3:  # a lit cap on the crown's sunny side
             fill(img, _UNIT_CIRCLE * (axes[0] * 0.75, axes[1] * 0.65) + (u, v - axes[1] * 0.25),
                  paint(prop.bgr, 1.15))
@@ -122,13 +163,16 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
         faces = _box_faces(camera, prop)
         if faces is None:
             return
-        for poly, normal in faces:
+        for poly, normal, _ in faces:
             fill(img, poly, paint(prop.bgr, shade(normal, light, ambient)))
             if prop.windows and normal[1] < 0.5:
                 _draw_windows(img, poly, paint(prop.bgr, 0.45))
+        if depth is not None:
+            _box_depth(depth, camera, prop, faces)
         return
     radius, height = prop.size  # barrel: a 10-gon prism with painted bands
     cuts = sorted({0.0, 1.0, *[t for lo, hi, _ in prop.bands for t in (lo, hi)]})
+    z = float(camera.to_camera(np.array([[prop.xz[0], 0.0, prop.xz[1]]]))[0, 2]) - radius
     for lo, hi in itertools.pairwise(cuts):
         color = next((c for blo, bhi, c in prop.bands if blo <= lo < bhi), prop.bgr)
         faces = frustum_faces(camera, prop.xz, radius, radius, prop.base + lo * height,
@@ -137,6 +181,8 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
             return
         for poly, normal in faces:
             fill(img, poly, paint(color, shade(normal, light, ambient)))
+            if depth is not None:
+                fill(depth, poly, z)
 
 
 def _draw_windows(img: np.ndarray, face: np.ndarray, color) -> None:

@@ -17,7 +17,18 @@ import numpy as np
 import pytest
 import yaml
 
-from export.synth import SynthFrame, main, render_clip, render_scene, write_dataset
+from export.synth import (
+    RenderOptions,
+    SynthFrame,
+    _camera,
+    main,
+    render_clip,
+    render_scene,
+    render_view,
+    write_dataset,
+)
+from export.synth_layout import build_scene
+from export.synth_scene import Prop
 from node.classes import BLUE, CONE_CLASSES, LARGE_ORANGE, ORANGE, YELLOW
 from node.datasets import read_yolo
 
@@ -47,10 +58,13 @@ def _check_geometry(frame: SynthFrame) -> int:
     for i in order:  # nearest first: each cone is hidden by the nearer ones
         cone = frame.cones[i]
         own = _geometry_mask(cone.faces, shape)
-        visible = own & ~hidden
+        shown = own.copy()
+        if frame.prop_depth is not None:  # props in front of the cone hide it too
+            shown &= ~(frame.prop_depth < cone.depth)
+        visible = shown & ~hidden
         assert visible.sum() * 2 >= own.sum(), "a cone less than half visible was labelled"
         np.testing.assert_allclose(frame.boxes[i], _bbox(visible), atol=1.0)
-        hidden |= own
+        hidden |= shown
     return len(order)
 
 
@@ -64,6 +78,50 @@ def test_boxes_are_tight_on_each_cones_own_geometry(seed: int, size: tuple[int, 
     assert frame.boxes.dtype == np.float32
     assert (frame.boxes[:, :2] >= 0).all() and (frame.boxes[:, 2] <= size[0]).all()
     assert (frame.boxes[:, 3] <= size[1]).all()
+
+
+def test_a_prop_in_front_of_a_cone_hides_it_and_its_label() -> None:
+    opts = RenderOptions(effects=False, shadows=False)
+    scene = build_scene(np.random.default_rng(7), 120.0, (10.0, 50.0))
+    camera = _camera(scene, 10.0, 0.0, 0.0, 0.0, 640, 640)
+    before = render_view(scene, camera, np.random.default_rng(0), opts)
+    # The nearest labelled cone in the open, 6-25 m ahead, and where it stands in the world.
+    xz = np.array([c.xz for c in scene.cones])
+    cam = camera.to_camera(np.column_stack([xz[:, 0], np.zeros(len(xz)), xz[:, 1]]))
+    depths = [c.depth for c in before.cones]
+    target = next(i for i in np.argsort(depths) if 6.0 < depths[i] < 25.0
+                  and before.cones[i].mask.sum() == _geometry_mask(
+                      before.cones[i].faces, (640, 640)).sum())
+    k = int(np.argmin(np.abs(cam[:, 2] - depths[target])
+                      + 1e3 * (np.abs(cam[:, 2] - depths[target]) > 1e-6)))
+    # A 2 m wide, 2 m tall board halfway between the camera and that cone, facing the camera.
+    mid = (np.asarray(scene.cones[k].xz) + (camera.position[0], camera.position[2])) / 2
+    board = Prop("box", (float(mid[0]), float(mid[1])), (2.0, 0.2, 2.0), (200, 200, 200),
+                 camera.yaw)
+    scene.props.append(board)
+    after = render_view(scene, camera, np.random.default_rng(0), opts)
+    box = before.boxes[target]
+    assert not any(_iou(box, b) > 0.3 for b in after.boxes)  # its label is gone
+    x1, y1, x2, y2 = box.astype(int)
+    patch = after.image[y1:y2, x1:x2].reshape(-1, 3).astype(int)
+    # and the board's grey, not the cone's colour, fills its box
+    assert (np.abs(patch - patch.mean(axis=0)).max(axis=1) < 40).mean() > 0.9
+    assert np.isfinite(after.prop_depth[y1:y2, x1:x2]).all()
+    assert (after.prop_depth[y1:y2, x1:x2] < depths[target]).all()
+    # Only cones behind the board lost their labels; the others keep the same boxes.
+    for b, cone in zip(before.boxes, before.cones):
+        x1, y1, x2, y2 = b.astype(int)
+        behind = (after.prop_depth[y1:y2, x1:x2] < cone.depth).mean()
+        kept = any(np.allclose(b, a) for a in after.boxes)
+        assert kept == (behind == 0.0) or 0.0 < behind < 1.0, (b, behind)
+    assert len(after.boxes) >= len(before.boxes) // 3
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def test_clean_render_every_cone_pixel_is_labelled_and_boxes_touch_paint() -> None:

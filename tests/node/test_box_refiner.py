@@ -196,13 +196,15 @@ def test_shipped_refiner_tightens_jittered_boxes_of_unseen_synthetic_cones():
           f"({len(before)} cones)")
     assert len(before) > 40
     assert after.mean() >= before.mean() + REFINER_IOU_GAIN
-    assert (after >= 0.5).mean() >= (before >= 0.5).mean() + REFINER_MATCH_GAIN
+    # At least half of the boxes below IoU 0.5 are brought above it.
+    assert (after < 0.5).mean() <= REFINER_MISS_SHARE * (before < 0.5).mean()
 
 
 REFINER_IOU_GAIN = 0.1
-REFINER_MATCH_GAIN = 0.1
-"""Floors below what the shipped refiner gave here: mean IoU 0.619 -> 0.778 and IoU >= 0.5
-for 0.822 -> 1.000 of 73 cones."""
+REFINER_MISS_SHARE = 0.5
+"""Bounds looser than what the shipped refiner gave here: mean IoU 0.628 -> 0.793, and IoU
+>= 0.5 for 0.913 -> 1.000 of 69 cones (a share of boxes below 0.5 that falls from 8.7 % to
+none)."""
 
 
 @needs_model
