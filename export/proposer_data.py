@@ -213,8 +213,9 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int,
         log(h), log(w) in input pixels and ``offset`` (2, G, G) x, y of the centre relative to
         the cell (cells; in [0, 1) at the centre cell), both set over each cone's regression
         region; ``weight`` (1, G, G) the Gaussian weight of a cell in that region, summing to 1
-        per cone (a cell near two cones belongs to the smaller one); ``mask`` (1, G, G) 1 at
-        the centre cells.
+        per cone (a cell near two cones belongs to the one whose Gaussian is the stronger there,
+        a tie to the smaller one, so every centre cell keeps its own cone's box unless two
+        cones share it); ``mask`` (1, G, G) 1 at the centre cells.
     """
     g = size // stride
     heat = np.zeros((g, g), np.float32)
@@ -247,12 +248,17 @@ def centre_targets(boxes: np.ndarray, size: int, stride: int,
             sig = max(sigma, min_sigma)
             x0, x1, y0, y1 = max(0, x - rr), min(g, x + rr + 1), max(0, y - rr), min(g, y + rr + 1)
             gy, gx = np.mgrid[y0:y1, x0:x1]
-            reg[0, y0:y1, x0:x1] = np.log(h[k])
-            reg[1, y0:y1, x0:x1] = np.log(w[k])
-            off[0, y0:y1, x0:x1] = cx[k] - gx
-            off[1, y0:y1, x0:x1] = cy[k] - gy
-            owner[y0:y1, x0:x1] = k
-            gain[y0:y1, x0:x1] = np.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * sig * sig))
+            near = np.exp(-((gx - x) ** 2 + (gy - y) ** 2) / (2 * sig * sig))
+            # A cell shared with a cone already placed goes to the one whose Gaussian is the
+            # stronger there (ties to this, the smaller, cone): each centre cell keeps its own
+            # cone's box, so touching cones decode to their own boxes.
+            take = near >= gain[y0:y1, x0:x1]
+            reg[0, y0:y1, x0:x1][take] = np.log(h[k])
+            reg[1, y0:y1, x0:x1][take] = np.log(w[k])
+            off[0, y0:y1, x0:x1][take] = (cx[k] - gx)[take]
+            off[1, y0:y1, x0:x1][take] = (cy[k] - gy)[take]
+            owner[y0:y1, x0:x1][take] = k
+            gain[y0:y1, x0:x1][take] = near[take]
             mask[y, x] = 1.0
         for k in np.unique(owner[owner >= 0]):
             cells = owner == k

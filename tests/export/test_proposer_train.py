@@ -106,6 +106,22 @@ def test_regression_targets_are_dense_about_the_centre():
     np.testing.assert_allclose(np.exp(two["size"][:, 5, 5]), [12, 8], rtol=1e-5)
 
 
+def test_touching_cones_keep_their_own_boxes_at_their_centre_cells():
+    """A gate: a large cone with a smaller one in front of it, one cell apart. Each centre
+    cell regresses its own cone's box (a smaller cone's region used to take the larger
+    cone's centre cell, so its heat peak decoded to the wrong box)."""
+    boxes = np.array([[20, 8, 36, 48], [26, 22, 38, 46]], np.float32)
+    t = centre_targets(boxes, SIZE, 4)
+    for x1, y1, x2, y2 in boxes:
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        x, y = int(cx // 4), int(cy // 4)
+        assert t["heat"][0, y, x] == 1.0
+        np.testing.assert_allclose(np.exp(t["size"][:, y, x]), [y2 - y1, x2 - x1], rtol=1e-5)
+        assert ((x + t["offset"][0, y, x]) * 4, (y + t["offset"][1, y, x]) * 4) == \
+            pytest.approx((cx, cy))
+    assert t["weight"][0].sum() == pytest.approx(2.0)
+
+
 def test_loss_is_zero_where_the_prediction_is_the_target():
     t = centre_targets(np.array([[10, 20, 18, 36], [30, 30, 40, 50]], np.float32), SIZE, 4)
     tt = {k: torch.from_numpy(v[None]) for k, v in t.items()}
