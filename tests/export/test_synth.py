@@ -161,29 +161,6 @@ def test_cone_paint_matches_its_label() -> None:
     assert all(3 <= h <= 18 for h in hues[ORANGE] + hues[LARGE_ORANGE])
 
 
-def _white_bands(frame: SynthFrame, cone) -> int:
-    """Unsaturated (white) runs down the middle column of a cone's visible pixels."""
-    ox, oy = cone.origin
-    col = np.flatnonzero(cone.mask.any(axis=0))
-    c = col[len(col) // 2]
-    px = frame.image[oy + np.flatnonzero(cone.mask[:, c]), ox + c].astype(int)
-    white = (px.max(axis=1) - px.min(axis=1)) / np.maximum(px.max(axis=1), 1) < 0.4
-    return int(np.count_nonzero(np.diff(np.r_[0, white.astype(int)]) == 1))
-
-
-def test_small_orange_cones_have_one_white_band_and_large_ones_two() -> None:
-    """The stripe pattern tells the two orange classes apart in a crop, where size does not:
-    one wide band on small orange cones (as on the BGRacing frames), two on large ones."""
-    seen: dict[str, list[int]] = {ORANGE: [], LARGE_ORANGE: []}
-    for seed in range(12):
-        frame = render_scene(seed, **CLEAN)
-        for cone in frame.cones:
-            if cone.label in seen and cone.box[3] - cone.box[1] >= 28:
-                seen[cone.label].append(_white_bands(frame, cone))
-    assert len(seen[ORANGE]) >= 5 and len(seen[LARGE_ORANGE]) >= 2, seen
-    assert set(seen[ORANGE]) == {1} and set(seen[LARGE_ORANGE]) == {2}, seen
-
-
 def test_large_orange_cones_are_taller_than_small_ones_at_the_same_depth() -> None:
     ratios = []
     for seed in range(12):
