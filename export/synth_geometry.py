@@ -50,10 +50,8 @@ CONE_SPECS: dict[str, ConeSpec] = {
                    ((0.42, 0.62),)),
     YELLOW: ConeSpec(0.228, 0.03, 0.325, 0.090, 0.022, (25, 200, 240), (30, 30, 30),
                      ((0.42, 0.62),)),
-    # One wide white band, as on the small orange cones of the BGRacing frames (two thin
-    # bands made them look like distant large orange cones).
     ORANGE: ConeSpec(0.228, 0.03, 0.325, 0.090, 0.022, (30, 95, 245), (235, 235, 235),
-                     ((0.42, 0.62),)),
+                     ((0.30, 0.42), (0.58, 0.70))),
     LARGE_ORANGE: ConeSpec(0.285, 0.035, 0.505, 0.118, 0.025, (30, 95, 245), (235, 235, 235),
                            ((0.28, 0.40), (0.56, 0.68))),
 }
