@@ -172,7 +172,8 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
         return
     radius, height = prop.size  # barrel: a 10-gon prism with painted bands
     cuts = sorted({0.0, 1.0, *[t for lo, hi, _ in prop.bands for t in (lo, hi)]})
-    z = float(camera.to_camera(np.array([[prop.xz[0], 0.0, prop.xz[1]]]))[0, 2]) - radius
+    if depth is not None:
+        z = float(camera.to_camera(np.array([[prop.xz[0], 0.0, prop.xz[1]]]))[0, 2]) - radius
     for lo, hi in itertools.pairwise(cuts):
         color = next((c for blo, bhi, c in prop.bands if blo <= lo < bhi), prop.bgr)
         faces = frustum_faces(camera, prop.xz, radius, radius, prop.base + lo * height,
