@@ -76,11 +76,10 @@ def _box_bottom(prop: Prop) -> np.ndarray:
     return np.column_stack([corners[:, 0], np.full(4, prop.base), corners[:, 1]])
 
 
-def _box_faces(camera: Camera, prop: Prop):
-    """Camera-facing faces of a box prop: ``(polygon, normal, corner index)`` (index 4 is the
-    roof); None if behind the camera."""
+def _box_faces(camera: Camera, prop: Prop, bottom: np.ndarray):
+    """Camera-facing faces of a box prop whose bottom corners are ``bottom`` (``_box_bottom``):
+    ``(polygon, normal, corner index)`` (index 4 is the roof); None if behind the camera."""
     h = prop.size[2]
-    bottom = _box_bottom(prop)
     cam = camera.to_camera(np.concatenate([bottom, bottom + (0.0, h, 0.0)]))
     if cam[:, 2].min() < NEAR_M:
         return None
@@ -97,12 +96,13 @@ def _box_faces(camera: Camera, prop: Prop):
     return faces
 
 
-def _box_depth(depth: np.ndarray, camera: Camera, prop: Prop, faces) -> None:
-    """Write the camera depth of a box prop's drawn faces into ``depth``: each wall in
-    vertical strips at most ``DEPTH_STRIP_M`` wide, each strip at its corners' mean depth
-    (a long fence seen at an angle spans tens of metres of depth)."""
+def _box_depth(depth: np.ndarray, camera: Camera, prop: Prop, faces,
+               bottom: np.ndarray) -> None:
+    """Write the camera depth of a box prop's drawn ``faces`` (of ``_box_faces``, from the same
+    ``bottom``) into ``depth``: each wall in vertical strips at most ``DEPTH_STRIP_M`` wide,
+    each strip at its corners' mean depth (a long fence seen at an angle spans tens of metres
+    of depth)."""
     h = prop.size[2]
-    bottom = _box_bottom(prop)
     for poly, _, k in faces:
         if k == 4:
             z = camera.to_camera(bottom + (0.0, h, 0.0))[:, 2].mean()
@@ -160,7 +160,8 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
                  paint(prop.bgr, 1.15))
         return
     if prop.kind == "box":
-        faces = _box_faces(camera, prop)
+        bottom = _box_bottom(prop)
+        faces = _box_faces(camera, prop, bottom)
         if faces is None:
             return
         for poly, normal, _ in faces:
@@ -168,7 +169,7 @@ def draw_prop(img: np.ndarray, camera: Camera, prop: Prop, light: np.ndarray,
             if prop.windows and normal[1] < 0.5:
                 _draw_windows(img, poly, paint(prop.bgr, 0.45))
         if depth is not None:
-            _box_depth(depth, camera, prop, faces)
+            _box_depth(depth, camera, prop, faces, bottom)
         return
     radius, height = prop.size  # barrel: a 10-gon prism with painted bands
     cuts = sorted({0.0, 1.0, *[t for lo, hi, _ in prop.bands for t in (lo, hi)]})
