@@ -37,15 +37,43 @@ class Frame:
 
 @dataclass
 class Cone:
-    """A published cone: box (x1, y1, x2, y2) in pixels of the original frame."""
+    """A published cone: box (x1, y1, x2, y2) in pixels of the original frame.
+
+    The optional fields are filled by ``node.track`` (issue 23) and appear in ``to_dict`` only
+    when set, so records without tracking keep exactly the keys they always had.
+
+    Attributes:
+        range_m: distance from the camera to the cone's base centre, metres.
+        range_sigma_m: 1-sigma uncertainty of ``range_m``, metres.
+        xyz: base centre in the camera frame (x right, y down, z along the optical axis), m.
+        range_basis: how the range was found (``size``, ``size+ground``; suffixed
+            ``@default_hfov`` when no intrinsics were configured).
+        track_id: identity of the cone across frames (positive, unique per tracker).
+    """
 
     box: tuple[float, float, float, float]
     label: str
     score: float
+    range_m: float | None = None
+    range_sigma_m: float | None = None
+    xyz: tuple[float, float, float] | None = None
+    range_basis: str | None = None
+    track_id: int | None = None
 
     def to_dict(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box], "label": self.label,
-                "score": round(float(self.score), 4)}
+        out = {"box": [round(float(v), 2) for v in self.box], "label": self.label,
+               "score": round(float(self.score), 4)}
+        if self.range_m is not None:
+            out["range_m"] = round(float(self.range_m), 3)
+        if self.range_sigma_m is not None:
+            out["range_sigma_m"] = round(float(self.range_sigma_m), 3)
+        if self.xyz is not None:
+            out["xyz"] = [round(float(v), 3) for v in self.xyz]
+        if self.range_basis is not None:
+            out["range_basis"] = self.range_basis
+        if self.track_id is not None:
+            out["track_id"] = int(self.track_id)
+        return out
 
 
 @dataclass

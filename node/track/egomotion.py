@@ -1,0 +1,123 @@
+"""Ego-motion between frames from static cones, for motion-compensated tracking (numpy only).
+
+Cones do not move; the car does. Between two frames every cone's ground position (camera
+x, z) moves by the same rigid 2D transform, the inverse of the car's motion. At 10 fps and
+6-14 m/s a cone's box shifts by about its own height per frame, so boxes of consecutive frames
+rarely overlap and IoU association alone fails; predicting each track's box through the
+estimated ego-motion (the "camera motion compensation" of BoT-SORT, Aharon et al. 2022, done
+here on the ground plane from the range estimates instead of from image features) restores it.
+
+The transform is found RANSAC-style (Fischler & Bolles 1981): each pair (track, detection of
+a compatible class) within ``max_step_m`` of the constant-velocity prior proposes a
+translation (the car never reverses); the one that brings the most tracks within a gate of
+a detection wins, and a weighted 2D Kabsch fit on its inliers gives rotation and translation.
+What the ground-plane fit leaves (yaw error, the pitch jitter of the body) is a near-uniform
+image shift, which the tracker removes with ``median_shift`` before its final association.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rigid_fit(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
+    """Weighted least-squares rotation angle and translation with ``b ≈ R(angle) a + t``.
+
+    Args:
+        a, b: (N, 2) corresponding points (x, z); w: (N,) positive weights.
+    """
+    w = w / w.sum()
+    ca, cb = w @ a, w @ b
+    a0, b0 = a - ca, b - cb
+    # angle maximising sum w * b0 . R a0, with R = [[c, -s], [s, c]]
+    cross = float(np.sum(w * (a0[:, 0] * b0[:, 1] - a0[:, 1] * b0[:, 0])))
+    dot = float(np.sum(w * (a0[:, 0] * b0[:, 0] + a0[:, 1] * b0[:, 1])))
+    angle = math.atan2(cross, dot) if len(a) >= 2 else 0.0
+    return angle, cb - rotation(angle) @ ca
+
+
+def rotation(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s], [s, c]])
+
+
+def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: np.ndarray,
+             compat: np.ndarray, prior: tuple[float, np.ndarray], max_step_m: float,
+             gate_m: float = 1.0) -> tuple[float, np.ndarray, int]:
+    """The rigid motion taking last frame's cone positions to this frame's.
+
+    Args:
+        prev: (T, 2) tracks' x, z in the last frame's camera; prev_sd: (T,) their 1-sigma.
+        meas: (D, 2) detections' x, z now; meas_sd: (D,) their 1-sigma.
+        compat: (T, D) bool, which detection may be which track (class gate).
+        prior: (angle, translation) predicted by constant velocity.
+        max_step_m: largest departure of the translation from the prior's.
+        gate_m: largest distance for an inlier (shrunk for precise positions).
+
+    Returns:
+        ``(angle, translation, inliers)``; the prior with 0 inliers when nothing agrees.
+    """
+    angle0, t0 = prior
+    if len(prev) == 0 or len(meas) == 0:
+        return angle0, t0, 0
+    rot_prev = prev @ rotation(angle0).T
+    hyp = meas[None, :, :] - rot_prev[:, None, :]  # (T, D, 2) translations
+    ok = compat & (np.linalg.norm(hyp - t0, axis=2) <= max_step_m)
+    ok &= hyp[:, :, 1] <= 0.2  # the car does not reverse: static cones never recede
+    cands = np.concatenate([t0[None], hyp[ok]])
+    gate = np.minimum(gate_m, 0.25 + 1.5 * np.hypot(prev_sd[:, None], meas_sd[None, :]))
+    best, best_key = 0, (-1, 0.0)
+    for k, t in enumerate(cands):
+        d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
+        hit = np.where(compat, d / gate, np.inf).min(axis=1)
+        inl = hit < 1.0
+        key = (int(inl.sum()), -float(np.sum(hit[inl])))
+        if key > best_key:
+            best, best_key = k, key
+    t = cands[best]
+    d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
+    d = np.where(compat & (d < gate), d, np.inf)
+    rows, cols = [], []
+    for flat in np.argsort(d, axis=None):
+        r, c = divmod(int(flat), d.shape[1])
+        if not np.isfinite(d[r, c]):
+            break
+        if r in rows or c in cols:
+            continue
+        rows.append(r)
+        cols.append(c)
+    if len(rows) < 2:
+        return angle0, t, len(rows)
+    w = 1.0 / (prev_sd[rows] ** 2 + meas_sd[cols] ** 2 + 1e-4)
+    angle, trans = rigid_fit(prev[rows], meas[cols], w)
+    if abs(angle - angle0) > 0.05 or np.linalg.norm(trans - t0) > max_step_m:
+        return angle0, t, len(rows)  # a degenerate fit (collinear cones, outliers)
+    return angle, trans, len(rows)
+
+
+def warp_box(box: np.ndarray, old: np.ndarray, new: np.ndarray,
+             view: tuple[float, float, float, float, float]) -> np.ndarray:
+    """The box of a static cone at camera point ``new`` given its box at ``old``.
+
+    The box scales with ``old_z / new_z``; its centre column follows the projection of the
+    new position; its bottom row keeps its depth-scaled offset from the horizon row.
+
+    Args:
+        box: (4,) xyxy; old, new: (3,) camera-frame positions; view: fx, fy, cx, cy, v_hor.
+    """
+    fx, _, cx, _, v_hor = view
+    s = max(old[2], 0.05) / max(new[2], 0.05)
+    w, h = (box[2] - box[0]) * s, (box[3] - box[1]) * s
+    u = cx + fx * new[0] / max(new[2], 0.05)
+    bottom = v_hor + (box[3] - v_hor) * s
+    return np.array([u - w / 2, bottom - h, u + w / 2, bottom])
+
+
+def median_shift(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:
+    """Median ``(du, dv)`` of box centres from predicted to matched boxes ((N, 4) each)."""
+    if len(pred) == 0:
+        return np.zeros(2)
+    d = (meas[:, :2] + meas[:, 2:]) / 2 - (pred[:, :2] + pred[:, 2:]) / 2
+    return np.median(d, axis=0)

@@ -1,0 +1,84 @@
+"""The per-frame tracking stage: range for every cone, then a track id (issue 23).
+
+This is the seam for the pipeline: after post-processing, before publishing::
+
+    stage = TrackingStage.from_config({"camera": {...}, "tracking": {...}})
+    result.cones = stage.update(result.cones, frame_w, frame_h, frame.stamp)
+
+Publishers then find ``range_m``, ``range_sigma_m``, ``xyz``, ``range_basis`` and
+``track_id`` on each ``node.types.Cone``; ``label_text`` is the annotation string.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from node.types import Cone
+
+from .range import RangeEstimator
+from .tracker import ConeTracker
+
+
+class TrackingStage:
+    """Range estimator plus tracker, applied to one frame's cones at a time."""
+
+    def __init__(self, estimator: RangeEstimator | None = None,
+                 tracker: ConeTracker | None = None) -> None:
+        self.estimator = estimator or RangeEstimator()
+        self.tracker = tracker or ConeTracker()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> TrackingStage:
+        """From a mapping with optional ``camera`` and ``tracking`` sections.
+
+        Raises:
+            ValueError: an unknown section or key, or a bad value; the message names it.
+        """
+        config = dict(config or {})
+        for key in config:
+            if key not in ("camera", "tracking"):
+                raise ValueError(f"{key}: unknown section; expected camera or tracking")
+        return cls(RangeEstimator.from_config(config.get("camera")),
+                   ConeTracker.from_config(config.get("tracking")))
+
+    @property
+    def note(self) -> str:
+        """One line for the run summary (says when the default field of view is used)."""
+        return self.estimator.note
+
+    def update(self, cones: list[Cone], frame_w: int, frame_h: int,
+               stamp: float | None = None) -> list[Cone]:
+        """Return ``cones`` (same order) with range, position and track id filled.
+
+        Args:
+            cones: the frame's published cones.
+            frame_w, frame_h: the frame size in pixels (boxes are in these pixels).
+            stamp: capture time; unused today (the filter steps once per frame), kept for
+                a time-aware motion model.
+        """
+        del stamp
+        boxes = np.array([c.box for c in cones], np.float64).reshape(-1, 4)
+        labels = [c.label for c in cones]
+        est = self.estimator.estimate(boxes, labels, frame_w, frame_h)
+        ids = self.tracker.update(boxes, labels, np.array([c.score for c in cones]),
+                                  est.xyz, est.sigma_m, self.estimator.view(frame_w, frame_h))
+        return [replace(c, range_m=float(est.range_m[i]), range_sigma_m=float(est.sigma_m[i]),
+                        xyz=tuple(float(v) for v in est.xyz[i]), range_basis=est.basis[i],
+                        track_id=ids[i]) for i, c in enumerate(cones)]
+
+    def reset(self) -> None:
+        """Forget all tracks (a new recording)."""
+        self.tracker.reset()
+
+
+def label_text(cone: Cone) -> str:
+    """Annotation text: ``"blue_cone #12 7.4 m"`` (parts that are unset are left out)."""
+    parts = [cone.label]
+    if cone.track_id is not None:
+        parts.append(f"#{cone.track_id}")
+    if cone.range_m is not None:
+        parts.append(f"{cone.range_m:.1f} m")
+    return " ".join(parts)
