@@ -25,6 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .camera_aug import DEFAULT as DEFAULT_CAMERA
+from .camera_aug import CameraRandomisation, random_aspect, random_camera
+
 from .data import DataError, clip_and_frame, is_heldout, near_duplicates
 
 SYNTH_CLIP = "synth"
@@ -147,11 +150,17 @@ def load_frames(path: str | Path) -> ProposerFrames:
 # --------------------------------------------------------------------------- augmentation
 
 def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
-                  scale_range: tuple[float, float] = (0.8, 1.3), flip: bool = True,
-                  out_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Scale jitter, a random window of ``out_size`` (default: the whole frame), horizontal
-    flip and photometric jitter. The network is fully convolutional, so training on windows
-    of the frame is training on the frame, at a fraction of the cost.
+                  scale_range: tuple[float, float] = (0.6, 2.0), flip: bool = True,
+                  out_size: int | None = None,
+                  aspect_range: tuple[float, float] | None = (0.8, 2.0),
+                  camera: CameraRandomisation | None = DEFAULT_CAMERA
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Another camera's view of a training frame: scale jitter, a horizontal stretch (cones
+    as wide as on a camera whose frames were not squashed to a square, or narrower), a random
+    window of ``out_size`` (default: the whole frame), horizontal flip, and the camera's
+    look (``export.camera_aug.random_camera``: exposure, white balance, blur, noise, lens
+    drops, JPEG). The network is fully convolutional, so training on windows of the frame is
+    training on the frame, at a fraction of the cost.
 
     Returns:
         the augmented uint8 image (``out_size`` square) and its boxes (cones mostly outside
@@ -160,11 +169,14 @@ def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     s = image.shape[0]
     out = out_size or s
     zoom = float(np.exp(rng.uniform(*np.log(scale_range))))
-    window = out / zoom
-    ox, oy = rng.uniform(-0.1 * window, s - 0.9 * window, 2)
+    stretch = random_aspect(rng, *aspect_range) if aspect_range else 1.0
+    zx = zoom * stretch
+    window_x, window_y = out / zx, out / zoom
+    ox = rng.uniform(-0.1 * window_x, max(s - 0.9 * window_x, -0.1 * window_x + 1e-3))
+    oy = rng.uniform(-0.1 * window_y, max(s - 0.9 * window_y, -0.1 * window_y + 1e-3))
     mirror = flip and rng.random() < 0.5
-    # x' = zoom * (x - ox), mirrored as out - zoom * (x - ox); y' = zoom * (y - oy).
-    sx, tx = (-zoom, out + zoom * ox) if mirror else (zoom, -zoom * ox)
+    # x' = zx * (x - ox), mirrored as out - zx * (x - ox); y' = zoom * (y - oy).
+    sx, tx = (-zx, out + zx * ox) if mirror else (zx, -zx * ox)
     ty = -zoom * oy
     mat = np.array([[sx, 0, tx], [0, zoom, ty]], np.float32)
     warped = cv2.warpAffine(image, mat, (out, out), flags=cv2.INTER_LINEAR,
@@ -177,13 +189,9 @@ def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     area = np.prod(nb[:, 2:] - nb[:, :2], 1)
     kept = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), 1)
     nb = clipped[kept >= 0.5 * np.maximum(area, 1e-6)]
-    gain = rng.uniform(0.6, 1.4) * rng.uniform(0.9, 1.1, 3)   # exposure x white balance
-    contrast = rng.uniform(0.7, 1.3)
-    f = warped.astype(np.float32)
-    mean = f.mean()
-    f = (f - mean) * contrast + mean
-    f = f * gain.astype(np.float32)
-    return np.clip(f, 0, 255).astype(np.uint8), nb.astype(np.float32)
+    if camera is not None:
+        warped = random_camera(warped, rng, camera)
+    return warped, nb.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- targets

@@ -253,15 +253,17 @@ def normalise_batch(images: np.ndarray, meta: ProposerMetadata) -> torch.Tensor:
 
 
 def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
-               rng: np.random.Generator | None, device: torch.device, crop: int | None = None
+               rng: np.random.Generator | None, device: torch.device, crop: int | None = None,
+               augmentation: dict | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Images and CenterNet targets of frames ``idx`` (augmented windows of ``crop`` px when
-    ``rng`` is given, else the whole frames)."""
+    ``rng`` is given, else the whole frames); ``augmentation`` overrides
+    ``augment_frame``'s keyword arguments (scale, aspect and camera randomisation)."""
     images, targets = [], []
     for i in idx:
         img, boxes = frames.images[i], frames.frame_boxes(i)
         if rng is not None:
-            img, boxes = augment_frame(img, boxes, rng, out_size=crop)
+            img, boxes = augment_frame(img, boxes, rng, out_size=crop, **(augmentation or {}))
         images.append(img)
         targets.append(centre_targets(boxes, img.shape[0], meta.stride))
     x = normalise_batch(np.stack(images), meta).to(device, non_blocking=True)
@@ -297,9 +299,10 @@ def pick_device(name: str) -> torch.device:
 def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, epochs: int,
           batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
           seed: int = 0, log: Path | None = None, max_steps: int | None = None,
-          crop: int | None = None) -> list[float]:
-    """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames);
-    returns the mean loss of every epoch (or of every step when ``max_steps`` is set)."""
+          crop: int | None = None, augmentation: dict | None = None) -> list[float]:
+    """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames;
+    ``augmentation``: ``augment_frame`` keyword arguments); returns the mean loss of every
+    epoch (or of every step when ``max_steps`` is set)."""
     device = torch.device(device)
     net.to(device).train()
     rng = np.random.default_rng(seed)
@@ -319,7 +322,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
             if step >= total:
                 break
             x, t = make_batch(frames, order[k * batch_size:(k + 1) * batch_size], meta, rng,
-                              device, crop)
+                              device, crop, augmentation)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 loss = detection_loss(net(x), t)
             optimizer_step(loss, opt, scaler, sched)

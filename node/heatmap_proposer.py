@@ -1,8 +1,9 @@
 """A learned cone-centre heatmap as the cone proposer (``proposer.kind: heatmap``).
 
 CenterNet-style (Zhou, Wang and Krähenbühl, "Objects as Points", 2019), made tiny: the frame
-is resized to the model's square input (none for a 640x640 frame and the bundled 640 px model),
-a small fully-convolutional network (``export.proposer_train``) predicts at output stride 4 a
+keeps its aspect and its scale (it is shrunk only to stay within ``proposer.heatmap_max_pixels``)
+and is padded to the network's 32 px grid (``input_geometry``), so any camera's frame size works
+and a small cone keeps its pixels; a small fully-convolutional network (``export.proposer_train``) predicts at output stride 4 a
 cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
 centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks,
 a score threshold and a top-K cap select them, and each peak becomes one class-agnostic box,
@@ -94,13 +95,19 @@ class ProposerMetadata:
 
 def to_input_tensor(image: np.ndarray, meta: ProposerMetadata,
                     rows: tuple[int, int] | None = None) -> np.ndarray:
-    """BGR frame → (1, 3, S, S) float32 network input (area resize, normalisation); with
-    ``rows`` = (top, bottom) in input pixels, only that band: (1, 3, bottom - top, S)."""
+    """BGR frame → (1, 3, S, S) float32 network input (squashed to the model's square
+    ``input_size``, area resize, normalisation); with ``rows`` = (top, bottom) in input
+    pixels, only that band: (1, 3, bottom - top, S)."""
     s = meta.input_size
     small = image if image.shape[:2] == (s, s) else cv2.resize(image, (s, s),
                                                                interpolation=cv2.INTER_AREA)
     if rows is not None:
         small = small[rows[0]:rows[1]]
+    return normalise(small, meta)
+
+
+def normalise(small: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
+    """A BGR image already at the network's input size → (1, 3, H, W) float32 input."""
     if meta.raw_pixels:
         # The model normalises the pixels itself: one transposing copy.
         if meta.channel_order == "RGB":
@@ -219,7 +226,63 @@ def open_session(path: str | Path, threads: int = 1,
 
 
 ROW_ALIGN = 32
-"""The network's coarsest stride: a band of input rows must start and end on a multiple."""
+"""The network's coarsest stride: the input's sides, and a band of rows, are multiples of it."""
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """How one frame size maps onto the network's input (``input_geometry``).
+
+    Attributes:
+        size: (width, height) the frame is resized to.
+        padded: (width, height) of the network input: ``size`` padded right and below to
+            multiples of ``ROW_ALIGN`` (the padding is never searched: boxes are clipped to the
+            frame).
+        rows: (top, bottom) input rows the network sees (a band; (0, padded height) for all).
+        scale: (x, y) frame pixels per input pixel.
+    """
+
+    size: tuple[int, int]
+    padded: tuple[int, int]
+    rows: tuple[int, int]
+    scale: tuple[float, float]
+
+
+def input_geometry(frame_w: int, frame_h: int, meta: ProposerMetadata, resize: str,
+                   max_pixels: int, rows: list[float]) -> InputGeometry:
+    """The network input for a ``frame_w`` x ``frame_h`` frame.
+
+    ``resize`` ``keep_aspect`` scales the frame by one factor, at most 1 (a cone keeps its
+    shape, and a 12 px cone stays 12 px), and less only as far as needed to keep the input
+    within ``max_pixels``; ``square`` squashes any frame to the model's square
+    ``input_size`` (how the training frames were made, aspect ignored). ``rows`` are
+    ``proposer.heatmap_rows``, [top, bottom] frame fractions, widened to ``ROW_ALIGN``.
+    """
+    if resize == "square":
+        w = h = meta.input_size
+    else:
+        s = min(1.0, float(np.sqrt(max_pixels / float(frame_w * frame_h))))
+        w, h = max(ROW_ALIGN, int(frame_w * s)), max(ROW_ALIGN, int(frame_h * s))
+    pw, ph = (-(-w // ROW_ALIGN) * ROW_ALIGN, -(-h // ROW_ALIGN) * ROW_ALIGN)
+    top = int(np.floor(rows[0] * h / ROW_ALIGN)) * ROW_ALIGN
+    bottom = min(int(np.ceil(rows[1] * h / ROW_ALIGN)) * ROW_ALIGN, ph)
+    return InputGeometry((w, h), (pw, ph), (top, max(bottom, top + ROW_ALIGN)),
+                         (frame_w / w, frame_h / h))
+
+
+def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) -> np.ndarray:
+    """BGR frame → (1, 3, rows, padded width) float32 network input of ``geo``: area
+    resize, zero padding (after normalisation: the mean colour) and the band of rows."""
+    small = image if image.shape[1::-1] == geo.size else cv2.resize(
+        image, geo.size, interpolation=cv2.INTER_AREA)
+    pad_w, pad_h = geo.padded[0] - geo.size[0], geo.padded[1] - geo.size[1]
+    if pad_w or pad_h:
+        fill = [int(round(255 * m)) for m in meta.mean]
+        if meta.channel_order == "RGB":
+            fill = fill[::-1]
+        small = cv2.copyMakeBorder(small, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=fill)
+    top, bottom = geo.rows
+    return normalise(small[top:bottom], meta)
 
 
 def heatmap_band(rows: list[float], input_size: int) -> tuple[int, int]:
@@ -235,7 +298,8 @@ class HeatmapProposer(Proposer):
 
     Args:
         config: the ``proposer`` section (``heatmap_model``, ``heatmap_threshold``,
-            ``heatmap_threads``, ``heatmap_rows``, ``max_candidates``, ``body_mask``).
+            ``heatmap_threads``, ``heatmap_resize``, ``heatmap_max_pixels``, ``heatmap_rows``,
+            ``max_candidates``, ``body_mask``).
 
     Raises:
         HeatmapModelError: the model is missing or is not a cone proposer model.
@@ -249,20 +313,31 @@ class HeatmapProposer(Proposer):
                                                config.heatmap_threads, config.providers)
         model_input = self.session.get_inputs()[0]
         self._input = model_input.name
-        self.rows = heatmap_band(config.heatmap_rows, self.meta.input_size)
-        height = model_input.shape[2] if len(model_input.shape) == 4 else None
-        if isinstance(height, int) and height != self.rows[1] - self.rows[0]:
+        fixed = [d if isinstance(d, int) else None for d in model_input.shape[2:]]
+        self._fixed = (tuple(fixed) if len(fixed) == 2 and None not in fixed else None)
+        if self._fixed is not None and (config.heatmap_resize != "square"
+                                        or list(config.heatmap_rows) != [0.0, 1.0]):
             raise HeatmapModelError(
-                f"{config.heatmap_model}: fixed input height {height}, so "
-                f"proposer.heatmap_rows {list(config.heatmap_rows)} cannot be used; set it to "
-                f"[0, 1] or re-export the model (export.proposer_train exports a dynamic "
-                f"height)")
+                f"{config.heatmap_model}: fixed input size {self._fixed[1]}x{self._fixed[0]}, "
+                f"so proposer.heatmap_resize must be 'square' and proposer.heatmap_rows "
+                f"[0, 1]; or re-export the model (export.proposer_train exports a dynamic "
+                f"height and width)")
+        self._geometry: dict[tuple[int, int], InputGeometry] = {}
         self._body_cache: dict[tuple[int, int], np.ndarray | None] = {}
 
+    def geometry(self, width: int, height: int) -> InputGeometry:
+        """The network input for frames of this size (computed once per size)."""
+        key = (width, height)
+        if key not in self._geometry:
+            c = self.config
+            self._geometry[key] = input_geometry(width, height, self.meta, c.heatmap_resize,
+                                                 c.heatmap_max_pixels, c.heatmap_rows)
+        return self._geometry[key]
+
     def raw_outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The network's heatmap (G_h, G), log size (2, G_h, G) and offset (2, G_h, G) of the
-        frame's band of rows (``self.rows``; G_h = G for the whole frame)."""
-        x = to_input_tensor(image, self.meta, self.rows)
+        """The network's heatmap (G_h, G_w), log size (2, G_h, G_w) and offset (2, G_h, G_w)
+        of the frame's band of input rows (``geometry(...).rows``)."""
+        x = frame_tensor(image, self.meta, self.geometry(image.shape[1], image.shape[0]))
         heat, size, offset = self.session.run(None, {self._input: x})
         return heat[0, 0], size[0], offset[0]
 
@@ -270,11 +345,11 @@ class HeatmapProposer(Proposer):
         image = frame.image
         h, w = image.shape[:2]
         heat, size, offset = self.raw_outputs(image)
-        s = self.meta.input_size
+        geo = self.geometry(w, h)
         # Every peak above the threshold is decoded; the base class caps after the body mask
         # and frame clipping, so a smaller cap is always a prefix of a larger one.
         boxes, scores = decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
-                                       heat.size, (w / s, h / s), (w, h), self.rows[0])
+                                       heat.size, geo.scale, (w, h), geo.rows[0])
         if self.config.body_mask and len(boxes):
             key = (h, w)
             if key not in self._body_cache:

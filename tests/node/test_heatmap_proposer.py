@@ -17,6 +17,7 @@ from node.heatmap_proposer import (
     ProposerMetadata,
     decode_heatmap,
     heatmap_band,
+    input_geometry,
     open_session,
 )
 from node.node_config import ProposerConfig, load_node_config
@@ -84,6 +85,52 @@ def test_band_rows_widen_outwards_to_the_network_grid():
     assert heatmap_band([0.26, 0.91], 640) == (160, 608)
     assert heatmap_band([0.5, 0.501], 640) == (320, 352)  # never empty
     assert heatmap_band([0.99, 1.0], 320) == (288, 320)
+
+
+def test_input_keeps_any_frame_size_and_aspect_within_the_pixel_budget():
+    meta = ProposerMetadata(640, 4, "BGR", [0.0] * 3, [1 / 255] * 3)
+    for w, h in ((640, 640), (800, 320), (2592, 640), (1138, 640)):
+        geo = input_geometry(w, h, meta, "keep_aspect", 2_000_000, [0.0, 1.0])
+        assert geo.size == (w, h) and geo.scale == (1.0, 1.0)  # a 12 px cone stays 12 px
+        assert geo.padded[0] % 32 == 0 and geo.padded[1] % 32 == 0
+        assert 0 <= geo.padded[0] - w < 32 and 0 <= geo.padded[1] - h < 32
+        assert geo.rows == (0, geo.padded[1])
+    big = input_geometry(2048, 1536, meta, "keep_aspect", 2_000_000, [0.0, 1.0])
+    assert big.size[0] * big.size[1] <= 2_000_000
+    assert abs(big.scale[0] - big.scale[1]) < 0.01 and big.scale[0] > 1.0  # one factor
+    square = input_geometry(2592, 640, meta, "square", 2_000_000, [0.0, 1.0])
+    assert square.size == (640, 640) and square.scale == (2592 / 640, 1.0)
+    band = input_geometry(800, 320, meta, "keep_aspect", 2_000_000, [0.25, 1.0])
+    assert band.rows == (64, 320)
+
+
+def test_default_config_searches_the_whole_frame_at_its_own_scale():
+    """No default depends on where one camera sat: all rows, no squashing."""
+    proposer = load_node_config(None, []).proposer
+    assert list(proposer.heatmap_rows) == [0.0, 1.0]
+    assert proposer.heatmap_resize == "keep_aspect"
+
+
+@needs_model
+def test_a_wide_frame_finds_the_cones_of_its_square_part():
+    """A rendered 640x640 scene placed inside a 2592x640 frame (grey either side) gives the
+    same boxes, moved by the offset: the proposer neither squashes nor shrinks the frame."""
+    pytest.importorskip("export.synth")
+    from export.synth import render_scene
+
+    proposer = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64))
+    found = total = 0
+    for seed in range(90010, 90013):
+        image = render_scene(seed, 640, 640).image
+        wide = np.full((640, 2592, 3), 114, np.uint8)
+        wide[:, 960:1600] = image
+        a = proposer.propose(Frame(0, 0.0, image))
+        b = proposer.propose(Frame(0, 0.0, wide)) - np.array([960, 0, 960, 0], np.float32)
+        match = match_greedy(b, -np.arange(len(b), dtype=float), a, 0.8)
+        found += int((match >= 0).sum())
+        total += len(a)
+    assert total >= 10
+    assert found >= 0.9 * total
 
 
 def test_band_setting_is_checked():
@@ -161,7 +208,7 @@ def test_a_band_of_rows_finds_the_same_cones_below_its_top():
                                            heatmap_rows=[0.0, 1.0]))
     band = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
                                           heatmap_rows=[0.3, 1.0]))
-    assert band.rows == (192, 640)
+    assert band.geometry(640, 640).rows == (192, 640)
     same = inside = 0
     for seed in range(90000, 90004):
         image = render_scene(seed, 640, 640).image
@@ -187,12 +234,15 @@ def test_a_fixed_height_model_refuses_a_band(tmp_path):
             d.dim_value = 160
     fixed = tmp_path / "fixed.onnx"
     onnx.save(proto, str(fixed))
-    whole = ProposerConfig(heatmap_model=str(fixed), heatmap_rows=[0.0, 1.0])
+    whole = ProposerConfig(heatmap_model=str(fixed), heatmap_rows=[0.0, 1.0],
+                           heatmap_resize="square")
     assert len(HeatmapProposer(whole).propose(
-        Frame(0, 0.0, np.zeros((640, 640, 3), np.uint8)))) == 0
-    with pytest.raises(HeatmapModelError, match="fixed.onnx: fixed input height 640.*"
-                                                "heatmap_rows"):
-        HeatmapProposer(ProposerConfig(heatmap_model=str(fixed), heatmap_rows=[0.2, 1.0]))
+        Frame(0, 0.0, np.zeros((480, 800, 3), np.uint8)))) == 0
+    for bad in ({"heatmap_rows": [0.2, 1.0], "heatmap_resize": "square"},
+                {"heatmap_rows": [0.0, 1.0], "heatmap_resize": "keep_aspect"}):
+        with pytest.raises(HeatmapModelError, match="fixed.onnx: fixed input size 640x640.*"
+                                                    "heatmap_resize"):
+            HeatmapProposer(ProposerConfig(heatmap_model=str(fixed), **bad))
 
 
 RECALL_FLOOR_SYNTH = 0.75

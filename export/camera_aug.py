@@ -1,0 +1,131 @@
+"""Camera domain randomisation: what another team's camera does to the same scene.
+
+A network trained on one camera learns that camera's white balance, exposure, sharpness, noise
+and compression as part of what a cone looks like, and calls a cone from another camera
+background. Domain randomisation (Tobin et al., 2017) draws these properties at random for
+every training sample so that none of them can be relied on. ``random_camera`` applies, each
+with its own probability:
+
+* exposure (global gain) and white balance (per-channel gain, kept small enough that no cone
+  colour turns into another: orange stays orange at +-12 %);
+* contrast and gamma;
+* defocus (Gaussian) or motion blur;
+* sensor noise (stronger in the dark, as on a real sensor);
+* water drops on the lens (blurred, inverted patches);
+* JPEG compression.
+
+The geometric part of another camera (scale, aspect, mount) is drawn by each trainer where it
+warps its frames (``export.proposer_data.augment_frame``); ``random_aspect`` gives the aspect
+factor they share. Works on uint8 H x W x 3 images in any channel order; numpy and cv2 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class CameraRandomisation:
+    """Probabilities and ranges of ``random_camera``; ``strength`` 0 turns it off.
+
+    Attributes:
+        exposure: global gain range (log-uniform).
+        white_balance: largest per-channel gain deviation.
+        p_blur, p_noise, p_drops, p_jpeg: probability of each effect per image.
+        max_blur_px: longest motion-blur kernel / largest Gaussian sigma x 3.
+        max_noise: largest noise sigma (grey levels) at full exposure.
+        jpeg_quality: lowest and highest JPEG quality.
+    """
+
+    exposure: tuple[float, float] = (0.3, 1.5)
+    white_balance: float = 0.12
+    contrast: tuple[float, float] = (0.7, 1.3)
+    gamma: tuple[float, float] = (0.75, 1.35)
+    p_blur: float = 0.3
+    max_blur_px: int = 11
+    p_noise: float = 0.35
+    max_noise: float = 16.0
+    p_drops: float = 0.12
+    p_jpeg: float = 0.3
+    jpeg_quality: tuple[int, int] = (12, 70)
+
+
+DEFAULT = CameraRandomisation()
+
+
+def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def random_aspect(rng: np.random.Generator, lo: float = 0.8, hi: float = 2.0) -> float:
+    """A horizontal stretch factor (log-uniform): above 1 a cone is wider than in the training
+    frame (a camera whose frames were not squashed to a square), below 1 narrower."""
+    return log_uniform(rng, lo, hi)
+
+
+def random_camera(image: np.ndarray, rng: np.random.Generator,
+                  cfg: CameraRandomisation = DEFAULT) -> np.ndarray:
+    """``image`` as a randomly drawn other camera would have recorded it (uint8, same size)."""
+    f = image.astype(np.float32) / 255.0
+    gamma = log_uniform(rng, *cfg.gamma)
+    f = np.power(f, gamma)
+    mean = float(f.mean())
+    f = (f - mean) * rng.uniform(*cfg.contrast) + mean
+    exposure = log_uniform(rng, *cfg.exposure)
+    wb = 1.0 + rng.uniform(-cfg.white_balance, cfg.white_balance, 3)
+    f = f * (exposure * wb).astype(np.float32)
+    out = np.clip(f * 255.0, 0, 255)
+    h, w = image.shape[:2]
+    if rng.random() < cfg.p_blur and min(h, w) >= 8:
+        out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / 64.0))
+    if rng.random() < cfg.p_drops and min(h, w) >= 32:
+        out = lens_drops(out, rng)
+    if rng.random() < cfg.p_noise:
+        # Shot noise grows as exposure falls (the sensor's gain amplifies it).
+        sigma = rng.uniform(1.0, cfg.max_noise) * min(2.0, 1.0 / max(exposure, 0.25)) ** 0.5
+        out = out + rng.normal(0.0, sigma, out.shape).astype(np.float32)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    if rng.random() < cfg.p_jpeg:
+        q = int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1))
+        ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, q])
+        if ok:
+            out = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    return out
+
+
+def blur(f: np.ndarray, rng: np.random.Generator, max_px: float) -> np.ndarray:
+    """Defocus (Gaussian) or linear motion blur of random direction, up to ``max_px``."""
+    if max_px < 1.5:
+        return f
+    if rng.random() < 0.5:
+        return cv2.GaussianBlur(f, (0, 0), rng.uniform(0.5, max(0.6, max_px / 3.0)))
+    k = int(rng.integers(3, max(4, int(max_px)) + 1)) | 1
+    kernel = np.zeros((k, k), np.float32)
+    kernel[k // 2] = 1.0
+    rot = cv2.getRotationMatrix2D(((k - 1) / 2, (k - 1) / 2), rng.uniform(0, 180), 1.0)
+    kernel = cv2.warpAffine(kernel, rot, (k, k))
+    return cv2.filter2D(f, -1, kernel / max(float(kernel.sum()), 1e-6))
+
+
+def lens_drops(f: np.ndarray, rng: np.random.Generator, count: tuple[int, int] = (2, 12)
+               ) -> np.ndarray:
+    """Water drops: soft round patches showing a blurred, inverted view of what is behind."""
+    h, w = f.shape[:2]
+    out = f.astype(np.float32, copy=True)
+    side = min(h, w)
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        r = max(3, int(rng.uniform(0.02, 0.09) * side))
+        cx, cy = int(rng.uniform(0, w)), int(rng.uniform(0, h))
+        x0, y0, x1, y1 = max(cx - r, 0), max(cy - r, 0), min(cx + r, w), min(cy + r, h)
+        if x1 - x0 < 3 or y1 - y0 < 3:
+            continue
+        patch = cv2.GaussianBlur(cv2.flip(np.ascontiguousarray(out[y0:y1, x0:x1]), -1),
+                                 (0, 0), rng.uniform(1.0, 4.0)) * rng.uniform(0.95, 1.15)
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) / r
+        alpha = np.clip((1.0 - d) * 3.0, 0.0, 0.9)[..., None]
+        out[y0:y1, x0:x1] = out[y0:y1, x0:x1] * (1 - alpha) + patch * alpha
+    return out

@@ -1,0 +1,72 @@
+"""Tests of ``export.camera_aug``: the randomised camera keeps the image's size and type,
+varies it with the seed, never turns one cone colour into another, and its effects do what
+they say (blur lowers detail, noise adds variance, drops change only round patches)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from export.camera_aug import (
+    CameraRandomisation,
+    blur,
+    lens_drops,
+    random_aspect,
+    random_camera,
+)
+
+# BGR patches of the three cone colours as the real frames show them.
+PATCHES = {"blue": (160, 70, 20), "yellow": (20, 200, 230), "orange": (20, 90, 235)}
+
+
+def hue_class(bgr: np.ndarray) -> str:
+    hsv = cv2.cvtColor(bgr.reshape(1, 1, 3).astype(np.uint8), cv2.COLOR_BGR2HSV)[0, 0]
+    h = int(hsv[0])
+    if 90 <= h <= 135:
+        return "blue"
+    if 20 <= h < 40:
+        return "yellow"
+    if h < 20 or h >= 170:
+        return "orange"
+    return f"other ({h})"
+
+
+def test_shape_dtype_and_seed():
+    img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    a = random_camera(img, np.random.default_rng(1))
+    b = random_camera(img, np.random.default_rng(1))
+    c = random_camera(img, np.random.default_rng(2))
+    assert a.shape == img.shape and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c).mean() > 1.0
+
+
+def test_no_draw_turns_a_cone_colour_into_another():
+    """White balance is bounded so that hue survives; noise and JPEG are off here because
+    they act on single pixels, not on a patch's colour."""
+    cfg = CameraRandomisation(p_noise=0.0, p_jpeg=0.0, p_drops=0.0)
+    for name, bgr in PATCHES.items():
+        patch = np.full((32, 32, 3), bgr, np.uint8)
+        for seed in range(200):
+            out = random_camera(patch, np.random.default_rng(seed), cfg)
+            mean = out[8:24, 8:24].reshape(-1, 3).mean(0)
+            if mean.max() < 25:  # too dark to have a hue at all
+                continue
+            assert hue_class(mean) == name, (name, seed, mean)
+
+
+def test_blur_lowers_detail_and_drops_stay_local():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (96, 96, 3)).astype(np.float32)
+    blurred = blur(img, np.random.default_rng(3), 9)
+    assert np.abs(np.diff(blurred, axis=1)).mean() < 0.6 * np.abs(np.diff(img, axis=1)).mean()
+    dropped = lens_drops(img, np.random.default_rng(4), count=(1, 1))
+    changed = np.abs(dropped - img).max(2) > 1
+    assert 0 < changed.mean() < 0.2  # one drop: a small round patch
+
+
+def test_aspect_is_drawn_within_its_range():
+    rng = np.random.default_rng(0)
+    draws = np.array([random_aspect(rng, 0.8, 2.0) for _ in range(500)])
+    assert draws.min() >= 0.8 and draws.max() <= 2.0
+    assert (draws > 1.5).mean() > 0.2 and (draws < 1.0).mean() > 0.1
