@@ -248,19 +248,49 @@ def markdown(title: str, score: Score) -> str:
     return "\n".join(lines)
 
 
+def score_node(clips: list[list[TruthFrame]], node_dets: list, tracker_cfg: TrackerConfig,
+               sigma: tuple[float, float, float] | None) -> Score:
+    """Score the node's detections; ``sigma`` = (box_pad_px, sigma_h_px, sigma_h_rel)."""
+    score = Score()
+    for frames, dets in zip(clips, node_dets):
+        if sigma is not None:
+            for tf in frames:
+                tf.camera_config = CameraConfig(**{**tf.camera_config.__dict__,
+                                                   "box_pad_px": sigma[0]})
+        score_clip(frames, dets, score, tracker_cfg, sigma=None if sigma is None else sigma[1:])
+    return score
+
+
+def calibrate(clips: list[list[TruthFrame]], node_dets: list,
+              tracker_cfg: TrackerConfig) -> tuple[float, float, float]:
+    """Fit (box_pad_px, sigma_h_px, sigma_h_rel) on these clips: the pad and the shape of the
+    noise from the node's box heights against the true ones, then one scale factor so that
+    68 % of the cones <= 20 m lie within 1 sigma."""
+    bias, a, b = calibrate_sigma(score_node(clips, node_dets, tracker_cfg, None))
+    pad = 1.0 + bias  # true boxes enclose every touched pixel: about 1 px over the cone
+    best = (1.0, 9.0)
+    for k in np.arange(0.5, 4.01, 0.1):
+        cov = score_node(clips, node_dets, tracker_cfg,
+                         (pad, k * a, k * b)).summary()["coverage_1sigma_all"]
+        if cov is not None and abs(cov - 0.68) < best[1]:
+            best = (float(k), abs(cov - 0.68))
+    return pad, best[0] * a, best[0] * b
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.track_eval", description=__doc__.split(
-        "\n")[0])
+    p = argparse.ArgumentParser(prog="python -m export.track_eval",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--clips", type=int, default=4, help="rendered clips (default 4)")
     p.add_argument("--frames", type=int, default=50, help="frames per clip (default 50)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first clip")
     p.add_argument("--no-node", action="store_true", help="oracle boxes only (no detector)")
     p.add_argument("--no-pose", action="store_true", help="no camera height or pitch")
     p.add_argument("--calibrate", action="store_true",
-                   help="print the node boxes' height noise (to set camera.sigma_h_*)")
+                   help="fit box_pad_px, sigma_h_px, sigma_h_rel on these clips and print them")
     p.add_argument("--sigma", type=float, nargs=3, metavar=("PAD", "PX", "REL"), default=None,
-                   help="box_pad_px, sigma_h_px, sigma_h_rel for the node run")
-    p.add_argument("--out", default=None, help="write the markdown table to this file")
+                   help="box_pad_px, sigma_h_px, sigma_h_rel for the node run "
+                        "(default: node.track's defaults)")
+    p.add_argument("--out", default=None, help="write the markdown tables to this file")
     p.add_argument("--node-args", default="", help="extra arguments for node replay")
     args = p.parse_args(argv)
     if args.clips < 1 or args.frames < 2:
@@ -268,31 +298,27 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.clips))
     clips = [list(render_truth_clip(s, args.frames, pose=not args.no_pose)) for s in seeds]
     tracker_cfg = TrackerConfig()
-    parts = [f"seeds {seeds[0]}..{seeds[-1]}, {args.clips} clips x {args.frames} frames, "
-             f"pose {'off' if args.no_pose else 'on'}", ""]
+    parts = [f"Seeds {seeds[0]}..{seeds[-1]}: {args.clips} clips x {args.frames} frames, "
+             f"camera height and pitch {'not given' if args.no_pose else 'given'}.", ""]
     oracle = Score()
     for frames in clips:
         dets = [(tf.boxes, tf.labels, np.ones(len(tf.boxes))) for tf in frames]
-        score_clip(frames, dets, oracle, tracker_cfg, sigma=(1.0, 0.0))
-    parts.append(markdown("Oracle: true boxes and labels", oracle))
+        score_clip(frames, dets, oracle, tracker_cfg)
+    parts.append(markdown("Oracle: true boxes and labels (default sigma)", oracle))
     result = {"oracle": oracle.summary()}
     if not args.no_node:
         with tempfile.TemporaryDirectory() as tmp:
             node_dets = run_node(clips, Path(tmp), args.node_args.split())
-        node = Score()
-        pad, s_px, s_rel = args.sigma if args.sigma else (None, None, None)
-        for frames, dets in zip(clips, node_dets):
-            if pad is not None:
-                for tf in frames:
-                    tf.camera_config = CameraConfig(**{**tf.camera_config.__dict__,
-                                                       "box_pad_px": pad})
-            score_clip(frames, dets, node, tracker_cfg,
-                       sigma=(s_px, s_rel) if s_px is not None else None)
-        parts.append(markdown("Node: detector boxes and labels", node))
-        result["node"] = node.summary()
+        sigma = tuple(args.sigma) if args.sigma else None
         if args.calibrate:
-            bias, a, b = calibrate_sigma(node)
-            result["calibration"] = {"box_pad_px": bias, "sigma_h_px": a, "sigma_h_rel": b}
+            sigma = calibrate(clips, node_dets, tracker_cfg)
+            result["calibration"] = dict(zip(("box_pad_px", "sigma_h_px", "sigma_h_rel"),
+                                             sigma))
+        node = score_node(clips, node_dets, tracker_cfg, sigma)
+        label = "default sigma" if sigma is None else (
+            "box_pad_px %.2f, sigma_h_px %.2f, sigma_h_rel %.3f" % sigma)
+        parts.append(markdown(f"Node: detector boxes and labels ({label})", node))
+        result["node"] = node.summary()
     text = "\n".join(parts)
     print(text)
     print(json.dumps(result))

@@ -66,7 +66,10 @@ class CameraConfig:
             the bgracing frames); None means square pixels. Used with ``hfov_deg`` only.
         height_m: camera height above the ground (enables the ground-plane estimate).
         pitch_deg: downward tilt of the optical axis (degrees, positive looking down).
-        sigma_h_px: constant part of the box-height noise (pixels).
+        sigma_h_px: constant part of the box-height noise (pixels). The defaults of
+            ``sigma_h_px``, ``sigma_h_rel`` and ``box_pad_px`` were fitted to the bundled
+            node's boxes on one rendered clip (``python -m export.track_eval --calibrate``,
+            seed 100; docs/tracking.md) and hold for other seeds; refit them for a new model.
         sigma_h_rel: part of the box-height noise proportional to the box height.
         sigma_pitch_deg: frame-to-frame pitch noise (suspension, vibration), degrees.
         box_pad_px: how much taller a box is than the cone's projected height, on average
@@ -83,10 +86,10 @@ class CameraConfig:
     native_aspect: float | None = None
     height_m: float | None = None
     pitch_deg: float | None = None
-    sigma_h_px: float = 1.0
-    sigma_h_rel: float = 0.05
+    sigma_h_px: float = 1.4
+    sigma_h_rel: float = 0.03
     sigma_pitch_deg: float = 0.25
-    box_pad_px: float = 1.0
+    box_pad_px: float = 1.2
 
     def __post_init__(self) -> None:
         ranges = {"fx": (1e-3, 1e6), "fy": (1e-3, 1e6), "cx": (-1e5, 1e5), "cy": (-1e5, 1e5),

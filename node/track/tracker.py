@@ -8,8 +8,9 @@ low-score detections against the tracks still unmatched. Assignment is greedy on
 first) instead of the Hungarian method: cones are far apart and greedy suffices, which keeps
 scipy out of the runtime. Three cone-specific choices:
 
-* a track only takes detections of its own class (``unknown_cone`` matches any class), as
-  blue and yellow cones stand side by side;
+* a track only takes detections of its own colour (``unknown_cone`` matches any; small and
+  large orange count as one, as the classifier confuses them), as blue and yellow cones
+  stand side by side;
 * when IoU finds no partner, a third stage matches by centre distance normalised by box
   height: at 10 fps a near cone moves and grows by more than its size between frames;
 * every unmatched detection at or above ``new_track_score`` starts a track at once, so every
@@ -30,6 +31,8 @@ import numpy as np
 from . import egomotion
 
 UNKNOWN = "unknown_cone"
+GROUP = {"large_orange_cone": "orange_cone"}
+"""Classes a track may switch between: the classifier confuses small and large orange."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class TrackerConfig:
         ego_smoothing: weight of the new ego-motion estimate against the previous one (0..1].
     """
 
-    high_score: float = 0.6
+    high_score: float = 0.5
     low_score: float = 0.1
     new_track_score: float = 0.0
     match_iou: float = 0.2
@@ -167,7 +170,7 @@ class _Track:
         k = self.P @ self._H.T @ np.linalg.inv(s)
         self.x = self.x + k @ (z - self._H @ self.x)
         self.P = (np.eye(8) - k @ self._H) @ self.P
-        if self.label == UNKNOWN:
+        if self.label == UNKNOWN or GROUP.get(label) == self.label:
             self.label = label
         self.last_box = np.asarray(box, np.float64)
         self.pred_box = None
@@ -261,7 +264,8 @@ class ConeTracker:
         if self.config.class_gate:
             for i, t in enumerate(tracks):
                 for j, lb in enumerate(labels):
-                    ok[i, j] = t.label == lb or UNKNOWN in (t.label, lb)
+                    ok[i, j] = (GROUP.get(t.label, t.label) == GROUP.get(lb, lb)
+                                or UNKNOWN in (t.label, lb))
         return ok
 
     def _match(self, tracks: list[_Track], boxes: np.ndarray, labels: list[str],
