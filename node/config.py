@@ -9,6 +9,7 @@ must never silently fall back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -63,7 +64,11 @@ def load_config(cls: type[T], path: str | Path | None = None,
             raise ConfigError(f"{p}: top level must be a mapping of keys")
         data = loaded
     if overrides:
+        # The file is checked on its own first, so that a bad override blames the command
+        # line (the key it set), never the file.
+        _build(cls, data, origin, prefix="")
         data = _merge(data, _parse_overrides(overrides), origin="command line")
+        origin = "command line"
     return _build(cls, data, origin, prefix="")
 
 
@@ -166,6 +171,8 @@ def _check(tp: Any, value: Any, meta: typing.Mapping, origin: str, key: str) -> 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{origin}: {key}: expected a number, got {value!r}")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every bound check; inf is never meant
+            raise ConfigError(f"{origin}: {key}: {value!r} is not a finite number")
     elif tp is str and not isinstance(value, str):
         raise ConfigError(f"{origin}: {key}: expected a string, got {value!r}")
     lo, hi, choices = meta.get("min"), meta.get("max"), meta.get("choices")
