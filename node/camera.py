@@ -9,8 +9,11 @@ appsink uses ``drop=true max-buffers=1 sync=false`` so no stale frame queues up.
 ``LiveSource`` runs the capture in a thread and keeps a one-slot buffer: a frame not consumed
 before the next arrives is overwritten and counted in ``dropped``, which bounds end-to-end
 latency under overload. When reads fail, it reopens the capture with exponential backoff,
-reports ``health`` (state ok/reconnecting/failed, since, attempts) and logs every attempt; it
-gives up only after ``max_attempts`` (0 = never) with a ``SourceError``. It accepts any
+reports ``health`` (state ok/reconnecting/failed, since, attempts) and logs the attempts (at
+most one line per ``LOG_INTERVAL_S``, each attempt in one line only); it gives up only after
+``max_attempts`` (0 = never) with a ``SourceError``. A camera that is absent when the node
+starts is retried the same way, from a thread, so a signal ends the node even while an open
+hangs (as an RTSP open to a silent server does); RTSP opens also carry a timeout. It accepts any
 capture factory returning an object with ``read() -> (ok, image)``, so tests inject fakes.
 """
 
@@ -34,6 +37,10 @@ from node.types import Frame
 log = logging.getLogger(__name__)
 
 FFMPEG_RTSP_OPTIONS = "rtsp_transport;tcp|fflags;nobuffer"
+OPEN_TIMEOUT_S = 5.0
+"""How long an RTSP open (and one read) may take before it counts as a failed attempt."""
+LOG_INTERVAL_S = 1.0
+"""At most one reconnect log line per this many seconds, however short the backoff."""
 
 
 class Capture(Protocol):
@@ -53,9 +60,12 @@ def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: 
             f"appsink drop=true max-buffers=1 sync=false")
 
 
-def rtsp_pipeline(url: str, latency_ms: int = 0) -> str:
-    """Low-latency GStreamer pipeline for an RTSP stream, ending in a BGR appsink."""
-    return (f"rtspsrc location={url} latency={int(latency_ms)} ! decodebin ! videoconvert ! "
+def rtsp_pipeline(url: str, latency_ms: int = 0, timeout_s: float = OPEN_TIMEOUT_S) -> str:
+    """Low-latency GStreamer pipeline for an RTSP stream, ending in a BGR appsink; the
+    connection times out after ``timeout_s`` instead of hanging."""
+    timeout_us = int(timeout_s * 1e6)
+    return (f"rtspsrc location={url} latency={int(latency_ms)} timeout={timeout_us} "
+            f"tcp-timeout={timeout_us} ! decodebin ! videoconvert ! "
             f"video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false")
 
 
@@ -121,8 +131,11 @@ def _open_ffmpeg(uri: str, options: str) -> Any:
     key = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
     before = os.environ.get(key)
     os.environ[key] = before or options  # a user's own setting wins
-    try:
-        return cv2.VideoCapture(uri, cv2.CAP_FFMPEG)
+    timeout_ms = int(OPEN_TIMEOUT_S * 1e3)
+    try:  # without a timeout an open to a silent server blocks for half a minute
+        return cv2.VideoCapture(uri, cv2.CAP_FFMPEG,
+                                [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms,
+                                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms])
     finally:
         if before is None:
             del os.environ[key]
@@ -206,8 +219,10 @@ class LiveSource(NewestFrameSource):
         reconnect_initial_s, reconnect_max_s: backoff starts here and doubles up to the max.
         max_attempts: consecutive failed reconnects before giving up; 0 retries forever.
 
-    Raises:
-        SourceError: the first open fails (a wrong device should not wait forever).
+    The first open runs in the capture thread: a camera absent at start is retried with the
+    same backoff as one lost mid-run (systemd's start limit must not leave the car's node
+    dead), and an open that hangs cannot block the caller's signal handling. Without
+    ``reconnect`` (a file read live) a failed first open raises ``SourceError`` at once.
     """
 
     is_live = True
@@ -230,10 +245,16 @@ class LiveSource(NewestFrameSource):
         self._stop = threading.Event()
         self._finished = False
         self._fatal: SourceError | None = None
-        self._health = {"state": "ok", "since": time.time(), "attempts": 0, "last_error": None}
-        self._capture = self._try_open()
-        if self._capture is None:
-            raise SourceError(f"{name}: cannot open camera ({self._health['last_error']})")
+        self._health = {"state": "opening", "since": time.time(), "attempts": 0,
+                        "last_error": None}
+        self._last_log: float | None = None
+        self._unlogged = 0
+        self._capture: Any = None
+        if not reconnect:
+            self._capture = self._try_open()
+            if self._capture is None:
+                raise SourceError(f"{name}: cannot open camera ({self._health['last_error']})")
+            self._health["state"] = "ok"
         self._thread = threading.Thread(target=self._run, name=f"capture {name}", daemon=True)
         self._thread.start()
 
@@ -276,6 +297,14 @@ class LiveSource(NewestFrameSource):
             _release(self._capture)
 
     def _capture_loop(self) -> None:
+        if self._capture is None:  # the first open, retried like a reconnect
+            cap = self._try_open()
+            if cap is not None:
+                self._capture = cap
+                with self._cond:
+                    self._health.update(state="ok", since=time.time())
+            elif not self._reconnect(first=True):
+                return
         while not self._stop.is_set():
             t0 = time.perf_counter()
             try:
@@ -304,8 +333,11 @@ class LiveSource(NewestFrameSource):
             self._offer(frame)
             self.captured += 1
 
-    def _reconnect(self) -> bool:
-        """Reopen with exponential backoff; ``False`` when giving up or stopping."""
+    def _reconnect(self, first: bool = False) -> bool:
+        """Reopen with exponential backoff; ``False`` when giving up or stopping.
+
+        ``first``: the camera was not there at start (no capture yet to release).
+        """
         _release(self._capture)
         self._capture = None
         delay = self.reconnect_initial_s
@@ -313,7 +345,12 @@ class LiveSource(NewestFrameSource):
         with self._cond:
             self._health.update(state="reconnecting", since=time.time(), attempts=0)
             self._health["last_error"] = self._health["last_error"] or "read failed"
-        log.warning("%s: camera stopped delivering frames, reconnecting", self.name)
+        self._last_log, self._unlogged = None, 0
+        if first:
+            log.warning("%s: cannot open camera (%s), retrying", self.name,
+                        self._health["last_error"])
+        else:
+            log.warning("%s: camera stopped delivering frames, reconnecting", self.name)
         while not self._stop.wait(delay):
             attempts += 1
             cap = self._try_open()
@@ -326,9 +363,7 @@ class LiveSource(NewestFrameSource):
                     self._health.update(state="ok", since=time.time(), last_error=None)
                 log.warning("%s: camera back after %d attempt(s)", self.name, attempts)
                 return True
-            log.warning("%s: reconnect attempt %d failed (%s), next in %.1f s", self.name,
-                        attempts, self._health["last_error"], min(delay * 2,
-                                                                   self.reconnect_max_s))
+            self._log_attempt(attempts, min(delay * 2, self.reconnect_max_s))
             if self.max_attempts and attempts >= self.max_attempts:
                 with self._cond:
                     self._health.update(state="failed", since=time.time())
@@ -341,6 +376,18 @@ class LiveSource(NewestFrameSource):
             delay = min(delay * 2, self.reconnect_max_s)
         return False
 
+    def _log_attempt(self, attempts: int, next_s: float) -> None:
+        """Log a failed attempt, at most one line per ``LOG_INTERVAL_S`` (a short backoff
+        must not flood the journal); a line counts the attempts it stands for."""
+        now = time.monotonic()
+        if self._last_log is not None and now - self._last_log < LOG_INTERVAL_S:
+            self._unlogged += 1
+            return
+        also = f" ({self._unlogged} earlier attempt(s) not logged)" if self._unlogged else ""
+        log.warning("%s: reconnect attempt %d failed (%s), next in %.1f s%s", self.name,
+                    attempts, self._health["last_error"], next_s, also)
+        self._last_log, self._unlogged = now, 0
+
     def close(self) -> None:
         if self._closed:
             return
@@ -348,7 +395,9 @@ class LiveSource(NewestFrameSource):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=5.0)
+        # A capture thread stuck in a driver's open cannot be interrupted; it is a daemon
+        # thread, so the node does not wait long for it.
+        self._thread.join(timeout=2.0)
 
 
 class CaptureReplaySource(Source):

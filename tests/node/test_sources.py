@@ -42,8 +42,8 @@ def test_csi_pipeline_string():
 
 def test_rtsp_pipeline_string():
     p = rtsp_pipeline("rtsp://10.0.0.2:8554/cam")
-    assert p.startswith("rtspsrc location=rtsp://10.0.0.2:8554/cam latency=0 ! decodebin ! "
-                        "videoconvert")
+    assert p.startswith("rtspsrc location=rtsp://10.0.0.2:8554/cam latency=0 timeout=5000000 "
+                        "tcp-timeout=5000000 ! decodebin ! videoconvert")
     assert p.endswith("appsink drop=true max-buffers=1 sync=false")
 
 
@@ -72,7 +72,7 @@ def test_capture_factories_pick_backend(monkeypatch):
     monkeypatch.setattr(camera, "opencv_has_gstreamer", lambda: False)
     monkeypatch.delenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", raising=False)
     cap = capture_factory("rtsp://cam/x")()
-    assert _RecordingCapture.calls[-1] == ("rtsp://cam/x", cv2.CAP_FFMPEG)
+    assert _RecordingCapture.calls[-1][:2] == ("rtsp://cam/x", cv2.CAP_FFMPEG)  # + timeouts
     assert cap.ffmpeg_options == "rtsp_transport;tcp|fflags;nobuffer"
     # set only while opening: it must not leak into video files opened later
     assert "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ
@@ -375,9 +375,10 @@ def test_live_source_gives_up_after_max_attempts_with_clear_error():
     src.close()
 
 
-def test_live_source_first_open_failure_is_an_error():
+def test_live_source_first_open_failure_is_an_error_without_reconnect():
+    # (With reconnect, a camera absent at start is retried: tests/reliability.)
     with pytest.raises(SourceError, match="fake://none: cannot open camera"):
-        LiveSource(lambda: FakeCamera(tag=0, opened=False), "fake://none")
+        LiveSource(lambda: FakeCamera(tag=0, opened=False), "fake://none", reconnect=False)
 
 
 def test_video_file_as_live_source_ends_at_eof(tmp_path):
