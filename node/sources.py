@@ -19,6 +19,7 @@ were read; bag frames carry their header stamp (the log time where the header st
 
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import logging
 import re
@@ -189,7 +190,8 @@ class ImageFilesSource(Source):
     """Image files in the given order; ``source_name`` is the file name.
 
     Zero-byte, non-image and undecodable files become error frames (``image=None``,
-    ``error="<file>: unreadable image"``) and count in ``errors``.
+    ``error="<file>: unreadable image"``) and count in ``errors``; so do broken and looping
+    symbolic links (``"<file>: broken symbolic link"``, ``"... symbolic link loop"``).
     """
 
     def __init__(self, paths: list[Path], name: str) -> None:
@@ -213,14 +215,38 @@ class ImageFilesSource(Source):
             if image is None:
                 self.errors += 1
                 yield Frame(index, time.time(), None, path.name, capture_ms,
-                            error=f"{path.name}: unreadable image")
+                            error=f"{path.name}: {_link_problem(path) or 'unreadable image'}")
             else:
                 yield Frame(index, time.time(), image, path.name, capture_ms)
 
 
+def _link_problem(path: Path) -> str | None:
+    """Why a symbolic link leads to no file ("broken symbolic link", "symbolic link loop"),
+    or None when ``path`` is not such a link."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENOENT:
+            return "broken symbolic link"
+        return f"symbolic link unreadable ({exc.strerror})"
+    return None
+
+
+def _is_frame_file(path: Path) -> bool:
+    """A regular file, or a symbolic link that leads nowhere (it becomes an error frame, so
+    that it is counted and reported rather than skipped)."""
+    return path.is_file() or _link_problem(path) is not None
+
+
 def image_folder(path: Path) -> ImageFilesSource:
-    """Every regular, non-hidden file in ``path``, in natural order of its name."""
-    files = sorted((p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")),
+    """Every regular, non-hidden file in ``path``, in natural order of its name (broken and
+    looping symbolic links included: they become error frames)."""
+    files = sorted((p for p in path.iterdir()
+                    if _is_frame_file(p) and not p.name.startswith(".")),
                    key=lambda p: natural_key(p.name))
     if not files:
         raise SourceError(f"{path}: image folder is empty")
@@ -229,8 +255,8 @@ def image_folder(path: Path) -> ImageFilesSource:
 
 def image_glob(pattern: str) -> ImageFilesSource:
     """Files matching a glob pattern (``**`` recurses), in natural order of their path."""
-    files = sorted((Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file()),
-                   key=lambda p: natural_key(str(p)))
+    files = sorted((Path(p) for p in globlib.glob(pattern, recursive=True)
+                    if _is_frame_file(Path(p))), key=lambda p: natural_key(str(p)))
     if not files:
         raise SourceError(f"{pattern}: no files match this pattern")
     return ImageFilesSource(files, pattern)
