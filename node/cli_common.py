@@ -39,6 +39,9 @@ def add_node_arguments(parser: argparse.ArgumentParser, *, replay: bool) -> None
     parser.add_argument("--video-out", metavar="F.mp4", help="write an annotated video")
     parser.add_argument("--zmq", metavar="ENDPOINT",
                         help="publish on a ZeroMQ PUB socket (e.g. tcp://127.0.0.1:5555)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --jsonl, --summary, --video-out and --bag "
+                             "outputs (without it they are refused)")
     parser.add_argument("--sync", action="store_true",
                         help="run the stages serially instead of pipelined")
     parser.add_argument("--set", metavar="KEY.PATH=VALUE", action="append", default=[],
@@ -76,15 +79,36 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return load_node_config(args.config, flags)
 
 
+EXIT_INTERRUPTED = 130
+"""Stopped by SIGINT (Ctrl-C), as shells report it. SIGTERM is a requested, clean stop: 0."""
+
+
+def check_model_path(path: str | Path, resolved: Path) -> None:
+    """A model path that is missing or a directory, in one line (raises ``CliError``)."""
+    if resolved.is_dir():
+        raise CliError(f"{path}: is a directory, not a model file (pass --model PATH to an "
+                       f".onnx or .engine file)")
+    if not resolved.is_file():
+        raise CliError(f"{path}: model file not found (pass --model PATH or set model.path)")
+
+
 def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
-    """Assemble the node from ``args`` and run it over ``uri``; prints the summary."""
+    """Assemble the node from ``args`` and run it over ``uri``; prints the summary.
+
+    Every output path is checked before anything is loaded or written. The exit code is 0,
+    1 when no frame was processed, every inference failed or an output failed (after the
+    summary is printed and written), or 130 after SIGINT.
+    """
+    from .outputs import check_outputs
     from .pipeline import Pipeline, check_batch_capacity
 
     config = config_from_args(args)
+    overwrite = bool(getattr(args, "overwrite", False))
+    pub = config.publishers
+    check_outputs({"--jsonl": pub.jsonl, "--bag": pub.bag, "--video-out": pub.video_out,
+                   "--summary": args.summary}, overwrite=overwrite)
     model_path = resolve_path(config.model.path)
-    if not model_path.is_file():
-        raise CliError(f"{config.model.path}: model file not found (pass --model PATH or set "
-                       f"model.path)")
+    check_model_path(config.model.path, model_path)
     proposer = _build_proposer(config)
     backend = _load_backend(model_path, config)
     progress = exporter = None
@@ -94,7 +118,7 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
             check_batch_capacity(proposer, backend)  # engines know their batch limit now
             source = _open_source(uri, config, live)
             try:
-                publishers = _build_publishers(config)
+                publishers = _build_publishers(config, overwrite)
                 tracker, exporter = _build_tracker(config)
             except BaseException:
                 _close_quietly([source, *publishers])
@@ -114,6 +138,25 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
     refiner = getattr(proposer, "refiner", None)  # node.box_refiner.RefinedProposer
     summary["refiner"] = str(config.proposer.refiner_model) if refiner is not None else None
     _emit_summary(summary, args, to_stderr=config.publishers.jsonl == "-")
+    return exit_code(summary, uri)
+
+
+def exit_code(summary: dict, uri: str) -> int:
+    """130 after SIGINT, 0 after SIGTERM; otherwise raises ``CliError`` (exit 1) when an
+    output failed, no frame was processed or every inference failed, else 0."""
+    if summary.get("signal") == "SIGINT":
+        return EXIT_INTERRUPTED
+    if summary.get("output_error"):
+        raise CliError(summary["output_error"])
+    if summary.get("signal") == "SIGTERM":
+        return 0
+    frames = summary["frames"]
+    if summary.get("inference_failed") and not summary.get("inferred"):
+        raise CliError(f"every inference failed ({summary['inference_failed']} of {frames} "
+                       f"frames; first: {summary.get('first_inference_error')})")
+    if frames - summary["errors"] <= 0:
+        why = f"all {frames} frames unreadable" if frames else "the source gave no frame"
+        raise CliError(f"{uri}: no frame was processed ({why})")
     return 0
 
 
@@ -139,13 +182,13 @@ def _open_source(uri: str, config: NodeConfig, live: bool) -> Any:
     return open_source(uri, live=False, **opts)
 
 
-def _build_publishers(config: NodeConfig) -> list:
+def _build_publishers(config: NodeConfig, overwrite: bool = False) -> list:
     from .publishers import build_publishers
 
     pub = config.publishers
     return build_publishers(jsonl=pub.jsonl, zmq=pub.zmq, bag=pub.bag, video=pub.video_out,
                             bag_images=pub.annotate_bag_images,
-                            video_fps=pub.video_fps)
+                            video_fps=pub.video_fps, overwrite=overwrite)
 
 
 def _build_tracker(config: NodeConfig) -> tuple[Any, Any]:
@@ -173,11 +216,14 @@ def _progress_bar(source: Any, enabled: bool) -> Any:
 
 
 def _emit_summary(summary: dict, args: argparse.Namespace, to_stderr: bool) -> None:
-    if args.summary:
-        path = Path(args.summary)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary), file=sys.stderr if to_stderr else sys.stdout, flush=True)
+    if args.summary:  # checked (and refused if it existed) before the run
+        path = Path(args.summary)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise CliError(f"{path}: cannot write the summary ({exc.strerror})") from None
 
 
 def format_summary(summary: dict) -> str:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cli_common import CliError, run_node
+from .cli_common import CliError, check_model_path, run_node
 from .cli_replay import add_arguments as add_replay_arguments
 from .node_config import load_node_config, resolve_path
 
@@ -41,8 +41,7 @@ def main(args: argparse.Namespace) -> int:
     if args.frames < 1:
         raise CliError(f"--frames must be >= 1, got {args.frames}")
     model = args.model or load_node_config().model.path
-    if not resolve_path(model).is_file():  # fail before spending time on rendering
-        raise CliError(f"{model}: model file not found (pass --model PATH)")
+    check_model_path(model, resolve_path(model))  # fail before spending time on rendering
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in OUTPUTS:  # a rerun replaces the previous demo (a bag refuses to overwrite)
@@ -54,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     render_clip(out / "clip", out / "clip.mp4", args.frames, args.seed)
     replay_argv = [str(out / "clip.mp4"), "--jsonl", str(out / "cones.jsonl"),
                    "--bag", str(out / "bag"), "--video-out", str(out / "annotated.mp4"),
-                   "--summary", str(out / "summary.json")]
+                   "--summary", str(out / "summary.json"), "--overwrite"]
     replay_argv += ["--set", f"proposer.body_mask={json.dumps(SYNTH_BODY_MASK)}"]
     if args.model:
         replay_argv += ["--model", args.model]

@@ -10,7 +10,8 @@ result back. ``sync`` runs the same stages one after another, for comparison.
 Replay never drops a frame: every frame the source yields gets exactly one ``FrameResult``, in
 input order, including unreadable frames (``error`` set, no cones) and frames whose inference
 failed. SIGINT/SIGTERM set a flag checked once per frame; the frame in flight is finished and
-the publishers are flushed and closed before ``run`` returns its summary.
+the publishers are flushed and closed before ``run`` returns its summary. An output that fails
+(a full disk) stops the loop; the summary's ``output_error`` names it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .node_config import NodeConfig
 from .postprocess import cones_from_logits
 from .preprocess import Preprocessor
 from .proposers import Proposer
-from .publishers import publish_all
+from .publishers import PublisherError, publish_all
 from .types import Cone, Frame, FrameResult
 
 _EMPTY = np.zeros((0, 4), np.float32)
@@ -94,11 +95,17 @@ class Pipeline:
         self._last_health: float | None = None
         self._rate: float | None = None
         self.counts = {"frames": 0, "errors": 0, "cones": 0, "candidates": 0,
-                       "source_errors": 0}
+                       "source_errors": 0, "inferred": 0, "inference_failed": 0}
+        self.first_inference_error: str | None = None
+        self.stop_signal: int | None = None
+        self.output_error: str | None = None
 
     # -- control -------------------------------------------------------------------------
-    def request_stop(self, *_: Any) -> None:
-        """Finish the frame in flight, then stop (signal handler and API)."""
+    def request_stop(self, signum: int | None = None, *_: Any) -> None:
+        """Finish the frame in flight, then stop (signal handler and API); a signal's number
+        is kept (``stop_signal``: SIGINT exits 130, SIGTERM is a clean stop)."""
+        if signum is not None and self.stop_signal is None:
+            self.stop_signal = signum
         self._stop.set()
 
     @property
@@ -234,6 +241,11 @@ class Pipeline:
             lat["post"] = (time.perf_counter() - t1) * 1e3
         else:
             lat["post"] = 0.0
+        if (item.error or "").startswith("inference failed"):
+            self.counts["inference_failed"] += 1
+            self.first_inference_error = self.first_inference_error or item.error
+        elif item.submitted and not item.error:
+            self.counts["inferred"] += 1
         t_pub = time.perf_counter()
         lat["total"] = (t_pub - item.started) * 1e3
         result = FrameResult(item.frame, cones, dict(lat), len(item.boxes), item.error)
@@ -282,17 +294,26 @@ class Pipeline:
         if self.tracker is not None:
             self.tracker.start()
         t0 = time.perf_counter()
+        self.output_error = None
         try:
             frames = iter(source)
             if self.config.pipeline.sync:
                 self._run_sync(frames)
             else:
                 self._run_pipelined(frames)
+        except PublisherError as exc:  # a full disk: stop, keep what was written, report it
+            self.output_error = str(exc)
         finally:
             wall = time.perf_counter() - t0
             restore()
-            _close_all([source, *self.publishers])
-        return self.summary(wall, source)
+            try:
+                _close_all([source, *self.publishers])
+            except PublisherError as exc:  # a video or bag that could not be finished
+                self.output_error = self.output_error or str(exc)
+        summary = self.summary(wall, source)
+        if self.output_error:
+            summary["output_error"] = self.output_error
+        return summary
 
     def _run_sync(self, frames: Any) -> None:
         while not self.stopped:
@@ -349,7 +370,13 @@ class Pipeline:
             "wall_s": round(wall_s, 3),
             "fps": round(frames / wall_s, 2) if wall_s > 0 else 0.0,
             "interrupted": self.stopped,
+            "inferred": self.counts["inferred"],
+            "inference_failed": self.counts["inference_failed"],
         }
+        if self.first_inference_error:
+            out["first_inference_error"] = self.first_inference_error
+        if self.stop_signal is not None:
+            out["signal"] = signal.Signals(self.stop_signal).name
         if self.tracker is not None:
             self.tracker.set_dropped(out["dropped"])
             out["latency_ms"] = self.tracker.summary()["latency_ms"]

@@ -9,7 +9,8 @@ shutdown on SIGINT/SIGTERM leaves whole files behind.
 one (``wants_image``) draw their own when it is ``None``. ``publish_all`` draws once for all.
 
 - ``JsonlPublisher``: ``FrameResult.to_record()`` (DESIGN.md), one line per frame, written in
-  one call and flushed, so an interrupted run leaves only whole lines.
+  one call and flushed, so an interrupted run leaves only whole lines. A failed write (a full
+  disk) cuts the file back to its last whole line and raises ``PublisherError`` naming it.
 - ``ZmqPublisher``: PUB socket (127.0.0.1 by default), multipart ``[topic, JSON record]``;
   health goes out as ``[topic + b".health", JSON]``. A bounded send queue (``SNDHWM``) means a
   slow subscriber loses messages instead of stalling the node, as ZeroMQ PUB always does.
@@ -17,19 +18,28 @@ one (``wants_image``) draw their own when it is ``None``. ``publish_all`` draws 
   ``/perception/cones``, ``diagnostic_msgs/DiagnosticArray`` on ``/diagnostics`` and optionally
   ``sensor_msgs/CompressedImage`` (JPEG, annotated) on ``/perception/cones/image/compressed``.
   Log time = capture stamp. Message definitions are embedded (MCAP schemas and
-  ``metadata.yaml``), so Foxglove and ``ros2 bag play`` can decode vision_msgs.
-- ``VideoPublisher``: annotated MP4 (``mp4v``), one video frame per published result.
+  ``metadata.yaml``), so Foxglove and ``ros2 bag play`` can decode vision_msgs. A chunk is
+  flushed to disk at least every ``flush_interval_s``: after a ``kill -9``,
+  ``python -m node reindex DIR`` recovers every message up to the last flushed chunk.
+- ``VideoPublisher``: annotated MP4 (``mp4v``), one video frame per published result. OpenCV
+  does not report failed writes, so ``close`` reads the finished file back and raises
+  ``PublisherError`` naming it when it is not a whole video (a full disk).
+
+``build_publishers`` (the command line) never replaces an output silently: an existing regular
+file or bag is refused with ``PublisherError`` unless ``overwrite`` is given (devices and pipes
+are written as they are).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -55,12 +65,23 @@ class Publisher:
     def __init__(self) -> None:
         self.closed = False
         self.published = 0
+        self.failed: PublisherError | None = None
 
     def publish(self, result: FrameResult, image: np.ndarray | None = None) -> None:
-        """Publish one frame's result (``image``: annotated frame, if the caller has one)."""
+        """Publish one frame's result (``image``: annotated frame, if the caller has one).
+
+        Raises:
+            PublisherError: the output failed (now or on an earlier frame); names it.
+        """
         if self.closed:
             raise PublisherError(f"{self.name}: publish after close")
-        self._publish(result, image)
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self._publish(result, image)
+        except PublisherError as exc:
+            self.failed = exc
+            raise
         self.published += 1
 
     def publish_health(self, health: dict, stamp: float | None = None) -> None:
@@ -85,17 +106,42 @@ class Publisher:
         self.close()
 
 
-class JsonlPublisher(Publisher):
-    """One JSON object per frame (DESIGN.md schema) to a file, or stdout for ``"-"``."""
+def refuse_existing(path: str | Path, overwrite: bool) -> None:
+    """Refuse to replace an existing regular file (GNU ``cp -n``-style), unless ``overwrite``.
 
-    def __init__(self, path: str | Path = "-") -> None:
+    Raises:
+        PublisherError: ``path`` exists (one line naming it and ``--overwrite``).
+    """
+    p = Path(path)
+    if not overwrite and p.is_file():
+        raise PublisherError(f"{p}: already exists; not overwriting it (pass --overwrite to "
+                             f"replace it)")
+
+
+class JsonlPublisher(Publisher):
+    """One JSON object per frame (DESIGN.md schema) to a file, or stdout for ``"-"``.
+
+    Args:
+        path: the file, or ``"-"``.
+        overwrite: replace an existing file (the default, as ``open(path, "w")`` does);
+            ``False`` refuses it (``build_publishers``, the command line).
+    """
+
+    def __init__(self, path: str | Path = "-", overwrite: bool = True) -> None:
         super().__init__()
         self.name = str(path)
         self._owns = str(path) != "-"
+        self._whole = 0  # bytes of whole lines written
         if self._owns:
+            refuse_existing(path, overwrite)
+            regular = not Path(path).exists() or Path(path).is_file()
+            mode = "wb" if overwrite or not regular else "xb"  # devices and pipes as they are
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._file: TextIO = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
+                self._file: Any = open(path, mode, buffering=0)  # noqa: SIM115
+            except FileExistsError:
+                raise PublisherError(f"{path}: already exists; not overwriting it (pass "
+                                     f"--overwrite to replace it)") from None
             except OSError as exc:
                 raise PublisherError(f"{path}: cannot write JSONL ({exc.strerror})") from None
         else:
@@ -103,13 +149,33 @@ class JsonlPublisher(Publisher):
 
     def _publish(self, result: FrameResult, image: np.ndarray | None) -> None:
         line = json.dumps(result.to_record(), separators=(", ", ": ")) + "\n"
-        self._file.write(line)  # one write per line, then flush: no partial lines on SIGTERM
-        self._file.flush()
+        if not self._owns:
+            self._file.write(line)  # one write per line, then flush: whole lines on SIGTERM
+            self._file.flush()
+            return
+        encoded = line.encode("utf-8")
+        data = memoryview(encoded)
+        try:
+            while data:  # an unbuffered write may be short (the disk filling up)
+                data = data[self._file.write(data):]
+        except OSError as exc:
+            self._cut_to_whole_lines()
+            raise PublisherError(f"{self.name}: cannot write JSONL ({exc.strerror}); it keeps "
+                                 f"the {self.published} whole record(s) written") from None
+        self._whole += len(encoded)
+
+    def _cut_to_whole_lines(self) -> None:
+        """Drop a partly written last line (a regular file only; devices cannot be cut)."""
+        try:
+            os.ftruncate(self._file.fileno(), self._whole)
+        except OSError:
+            pass
 
     def _close(self) -> None:
-        self._file.flush()
         if self._owns:
             self._file.close()
+        else:
+            self._file.flush()
 
 
 class ZmqPublisher(Publisher):
@@ -167,7 +233,13 @@ class BagPublisher(Publisher):
         overwrite: replace an existing bag directory (one holding ``metadata.yaml``).
         warn_total_ms: end-to-end budget above which diagnostics report WARN.
         storage: ``"mcap"`` (default, Foxglove-friendly) or ``"sqlite3"``.
+        flush_interval_s: MCAP only: the pending chunk is written and flushed to disk once it
+            is this old, so a killed node loses at most this much (``python -m node reindex``
+            recovers the rest).
     """
+
+    FLUSH_INTERVAL_S = 0.5
+    """Default chunk age at which it is flushed: well inside the promised second."""
 
     CONES_TOPIC = "/perception/cones"
     DIAGNOSTICS_TOPIC = "/diagnostics"
@@ -175,7 +247,8 @@ class BagPublisher(Publisher):
 
     def __init__(self, path: str | Path, *, frame_id: str = "camera", images: bool = False,
                  jpeg_quality: int = 80, overwrite: bool = False,
-                 warn_total_ms: float | None = None, storage: str = "mcap") -> None:
+                 warn_total_ms: float | None = None, storage: str = "mcap",
+                 flush_interval_s: float | None = None) -> None:
         super().__init__()
         from rosbags.rosbag2 import StoragePlugin, Writer
 
@@ -185,9 +258,13 @@ class BagPublisher(Publisher):
         self.wants_image = images
         self.jpeg_quality = jpeg_quality
         self.warn_total_ms = warn_total_ms
+        self.flush_interval_s = self.FLUSH_INTERVAL_S if flush_interval_s is None \
+            else flush_interval_s
+        self._flushed_at = time.monotonic()
         if self.path.exists():
             if not overwrite:
-                raise PublisherError(f"{self.path}: bag already exists (remove it or overwrite)")
+                raise PublisherError(f"{self.path}: bag already exists; not overwriting it "
+                                     f"(pass --overwrite to replace it)")
             if not (self.path / "metadata.yaml").is_file() and any(self.path.iterdir()):
                 raise PublisherError(f"{self.path}: exists and is not a ROS 2 bag; not replacing")
             shutil.rmtree(self.path)
@@ -211,7 +288,30 @@ class BagPublisher(Publisher):
     def _write(self, connection: Any, msgtype: str, fields: dict, stamp: float) -> None:
         message = ros_msgs.to_rosbags(self.typestore, msgtype, fields)
         data = self.typestore.serialize_cdr(message, msgtype)
-        self._writer.write(connection, ros_msgs.stamp_ns(stamp), data)
+        try:
+            self._writer.write(connection, ros_msgs.stamp_ns(stamp), data)
+        except OSError as exc:
+            raise PublisherError(f"{self.path}: cannot write bag ({exc.strerror})") from None
+
+    def _maybe_flush(self) -> None:
+        """Flush once the pending chunk is old enough (called after a whole frame)."""
+        if time.monotonic() - self._flushed_at >= self.flush_interval_s:
+            try:
+                self.flush()
+            except OSError as exc:
+                raise PublisherError(f"{self.path}: cannot write bag ({exc.strerror})") \
+                    from None
+
+    def flush(self) -> None:
+        """Write the pending MCAP chunk (with its message index) and flush it to the OS, so a
+        ``kill -9`` loses nothing before this point (rosbags writes a chunk per MiB only)."""
+        self._flushed_at = time.monotonic()
+        storage = getattr(self._writer, "storage", None)
+        chunk = getattr(storage, "chunk", None)
+        if chunk is None or not getattr(chunk, "msgs", None):
+            return  # sqlite3 commits by itself; or nothing new since the last flush
+        storage.close_chunk()
+        storage.bio.flush()
 
     def _publish(self, result: FrameResult, image: np.ndarray | None) -> None:
         stamp = result.frame.stamp
@@ -228,15 +328,22 @@ class BagPublisher(Publisher):
                 self._write(self._images, ros_msgs.COMPRESSED_IMAGE_TYPE,
                             ros_msgs.compressed_image_fields(image, stamp, self.frame_id,
                                                              self.jpeg_quality), stamp)
+        self._maybe_flush()  # a chunk holds whole frames
 
     def publish_health(self, health: dict, stamp: float | None = None) -> None:
         if not self.closed:
             stamp = time.time() if stamp is None else stamp
             self._write(self._diagnostics, ros_msgs.DIAGNOSTICS_TYPE,
                         ros_msgs.health_fields(health, stamp, frame_id=self.frame_id), stamp)
+            self._maybe_flush()
 
     def _close(self) -> None:
-        self._writer.close()  # writes the MCAP summary/index and metadata.yaml
+        try:
+            self._writer.close()  # writes the MCAP summary/index and metadata.yaml
+        except OSError as exc:
+            raise PublisherError(f"{self.path}: cannot finish bag ({exc.strerror}); "
+                                 f"`python -m node reindex {self.path}` recovers its "
+                                 f"flushed messages") from None
 
 
 class VideoPublisher(Publisher):
@@ -249,10 +356,11 @@ class VideoPublisher(Publisher):
 
     wants_image = True
 
-    def __init__(self, path: str | Path, fps: float = 30.0) -> None:
+    def __init__(self, path: str | Path, fps: float = 30.0, overwrite: bool = True) -> None:
         super().__init__()
         if fps <= 0:
             raise PublisherError(f"{path}: video fps must be > 0, got {fps}")
+        refuse_existing(path, overwrite)  # opened at the first frame; refused now
         self.path = Path(path)
         self.name = str(path)
         self.fps = float(fps)
@@ -298,10 +406,27 @@ class VideoPublisher(Publisher):
         if not writer.isOpened():
             raise PublisherError(f"{self.path}: cannot open video writer (mp4v, {width}x{height})")
         self._writer, self._size = writer, (width, height)
+        self._written = 0
 
     def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
+        if self._writer is None:
+            return
+        self._writer.release()
+        self._check_written()
+
+    def _check_written(self) -> None:
+        """Read the finished file back: OpenCV's writer reports no failed write (a full disk
+        gives a truncated MP4 with no index that no player opens)."""
+        expected = self.published
+        capture = cv2.VideoCapture(str(self.path))
+        try:
+            readable = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0) \
+                if capture.isOpened() else 0
+        finally:
+            capture.release()
+        if readable < expected:
+            raise PublisherError(f"{self.path}: video is incomplete ({readable} of {expected} "
+                                 f"frames readable; is the disk full?)")
 
 
 def publish_all(publishers: Sequence[Publisher], result: FrameResult,
@@ -326,19 +451,28 @@ def build_publishers(jsonl: str | Path | None = None, zmq: str | None = None,
     Raises:
         PublisherError: a file or endpoint that cannot be opened.
     """
-    publishers: list[Publisher] = []
+    # The ones that can be refused without touching a file come first (a busy port, an
+    # existing bag), then the JSONL, whose file is created (or replaced) last: a refused start
+    # must not have truncated it. The returned list keeps the documented order.
+    order = {"jsonl": 0, "zmq": 1, "bag": 2, "video": 3}
+    made: dict[str, Publisher] = {}
     try:
-        if jsonl is not None:
-            publishers.append(JsonlPublisher(jsonl))
-        if zmq is not None:
-            publishers.append(ZmqPublisher(zmq, topic=zmq_topic))
-        if bag is not None:
-            publishers.append(BagPublisher(bag, frame_id=frame_id, images=bag_images,
-                                           overwrite=overwrite, warn_total_ms=warn_total_ms))
         if video is not None:
-            publishers.append(VideoPublisher(video, fps=video_fps))
+            refuse_existing(video, overwrite)
+        if jsonl is not None and str(jsonl) != "-":
+            refuse_existing(jsonl, overwrite)
+        if zmq is not None:
+            made["zmq"] = ZmqPublisher(zmq, topic=zmq_topic)
+        if bag is not None:
+            made["bag"] = BagPublisher(bag, frame_id=frame_id, images=bag_images,
+                                       overwrite=overwrite, warn_total_ms=warn_total_ms)
+        if video is not None:
+            made["video"] = VideoPublisher(video, fps=video_fps, overwrite=overwrite)
+        if jsonl is not None:
+            made["jsonl"] = JsonlPublisher(jsonl, overwrite=overwrite)
     except BaseException:
-        for publisher in publishers:
+        for publisher in made.values():
             publisher.close()
         raise
+    publishers = [made[key] for key in sorted(made, key=order.__getitem__)]
     return publishers

@@ -217,7 +217,7 @@ def test_build_publishers_and_publish_all(tmp_path):
     (tmp_path / "taken" / "x").write_text("not a bag")
     with pytest.raises(PublisherError, match="taken: bag already exists"):
         build_publishers(jsonl=tmp_path / "b.jsonl", bag=tmp_path / "taken")
-    assert (tmp_path / "b.jsonl").read_text() == ""  # opened, then closed on the failure
+    assert not (tmp_path / "b.jsonl").exists()  # a refused start creates no file
 
 
 def test_image_to_bgr_handles_row_padding_and_rejects_bad_sizes():
