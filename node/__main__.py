@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("node.cli_replay", "replay a video, image folder, glob or ROS 2 bag"),
     "run": ("node.cli_run", "run on a live camera (csi://N, v4l2:///dev/videoN, rtsp://...)"),
     "demo": ("node.cli_demo", "render a synthetic clip and replay it with the bundled model"),
+    "reindex": ("node.cli_reindex", ("make a bag interrupted by a crash or kill -9 readable "
+                                     "(like ros2 bag reindex)")),
     "bench": ("node.bench", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
     "evaluate": ("node.evaluate", "score a replay's cones (or bare proposals) against YOLO labels"),
     "selfcheck": ("node.selfcheck", ("on the Jetson: build TensorRT engines, compare them with "
