@@ -9,7 +9,7 @@ here on the ground plane from the range estimates instead of from image features
 
 The transform is found RANSAC-style (Fischler & Bolles 1981): each pair (track, detection of
 a compatible class) within ``max_step_m`` of the constant-velocity prior proposes a
-translation (the car never reverses); the one that brings the most tracks within a gate of
+translation for each of a few turns around the prior (the car never reverses); the one that brings the most tracks within a gate of
 a detection wins, and a weighted 2D Kabsch fit on its inliers gives rotation and translation.
 What the ground-plane fit leaves (yaw error, the pitch jitter of the body) is a near-uniform
 image shift, which the tracker removes with ``median_shift`` before its final association.
@@ -20,6 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+TURNS = np.linspace(-0.12, 0.12, 7)
+"""Yaw changes tried around the prior (rad per frame): weaving at speed turns ~0.1 rad."""
 
 
 def rigid_fit(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
@@ -62,21 +65,27 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     angle0, t0 = prior
     if len(prev) == 0 or len(meas) == 0:
         return angle0, t0, 0
-    rot_prev = prev @ rotation(angle0).T
-    hyp = meas[None, :, :] - rot_prev[:, None, :]  # (T, D, 2) translations
-    ok = compat & (np.linalg.norm(hyp - t0, axis=2) <= max_step_m)
-    ok &= hyp[:, :, 1] <= 0.2  # the car does not reverse: static cones never recede
-    cands = np.concatenate([t0[None], hyp[ok]])
     gate = np.minimum(gate_m, 0.25 + 1.5 * np.hypot(prev_sd[:, None], meas_sd[None, :]))
-    best, best_key = 0, (-1, 0.0)
-    for k, t in enumerate(cands):
-        d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
-        hit = np.where(compat, d / gate, np.inf).min(axis=1)
+    best_key, best = (-1, 0.0), (angle0, t0)
+    for angle in angle0 + TURNS:
+        rot_prev = prev @ rotation(angle).T
+        hyp = meas[None, :, :] - rot_prev[:, None, :]  # (T, D, 2) translations
+        ok = compat & (np.linalg.norm(hyp - t0, axis=2) <= max_step_m)
+        ok &= hyp[:, :, 1] <= 0.2  # the car does not reverse: static cones never recede
+        cands = np.concatenate([t0[None], hyp[ok]])
+        # (hypotheses, T, D) distances, each track to each detection
+        d = np.linalg.norm(rot_prev[None, :, None, :] + cands[:, None, None, :]
+                           - meas[None, None], axis=3)
+        hit = np.where(compat[None], d / gate[None], np.inf).min(axis=2)
         inl = hit < 1.0
-        key = (int(inl.sum()), -float(np.sum(hit[inl])))
+        count = inl.sum(axis=1)
+        spread = np.where(inl, hit, 0.0).sum(axis=1)
+        k = int(np.lexsort((spread, -count))[0])
+        key = (int(count[k]), -float(spread[k]))
         if key > best_key:
-            best, best_key = k, key
-    t = cands[best]
+            best_key, best = key, (float(angle), cands[k])
+    angle_h, t = best
+    rot_prev = prev @ rotation(angle_h).T
     d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
     d = np.where(compat & (d < gate), d, np.inf)
     rows, cols = [], []
@@ -89,11 +98,11 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
         rows.append(r)
         cols.append(c)
     if len(rows) < 2:
-        return angle0, t, len(rows)
+        return angle_h, t, len(rows)
     w = 1.0 / (prev_sd[rows] ** 2 + meas_sd[cols] ** 2 + 1e-4)
     angle, trans = rigid_fit(prev[rows], meas[cols], w)
-    if abs(angle - angle0) > 0.05 or np.linalg.norm(trans - t0) > max_step_m:
-        return angle0, t, len(rows)  # a degenerate fit (collinear cones, outliers)
+    if abs(angle - angle_h) > 0.05 or np.linalg.norm(trans - t0) > max_step_m:
+        return angle_h, t, len(rows)  # a degenerate fit (collinear cones, outliers)
     return angle, trans, len(rows)
 
 

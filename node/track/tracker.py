@@ -62,7 +62,7 @@ class TrackerConfig:
     max_age: int = 5
     class_gate: bool = True
     max_step_m: float = 2.5
-    max_accel_m: float = 0.6
+    max_accel_m: float = 0.4
     ego_smoothing: float = 0.5
 
     def __post_init__(self) -> None:
