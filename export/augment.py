@@ -97,6 +97,7 @@ class BatchAugmenter:
                  pad_value: int = 114) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
+        self.pad_value = pad_value
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         ra = cfg.randaugment
@@ -116,6 +117,9 @@ class BatchAugmenter:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 N×3×H×W images, got {images.dtype} "
                              f"{tuple(images.shape)}")
+        camera = getattr(self.cfg, "camera", None)
+        if camera is not None and camera.enabled:
+            images = other_cameras(images, camera.prob, tuple(camera.aspect), self.pad_value)
         if self.cfg.hflip:  # cones are left-right symmetric
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
@@ -129,6 +133,39 @@ class BatchAugmenter:
                 torch.rand(()).item() < self.cfg.mix_prob:
             x, targets = self.mix(x, labels)
         return x, targets
+
+
+def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float],
+                  pad_value: int = 114) -> torch.Tensor:
+    """Each uint8 RGB crop, with probability ``prob``, as another camera would have seen it:
+    a horizontal stretch drawn from ``aspect`` (centre-cropped, or padded with ``pad_value``
+    where it narrows) and ``export.camera_aug.random_camera`` (exposure, white balance, blur,
+    noise, lens drops, JPEG). The random draws come from torch's generator, so a seeded run
+    repeats."""
+    import cv2
+    import numpy as np
+
+    from .camera_aug import random_aspect, random_camera
+
+    seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+    rng = np.random.default_rng(seed)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy().copy()
+    n, h, w = arr.shape[:3]
+    for i in np.flatnonzero(rng.random(n) < prob):
+        crop = arr[i]
+        a = random_aspect(rng, *aspect)
+        new_w = max(1, int(round(w * a)))
+        if new_w != w:
+            wide = cv2.resize(crop, (new_w, h), interpolation=cv2.INTER_LINEAR)
+            if new_w > w:
+                x0 = (new_w - w) // 2
+                crop = wide[:, x0:x0 + w]
+            else:
+                crop = np.full_like(crop, pad_value)
+                x0 = (w - new_w) // 2
+                crop[:, x0:x0 + new_w] = wide
+        arr[i] = random_camera(np.ascontiguousarray(crop), rng)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 
 def normalize_tensor(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor

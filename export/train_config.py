@@ -102,8 +102,23 @@ class MixConfig:
 
 
 @dataclass
+class CameraAugConfig:
+    """Camera domain randomisation of every crop (``export.camera_aug``)."""
+
+    enabled: bool = True
+    prob: float = spec(0.8, min=0.0, max=1.0)
+    aspect: list[float] = field(default_factory=lambda: [0.8, 1.9])
+
+    def __post_init__(self) -> None:
+        a = self.aspect
+        if len(a) != 2 or not 0.2 <= a[0] <= a[1] <= 5.0:
+            raise ValueError(f"aspect {a} must be [low, high] with 0.2 <= low <= high <= 5")
+
+
+@dataclass
 class AugmentConfig:
     hflip: bool = True
+    camera: CameraAugConfig = field(default_factory=CameraAugConfig)
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     mixup: MixConfig = field(default_factory=MixConfig)
     cutmix: MixConfig = field(default_factory=lambda: MixConfig(True, 1.0))

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from .node_config import ProposerConfig, resolve_path
+from .postprocess import suppress_overlaps
 from .proposers import _EMPTY, Proposer, body_mask_image
 from .types import Frame
 
@@ -225,6 +226,11 @@ def open_session(path: str | Path, threads: int = 1,
     return session, meta
 
 
+PYRAMID_AREA = 2.0
+"""A frame input larger than this many times the model's square input area is also seen at
+that area (``HeatmapProposer.levels``)."""
+PYRAMID_NMS_IOU = 0.5
+"""Boxes of the two levels overlapping more than this are one cone."""
 ROW_ALIGN = 32
 """The network's coarsest stride: the input's sides, and a band of rows, are multiples of it."""
 
@@ -322,34 +328,57 @@ class HeatmapProposer(Proposer):
                 f"so proposer.heatmap_resize must be 'square' and proposer.heatmap_rows "
                 f"[0, 1]; or re-export the model (export.proposer_train exports a dynamic "
                 f"height and width)")
-        self._geometry: dict[tuple[int, int], InputGeometry] = {}
+        self._geometry: dict[tuple[int, int], list[InputGeometry]] = {}
         self._body_cache: dict[tuple[int, int], np.ndarray | None] = {}
 
     def geometry(self, width: int, height: int) -> InputGeometry:
         """The network input for frames of this size (computed once per size)."""
+        return self.levels(width, height)[0]
+
+    def levels(self, width: int, height: int) -> list[InputGeometry]:
+        """The inputs the network sees for frames of this size: the frame at its own scale
+        (``input_geometry``) and, when that holds more than ``PYRAMID_AREA`` times the model's
+        square input (a large sensor, whose near cones are bigger than any the network was
+        trained on), the frame again at the model's input area, for the big cones."""
         key = (width, height)
         if key not in self._geometry:
             c = self.config
-            self._geometry[key] = input_geometry(width, height, self.meta, c.heatmap_resize,
-                                                 c.heatmap_max_pixels, c.heatmap_rows)
+            fine = input_geometry(width, height, self.meta, c.heatmap_resize,
+                                  c.heatmap_max_pixels, c.heatmap_rows)
+            levels = [fine]
+            nominal = self.meta.input_size ** 2
+            if (c.heatmap_pyramid and c.heatmap_resize == "keep_aspect" and self._fixed is None
+                    and fine.size[0] * fine.size[1] > PYRAMID_AREA * nominal):
+                levels.append(input_geometry(width, height, self.meta, "keep_aspect", nominal,
+                                             c.heatmap_rows))
+            self._geometry[key] = levels
         return self._geometry[key]
 
-    def raw_outputs(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def raw_outputs(self, image: np.ndarray, level: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The network's heatmap (G_h, G_w), log size (2, G_h, G_w) and offset (2, G_h, G_w)
-        of the frame's band of input rows (``geometry(...).rows``)."""
-        x = frame_tensor(image, self.meta, self.geometry(image.shape[1], image.shape[0]))
-        heat, size, offset = self.session.run(None, {self._input: x})
+        of the frame's band of input rows at pyramid ``level`` (``levels(...)``)."""
+        geo = self.levels(image.shape[1], image.shape[0])[level]
+        heat, size, offset = self.session.run(None, {self._input: frame_tensor(image, self.meta,
+                                                                                geo)})
         return heat[0, 0], size[0], offset[0]
 
     def _propose(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
         image = frame.image
         h, w = image.shape[:2]
-        heat, size, offset = self.raw_outputs(image)
-        geo = self.geometry(w, h)
-        # Every peak above the threshold is decoded; the base class caps after the body mask
-        # and frame clipping, so a smaller cap is always a prefix of a larger one.
-        boxes, scores = decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
-                                       heat.size, geo.scale, (w, h), geo.rows[0])
+        found = []
+        for level, geo in enumerate(self.levels(w, h)):
+            heat, size, offset = self.raw_outputs(image, level)
+            # Every peak above the threshold is decoded; the base class caps after the body
+            # mask and frame clipping, so a smaller cap is always a prefix of a larger one.
+            found.append(decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
+                                        heat.size, geo.scale, (w, h), geo.rows[0]))
+        boxes, scores = found[0]
+        if len(found) > 1:  # one box per cone over the levels, the more confident one
+            boxes = np.concatenate([b for b, _ in found])
+            scores = np.concatenate([s for _, s in found])
+            keep = suppress_overlaps(boxes, scores, PYRAMID_NMS_IOU)
+            boxes, scores = boxes[keep], scores[keep]
         if self.config.body_mask and len(boxes):
             key = (h, w)
             if key not in self._body_cache:

@@ -70,3 +70,23 @@ def test_aspect_is_drawn_within_its_range():
     draws = np.array([random_aspect(rng, 0.8, 2.0) for _ in range(500)])
     assert draws.min() >= 0.8 and draws.max() <= 2.0
     assert (draws > 1.5).mean() > 0.2 and (draws < 1.0).mean() > 0.1
+
+
+def test_classifier_crops_get_other_cameras_repeatably():
+    torch = __import__("pytest").importorskip("torch")
+    from export.augment import other_cameras
+
+    crops = torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(other_cameras(crops, 0.0, (0.8, 1.9)), crops)
+    torch.manual_seed(5)
+    a = other_cameras(crops, 1.0, (0.8, 1.9))
+    torch.manual_seed(5)
+    b = other_cameras(crops, 1.0, (0.8, 1.9))
+    assert a.shape == crops.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    changed = (a.int() - crops.int()).abs().float().mean((1, 2, 3))
+    assert (changed > 2).all()
+    # A narrowing stretch pads with the crop policy's grey at both sides.
+    torch.manual_seed(0)
+    narrow = other_cameras(torch.full((4, 3, 32, 32), 200, dtype=torch.uint8), 1.0, (0.5, 0.5),
+                           pad_value=114)
+    assert narrow.shape == (4, 3, 32, 32)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -118,7 +119,8 @@ def test_a_wide_frame_finds_the_cones_of_its_square_part():
     pytest.importorskip("export.synth")
     from export.synth import render_scene
 
-    proposer = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64))
+    proposer = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
+                                              heatmap_pyramid=False))
     found = total = 0
     for seed in range(90010, 90013):
         image = render_scene(seed, 640, 640).image
@@ -131,6 +133,38 @@ def test_a_wide_frame_finds_the_cones_of_its_square_part():
         total += len(a)
     assert total >= 10
     assert found >= 0.9 * total
+
+
+@needs_model
+def test_a_large_sensor_is_also_searched_at_the_model_scale():
+    """Rendered scenes upscaled 3x to 1920x1920 and searched at full scale: the cones are
+    three times bigger than any the network was trained on, and the second pyramid level, at
+    the model's scale, finds them (measured: 18 of 24 cones >= 48 px with one level, 24 with
+    two)."""
+    pytest.importorskip("export.synth")
+    from export.synth import render_scene
+
+    one = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
+                                         heatmap_pyramid=False, heatmap_max_pixels=4_000_000))
+    two = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
+                                         heatmap_max_pixels=4_000_000))
+    assert len(one.levels(1920, 1920)) == 1 and len(two.levels(1920, 1920)) == 2
+    assert len(two.levels(640, 640)) == 1  # frames of the model's size: one pass
+    found = {"one": 0, "two": 0}
+    total = 0
+    for seed in range(90020, 90024):
+        scene = render_scene(seed, 640, 640)
+        big = cv2.resize(scene.image, (1920, 1920), interpolation=cv2.INTER_LINEAR)
+        truth = scene.boxes * 3.0
+        truth = truth[(truth[:, 3] - truth[:, 1]) >= 48]
+        total += len(truth)
+        for name, proposer in (("one", one), ("two", two)):
+            boxes = proposer.propose(Frame(0, 0.0, big))
+            match = match_greedy(boxes, -np.arange(len(boxes), dtype=float), truth)
+            found[name] += int((match >= 0).sum())
+    assert total >= 10
+    assert found["two"] >= found["one"] + 3
+    assert found["two"] >= 0.9 * total
 
 
 def test_band_setting_is_checked():
