@@ -14,7 +14,8 @@ the fraction of cones whose truth lies within 1 sigma, ID switches per 100 frame
 cone matched to another track id than at its previous match) and consecutive-frame ID
 persistence (true cones matched in frames t and t+1: the share with the same id). The camera
 is "calibrated" per clip from the scene's nominal pose (intrinsics, camera height and pitch
-without the renderer's per-frame pitch jitter); ``--no-pose`` leaves height and pitch out.
+without the renderer's per-frame pitch jitter); ``--pose pitch|none`` leaves the height, or
+both, out.
 ``--calibrate`` prints the box-height noise of the node's matched boxes (to set sigma_h).
 """
 
@@ -68,16 +69,20 @@ def _capture_drawn():
         yield seen
 
 
-def nominal_camera(scene, camera, pose: bool = True) -> CameraConfig:
-    """The per-clip calibration: the frame's intrinsics, the scene's nominal height/pitch."""
+def nominal_camera(scene, camera, pose: str = "full") -> CameraConfig:
+    """The per-clip calibration: the frame's intrinsics, the scene's nominal height and pitch
+    (``pose`` full), the pitch alone (``pitch``) or neither (``none``)."""
     pitch = math.atan((camera.height / 2.0 - scene.horizon_frac * camera.height) / camera.fy)
-    extra = {"height_m": float(scene.camera_height),
-             "pitch_deg": math.degrees(pitch)} if pose else {}
+    extra = {}
+    if pose in ("full", "pitch"):
+        extra["pitch_deg"] = math.degrees(pitch)
+    if pose == "full":
+        extra["height_m"] = float(scene.camera_height)
     return CameraConfig(fx=camera.fx, fy=camera.fy, cx=camera.cx, cy=camera.cy,
                         image_width=camera.width, image_height=camera.height, **extra)
 
 
-def render_truth_clip(seed: int, n_frames: int, pose: bool = True):
+def render_truth_clip(seed: int, n_frames: int, pose: str = "full"):
     """Yield ``TruthFrame``s of one continuous clip (``export.synth.render_clip``)."""
     with _capture_drawn() as seen:
         for frame in synth.render_clip(seed, n_frames):
@@ -284,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=50, help="frames per clip (default 50)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first clip")
     p.add_argument("--no-node", action="store_true", help="oracle boxes only (no detector)")
-    p.add_argument("--no-pose", action="store_true", help="no camera height or pitch")
+    p.add_argument("--pose", choices=("full", "pitch", "none"), default="full",
+                   help="what the camera config gives besides intrinsics: height and pitch "
+                        "(full, default), the pitch alone, or none")
     p.add_argument("--calibrate", action="store_true",
                    help="fit box_pad_px, sigma_h_px, sigma_h_rel on these clips and print them")
     p.add_argument("--sigma", type=float, nargs=3, metavar=("PAD", "PX", "REL"), default=None,
@@ -296,10 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.clips < 1 or args.frames < 2:
         p.error("--clips must be >= 1 and --frames >= 2")
     seeds = list(range(args.seed, args.seed + args.clips))
-    clips = [list(render_truth_clip(s, args.frames, pose=not args.no_pose)) for s in seeds]
+    clips = [list(render_truth_clip(s, args.frames, pose=args.pose)) for s in seeds]
     tracker_cfg = TrackerConfig()
-    parts = [f"Seeds {seeds[0]}..{seeds[-1]}: {args.clips} clips x {args.frames} frames, "
-             f"camera height and pitch {'not given' if args.no_pose else 'given'}.", ""]
+    given = {"full": "camera height and pitch", "pitch": "pitch (no camera height)",
+             "none": "neither camera height nor pitch"}[args.pose]
+    parts = [f"Seeds {seeds[0]}..{seeds[-1]}: {args.clips} clips x {args.frames} frames; "
+             f"intrinsics and {given} given.", ""]
     oracle = Score()
     for frames in clips:
         dets = [(tf.boxes, tf.labels, np.ones(len(tf.boxes))) for tf in frames]

@@ -69,11 +69,13 @@ class CameraConfig:
         sigma_h_px: constant part of the box-height noise (pixels). The defaults of
             ``sigma_h_px``, ``sigma_h_rel`` and ``box_pad_px`` were fitted to the bundled
             node's boxes on one rendered clip (``python -m export.track_eval --calibrate``,
-            seed 100; docs/tracking.md) and hold for other seeds; refit them for a new model.
+            seeds 100-102; docs/tracking.md) and hold for other seeds; refit them for a new model.
         sigma_h_rel: part of the box-height noise proportional to the box height.
         sigma_pitch_deg: frame-to-frame pitch noise (suspension, vibration), degrees.
         box_pad_px: how much taller a box is than the cone's projected height, on average
             (a box that encloses every touched pixel is about 1 px taller).
+        pitch_prior_sigma_deg: how far the pitch may be from 0 when ``pitch_deg`` is not
+            given; widens ``range_sigma_m`` accordingly.
     """
 
     fx: float | None = None
@@ -86,10 +88,11 @@ class CameraConfig:
     native_aspect: float | None = None
     height_m: float | None = None
     pitch_deg: float | None = None
-    sigma_h_px: float = 1.4
-    sigma_h_rel: float = 0.03
+    sigma_h_px: float = 1.0
+    sigma_h_rel: float = 0.02
     sigma_pitch_deg: float = 0.25
-    box_pad_px: float = 1.2
+    box_pad_px: float = 1.0
+    pitch_prior_sigma_deg: float = 8.0
 
     def __post_init__(self) -> None:
         ranges = {"fx": (1e-3, 1e6), "fy": (1e-3, 1e6), "cx": (-1e5, 1e5), "cy": (-1e5, 1e5),
@@ -97,7 +100,8 @@ class CameraConfig:
                   "hfov_deg": (1.0, 179.0), "native_aspect": (0.1, 10.0),
                   "height_m": (0.01, 20.0), "pitch_deg": (-45.0, 45.0),
                   "sigma_h_px": (0.0, 100.0), "sigma_h_rel": (0.0, 1.0),
-                  "sigma_pitch_deg": (0.0, 10.0), "box_pad_px": (-20.0, 20.0)}
+                  "sigma_pitch_deg": (0.0, 10.0), "box_pad_px": (-20.0, 20.0),
+                  "pitch_prior_sigma_deg": (0.0, 45.0)}
         for name, (lo, hi) in ranges.items():
             value = getattr(self, name)
             if value is None:
@@ -212,6 +216,11 @@ class RangeEstimator:
         sigma_h = np.sqrt(c.sigma_h_px ** 2 + (c.sigma_h_rel * h) ** 2)
         reach_sd = 0.098 * reach  # spread of the reach over the plate's yaw
         var_size = (z_size ** 2 * sigma_h / (fy * cone_h)) ** 2 + (reach_sd * below / h) ** 2
+        if c.pitch_deg is None:  # an unknown pitch: the tilt factor's own uncertainty
+            s_pitch = math.radians(c.pitch_prior_sigma_deg)
+            off_axis = ((b[:, 1] + b[:, 3]) / 2.0 - cy) / fy
+            var_size = var_size + z_size ** 2 * ((off_axis * s_pitch) ** 2
+                                                 + (s_pitch ** 2 / 2) ** 2)
         z = z_size
         var = var_size
         basis = np.array(["size"] * n, dtype=object)

@@ -94,7 +94,7 @@ def test_ground_plane_outweighs_a_wrong_box_height():
 
 def test_sigma_is_the_pinhole_formula():
     assert pinhole_sigma(10.0, 1.0, 500.0, 0.325) == pytest.approx(100 / 162.5)
-    cfg = calibrated(sigma_h_px=2.0)
+    cfg = calibrated(sigma_h_px=2.0, pitch_deg=0.0)
     h = 500.0 * 0.325 / 10.0
     # on the horizon row the plate term vanishes; off-axis the range is longer than Z
     box = np.array([[600, 300 - h, 620, 300]])
@@ -103,9 +103,16 @@ def test_sigma_is_the_pinhole_formula():
     assert est.sigma_m[0] == pytest.approx(z * z * 2.0 / (500 * 0.325) * est.range_m[0] / z)
     assert est.range_m[0] > z
     # relative noise adds in quadrature: sigma_h = sqrt(2^2 + (0.1 h)^2)
-    rel = RangeEstimator(calibrated(sigma_h_px=2.0, sigma_h_rel=0.1)).estimate(
+    rel = RangeEstimator(calibrated(sigma_h_px=2.0, sigma_h_rel=0.1, pitch_deg=0.0)).estimate(
         box, ["blue_cone"], W, H_IMG)
     assert rel.sigma_m[0] / est.sigma_m[0] == pytest.approx(math.hypot(2, 0.1 * h) / 2)
+    # an unconfigured pitch widens the interval: sigma_Z^2 + Z^2 ((off_axis s)^2 + (s^2/2)^2)
+    unknown = RangeEstimator(calibrated(sigma_h_px=2.0)).estimate(box, ["blue_cone"], W, H_IMG)
+    s = math.radians(8.0)
+    off_axis = (300 - h / 2 - 300) / 500.0
+    extra = z * math.hypot(off_axis * s, s * s / 2)
+    assert unknown.sigma_m[0] == pytest.approx(
+        math.hypot(z * z * 2.0 / (500 * 0.325), extra) * est.range_m[0] / z)
 
 
 def test_range_grows_as_cones_sit_higher_in_the_image():
