@@ -71,6 +71,68 @@ def evaluate_crops(predict_fn: Callable[[np.ndarray], np.ndarray], crops: np.nda
     }
 
 
+SIZE_BUCKETS = (("<12", 0.0, 12.0), ("12-24", 12.0, 24.0), ("24-48", 24.0, 48.0),
+                (">=48", 48.0, float("inf")))
+
+
+def accuracy_by_size(predict_fn: Callable[[np.ndarray], np.ndarray], crops: np.ndarray,
+                     labels: Sequence[str], heights: Sequence[float],
+                     classes: Sequence[str]) -> dict:
+    """Top-1 over the cone crops of each box-height bucket, and how many of them were called
+    background: ``{bucket: {"cones", "accuracy", "called_background"}}``."""
+    classes = list(classes)
+    y = np.array([classes.index(v) for v in labels])
+    h = np.asarray(heights, np.float64)
+    cone = np.array([v != BACKGROUND for v in labels])
+    pred = (np.asarray(predict_fn(crops)).argmax(axis=1) if len(crops)
+            else np.zeros(0, np.int64))
+    bg = classes.index(BACKGROUND) if BACKGROUND in classes else -1
+    out = {}
+    for name, lo, hi in SIZE_BUCKETS:
+        rows = cone & (h >= lo) & (h < hi)
+        n = int(rows.sum())
+        out[name] = {"cones": n,
+                     "accuracy": float((pred[rows] == y[rows]).mean()) if n else None,
+                     "called_background": int((pred[rows] == bg).sum())}
+    return out
+
+
+def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
+                         data_spec: str, clips: Sequence[str] | None,
+                         names: Sequence[str] | None = None) -> dict:
+    """Cone crop top-1 by box height on camera variants of the frames (``export.variants``:
+    the ground-truth boxes moved with the pixels, cropped by the model's policy):
+    ``{variant: accuracy_by_size(...)}``."""
+    from node.crop import crop_batch
+    from node.datasets import load_samples
+
+    from .data import clip_and_frame, is_heldout
+    from .variants import build_variants, estimate_horizon
+
+    samples = load_samples(data_spec)
+    if clips:
+        samples = [s for s in samples if is_heldout(*clip_and_frame(s.image_path), list(clips))]
+    known = set(meta.classes) - {BACKGROUND}
+    images = [s.load() for s in samples]
+    horizon = estimate_horizon([s.boxes for s in samples], images[0].shape[0]) if images else 0.4
+    out = {}
+    for variant in build_variants(list(names) if names else None):
+        xs, labels, heights = [], [], []
+        for i, (s, image) in enumerate(zip(samples, images)):
+            img, boxes, kept = variant.apply(image, np.asarray(s.boxes, np.float32), horizon, i)
+            names_kept = [c for c, k in zip(s.labels, kept) if k]
+            rows = [j for j, c in enumerate(names_kept) if c in known]
+            if not rows:
+                continue
+            xs.append(crop_batch(img, boxes[rows], meta.input_size, meta.crop_policy))
+            labels += [names_kept[j] for j in rows]
+            heights += (boxes[rows, 3] - boxes[rows, 1]).tolist()
+        crops = np.concatenate(xs) if xs else np.zeros((0, meta.input_size, meta.input_size, 3),
+                                                       np.uint8)
+        out[variant.name] = accuracy_by_size(predict_fn, crops, labels, heights, meta.classes)
+    return out
+
+
 def _pct(v: float | None) -> str:
     return "  n/a" if v is None else f"{100 * v:5.1f}"
 
@@ -160,10 +222,12 @@ def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[
 
 
 def crops_for_evaluation(data_spec: str, meta, clips: Sequence[str] | None, seed: int,
-                         background_cfg=None) -> tuple[np.ndarray, list[str]]:
+                         background_cfg=None, box_heights: list[float] | None = None
+                         ) -> tuple[np.ndarray, list[str]]:
     """Ground-truth crops (no jitter) and safely mined background crops of a YOLO dataset,
     cropped by the model's own policy. ``clips`` keeps frames matching BGRacing clip rules
-    (``CLIP`` or ``CLIP:FIRST-LAST``)."""
+    (``CLIP`` or ``CLIP:FIRST-LAST``). A ``box_heights`` list receives every crop's box height in
+    frame pixels."""
     from node.crop import crop_batch
     from node.datasets import load_samples
 
@@ -191,8 +255,11 @@ def crops_for_evaluation(data_spec: str, meta, clips: Sequence[str] | None, seed
             for mined in mine_background(image, s.boxes, rng, bg_cfg, heights).values():
                 boxes.append(mined)
                 names += [BACKGROUND] * len(mined)
-        xs.append(crop_batch(image, np.concatenate(boxes), size, policy))
+        all_boxes = np.concatenate(boxes)
+        xs.append(crop_batch(image, all_boxes, size, policy))
         labels += names
+        if box_heights is not None:
+            box_heights += (all_boxes[:, 3] - all_boxes[:, 1]).tolist()
     return np.concatenate(xs), labels
 
 
@@ -205,12 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", nargs="*", default=None,
                         help="only these clips (CLIP or CLIP:FIRST-LAST), e.g. the held-out set")
     parser.add_argument("--seed", type=int, default=0, help="seed of background mining")
+    parser.add_argument("--variants", nargs="*", default=None, metavar="NAME",
+                        help="also score the cone crops on camera variants of the frames "
+                             "(export.variants; no NAME: all of them)")
     args = parser.parse_args(argv)
     try:
         predict, meta, close = load_predictor(args.model)
         try:
-            crops, labels = crops_for_evaluation(args.data, meta, args.clips, args.seed)
+            heights: list[float] = []
+            crops, labels = crops_for_evaluation(args.data, meta, args.clips, args.seed,
+                                                 box_heights=heights)
             metrics = evaluate_crops(predict, crops, labels, meta.classes)
+            metrics["by_size"] = accuracy_by_size(predict, crops, labels, heights,
+                                                  meta.classes)
+            if args.variants is not None:
+                metrics["variants"] = accuracy_on_variants(predict, meta, args.data, args.clips,
+                                                           args.variants)
         finally:
             close()
     except (ValueError, OSError) as exc:
@@ -218,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     metrics.update(model=str(args.model), data=args.data, clips=args.clips, seed=args.seed)
     print(format_report(metrics))
+    print("cone top-1 by box height: " + "; ".join(
+        f"{k} px {_pct(v['accuracy']).strip()} % of {v['cones']} "
+        f"({v['called_background']} called background)" for k, v in metrics["by_size"].items()))
+    for name, by_size in metrics.get("variants", {}).items():
+        print(f"  {name:<16}" + "  ".join(
+            f"{k} {_pct(v['accuracy']).strip()} % ({v['called_background']} bg)"
+            for k, v in by_size.items() if k != "<12"))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -124,3 +124,47 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["--model", str(tmp_path / "missing.pt"), "--data", "yolo:nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert "missing.pt" in err and "\n" not in err
+
+
+def test_accuracy_by_size_buckets_cones_by_box_height() -> None:
+    from export.evaluate import accuracy_by_size
+
+    classes = list(CLASSIFIER_CLASSES)
+    labels = ["blue_cone", "blue_cone", "yellow_cone", "yellow_cone", "background"]
+    heights = [10.0, 15.0, 30.0, 60.0, 30.0]
+    # Predictions: right, called background, right, wrong colour, background (not a cone).
+    said = ["blue_cone", "background", "yellow_cone", "blue_cone", "background"]
+    logits = np.eye(len(classes))[[classes.index(c) for c in said]]
+    out = accuracy_by_size(lambda crops: logits, np.zeros((5, 8, 8, 3), np.uint8), labels,
+                           heights, classes)
+    assert out["<12"] == {"cones": 1, "accuracy": 1.0, "called_background": 0}
+    assert out["12-24"] == {"cones": 1, "accuracy": 0.0, "called_background": 1}
+    assert out["24-48"] == {"cones": 1, "accuracy": 1.0, "called_background": 0}
+    assert out[">=48"] == {"cones": 1, "accuracy": 0.0, "called_background": 0}
+
+
+@pytest.mark.shared_data
+def test_variants_of_held_out_crops_keep_their_cones():
+    """On the real held-out frames, the crop scorer moves the boxes with each variant: a
+    horizon shift only loses cones pushed out of view, a corruption loses none, and the
+    bundled classifier labels the base crops."""
+    from pathlib import Path
+
+    from export.evaluate import accuracy_on_variants, load_predictor
+
+    root = Path(__file__).resolve().parents[3] / "shared" / "data" / "bgracing"
+    model = Path(__file__).resolve().parents[2] / "models" / "cone_classifier.onnx"
+    if not root.is_dir():
+        pytest.skip("shared data absent")
+    predict, meta, close = load_predictor(model)
+    try:
+        out = accuracy_on_variants(predict, meta, f"yolo:{root}", ["autox2"],
+                                   ["horizon_40", "low_light_3"])
+    finally:
+        close()
+    base, shifted, dark = out["base"], out["horizon_40"], out["low_light_3"]
+    assert base["24-48"]["cones"] > 10
+    for bucket in ("12-24", "24-48", ">=48"):
+        assert shifted[bucket]["cones"] <= base[bucket]["cones"]
+    assert base["24-48"]["accuracy"] >= 0.9
+    assert all(dark[b]["cones"] == base[b]["cones"] for b in base)
