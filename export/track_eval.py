@@ -35,7 +35,7 @@ from unittest import mock
 import cv2
 import numpy as np
 
-import export.synth as synth
+from export import synth
 from node.track import CameraConfig, ConeTracker, RangeEstimator, TrackerConfig
 from node.track.tracker import iou_matrix
 
@@ -243,12 +243,12 @@ def markdown(title: str, score: Score) -> str:
     lines = [f"#### {title}", "", "| true range | cones | median abs error / range | within 1 sigma |",
              "|---|---|---|---|"]
     lines += ["| " + row + " |" for row in score.table_rows()]
-    lines += ["", f"- 1-sigma coverage, all cones <= 20 m: "
-              f"{100 * (s['coverage_1sigma_all'] or 0):.0f} %",
-              f"- ID switches per 100 frames: {s['id_switches_per_100_frames']:.1f} "
-              f"({s['frames']} frames)",
-              f"- consecutive-frame ID persistence: "
-              + (f"{s['id_persistence']:.3f}" if s['id_persistence'] is not None else "-"),
+    persistence = f"{s['id_persistence']:.3f}" if s["id_persistence"] is not None else "-"
+    lines += ["",
+              f"- 1-sigma coverage, all cones <= 20 m: {100 * (s['coverage_1sigma_all'] or 0):.0f} %",
+              (f"- ID switches per 100 frames: {s['id_switches_per_100_frames']:.1f} "
+               f"({s['frames']} frames)"),
+              f"- consecutive-frame ID persistence: {persistence}",
               f"- true cones matched at IoU >= 0.5: {100 * (s['recall_iou50'] or 0):.1f} %", ""]
     return "\n".join(lines)
 
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     tracker_cfg = TrackerConfig()
     given = {"full": "camera height and pitch", "pitch": "pitch (no camera height)",
              "none": "neither camera height nor pitch"}[args.pose]
-    parts = [f"Seeds {seeds[0]}..{seeds[-1]}: {args.clips} clips x {args.frames} frames; "
-             f"intrinsics and {given} given.", ""]
+    parts = [(f"Seeds {seeds[0]}..{seeds[-1]}: {args.clips} clips x {args.frames} frames; "
+              f"intrinsics and {given} given."), ""]
     oracle = Score()
     for frames in clips:
         dets = [(tf.boxes, tf.labels, np.ones(len(tf.boxes))) for tf in frames]
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                                              sigma))
         node = score_node(clips, node_dets, tracker_cfg, sigma)
         label = "default sigma" if sigma is None else (
-            "box_pad_px %.2f, sigma_h_px %.2f, sigma_h_rel %.3f" % sigma)
+            f"box_pad_px {sigma[0]:.2f}, sigma_h_px {sigma[1]:.2f}, sigma_h_rel {sigma[2]:.3f}")
         parts.append(markdown(f"Node: detector boxes and labels ({label})", node))
         result["node"] = node.summary()
     text = "\n".join(parts)

@@ -107,7 +107,7 @@ class CameraConfig:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"camera.{name}: expected a number, got {value!r}")
+                raise ValueError(f"camera.{name}: expected a number, got {value!r}")  # noqa: TRY004
             if not math.isfinite(value) or not lo <= value <= hi:
                 raise ValueError(f"camera.{name}: {value!r} is outside [{lo}, {hi}]")
         given = [n for n in ("fx", "fy", "cx", "cy") if getattr(self, n) is not None]

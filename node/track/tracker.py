@@ -74,7 +74,7 @@ class TrackerConfig:
         for name, (lo, hi) in bounds.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"tracking.{name}: expected a number, got {value!r}")
+                raise ValueError(f"tracking.{name}: expected a number, got {value!r}")  # noqa: TRY004
             if not math.isfinite(value) or not lo <= value <= hi:
                 raise ValueError(f"tracking.{name}: {value!r} is outside [{lo}, {hi}]")
         if self.max_age != int(self.max_age):
@@ -82,7 +82,7 @@ class TrackerConfig:
         if self.low_score > self.high_score:
             raise ValueError(f"tracking.low_score: {self.low_score} is above high_score")
         if not isinstance(self.class_gate, bool):
-            raise ValueError(f"tracking.class_gate: expected true or false, "
+            raise ValueError(f"tracking.class_gate: expected true or false, "  # noqa: TRY004
                              f"got {self.class_gate!r}")
 
     @classmethod

@@ -14,8 +14,8 @@ W = H_IMG = 640
 
 
 def calibrated(**kw) -> CameraConfig:
-    base = dict(fx=400.0, fy=500.0, cx=320.0, cy=300.0, image_width=W, image_height=H_IMG,
-                box_pad_px=0.0, sigma_h_rel=0.0)
+    base = {"fx": 400.0, "fy": 500.0, "cx": 320.0, "cy": 300.0, "image_width": W,
+            "image_height": H_IMG, "box_pad_px": 0.0, "sigma_h_rel": 0.0}
     base.update(kw)
     return CameraConfig(**base)
 
@@ -142,7 +142,7 @@ def test_intrinsics_scale_with_the_frame_and_come_from_camera_info():
     assert cfg.height_m == 1.0
 
     class Info:  # a sensor_msgs/CameraInfo-like message
-        k = [500.0, 0, 320, 0, 500, 240, 0, 0, 1]
+        k = (500.0, 0, 320, 0, 500, 240, 0, 0, 1)
         width, height = 640, 480
 
     assert CameraConfig.from_camera_info(Info()).fy == 500.0

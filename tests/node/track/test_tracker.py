@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -104,7 +105,7 @@ def drive(n_frames: int, step_m: float, yaw_rate: float):
 
 def persistence(pairs: list[tuple[int, int | None]], frames: list[list]) -> float:
     kept = total = 0
-    for prev, now in zip(frames, frames[1:]):
+    for prev, now in itertools.pairwise(frames):
         a, b = dict(prev), dict(now)
         for cone in a.keys() & b.keys():
             total += 1
