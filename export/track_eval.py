@@ -253,6 +253,40 @@ def markdown(title: str, score: Score) -> str:
     return "\n".join(lines)
 
 
+BGRACING_NAMES = {0: "blue_cone", 1: "large_orange_cone", 2: "orange_cone", 3: "yellow_cone"}
+
+
+def real_frames_check(root: str | Path, size: int = 640) -> dict:
+    """Range against image row on real labelled frames (shared/data/bgracing, YOLO).
+
+    Uses the labelled boxes, the default field of view with the 16:9 squeeze and no camera
+    pose. Returns the share of same-frame pairs whose higher cone (base 10+ px above the
+    other's) gets the longer range, and Spearman's rho of base row against range.
+    """
+    est = RangeEstimator(CameraConfig(native_aspect=16 / 9))
+    concordant = pairs = 0
+    rows, ranges = [], []
+    for path in sorted((Path(root) / "labels").glob("*.txt")):
+        lines = [ln.split() for ln in path.read_text().splitlines() if ln.strip()]
+        if not lines:
+            continue
+        a = np.array([[float(v) for v in ln[1:5]] for ln in lines]) * size
+        boxes = np.stack([a[:, 0] - a[:, 2] / 2, a[:, 1] - a[:, 3] / 2,
+                          a[:, 0] + a[:, 2] / 2, a[:, 1] + a[:, 3] / 2], axis=1)
+        r = est.estimate(boxes, [BGRACING_NAMES[int(ln[0])] for ln in lines], size,
+                         size).range_m
+        y2 = boxes[:, 3]
+        higher = y2[:, None] < y2[None, :] - 10
+        pairs += int(higher.sum())
+        concordant += int((higher & (r[:, None] > r[None, :])).sum())
+        rows += list(y2)
+        ranges += list(r)
+    rho = (float(np.corrcoef(np.argsort(np.argsort(rows)), np.argsort(np.argsort(ranges)))[0, 1])
+           if len(rows) > 1 else None)
+    return {"cones": len(rows), "pairs": pairs,
+            "higher_is_farther": concordant / pairs if pairs else None, "spearman_rho": rho}
+
+
 def score_node(clips: list[list[TruthFrame]], node_dets: list, tracker_cfg: TrackerConfig,
                sigma: tuple[float, float, float] | None) -> Score:
     """Score the node's detections; ``sigma`` = (box_pad_px, sigma_h_px, sigma_h_rel)."""
@@ -299,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: node.track's defaults)")
     p.add_argument("--out", default=None, help="write the markdown tables to this file")
     p.add_argument("--node-args", default="", help="extra arguments for node replay")
+    p.add_argument("--real", metavar="DIR", default=None,
+                   help="only check range against image row on a real YOLO dataset and exit")
     args = p.parse_args(argv)
+    if args.real:
+        print(json.dumps(real_frames_check(args.real)))
+        return 0
     if args.clips < 1 or args.frames < 2:
         p.error("--clips must be >= 1 and --frames >= 2")
     seeds = list(range(args.seed, args.seed + args.clips))
