@@ -250,6 +250,7 @@ class LiveSource(NewestFrameSource):
         self._last_log: float | None = None
         self._unlogged = 0
         self._capture: Any = None
+        self._opening = False
         if not reconnect:
             self._capture = self._try_open()
             if self._capture is None:
@@ -271,11 +272,14 @@ class LiveSource(NewestFrameSource):
             raise StopIteration
 
     def _try_open(self) -> Any | None:
+        self._opening = True
         try:
             cap = self._open_capture()
         except Exception as exc:  # noqa: BLE001 (a driver may raise anything: one failed try)
             self._health["last_error"] = f"open failed: {exc}"
             return None
+        finally:
+            self._opening = False
         if cap is None or (hasattr(cap, "isOpened") and not cap.isOpened()):
             self._health["last_error"] = "capture did not open"
             if cap is not None and hasattr(cap, "release"):
@@ -367,8 +371,9 @@ class LiveSource(NewestFrameSource):
             if self.max_attempts and attempts >= self.max_attempts:
                 with self._cond:
                     self._health.update(state="failed", since=time.time())
+                    what = "camera not available" if first else "camera lost"
                     self._fatal = SourceError(
-                        f"{self.name}: camera lost, gave up after {attempts} reconnect "
+                        f"{self.name}: {what}, gave up after {attempts} reconnect "
                         f"attempts ({self._health['last_error']})")
                     self._cond.notify_all()
                 log.error("%s", self._fatal)
@@ -396,8 +401,8 @@ class LiveSource(NewestFrameSource):
             self._closed = True
             self._cond.notify_all()
         # A capture thread stuck in a driver's open cannot be interrupted; it is a daemon
-        # thread, so the node does not wait long for it.
-        self._thread.join(timeout=2.0)
+        # thread, so the node does not wait for it (a read ends within a frame or a timeout).
+        self._thread.join(timeout=0.1 if self._opening else 2.0)
 
 
 class CaptureReplaySource(Source):
