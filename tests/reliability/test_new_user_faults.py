@@ -421,3 +421,20 @@ def test_a_model_path_that_is_a_directory_says_so(folder, tmp_path, capsys):
     line = one_line_error(err)
     assert code == 1 and str(models) in line and "is a directory" in line
     assert "not found" not in line
+
+
+# ---- 11. the soak benchmark ----------------------------------------------------------------
+
+def test_the_soak_benchmark_runs_every_publisher_and_reports_rss_growth(model, capsys):
+    # The figure itself (20k frames, < 20 MB) comes from running the script: docs/reliability.md.
+    from node.bench_soak import main as soak
+
+    code = soak(["--frames", "90", "--warm-up", "30", "--every", "30", "--model", str(model),
+                 "--set", "proposer.kind=colour"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["frames"] == 90 and result["errors"] == 0
+    assert [i for i, _ in result["rss_samples_mb"]] == [30, 60, 90]
+    assert result["rss_growth_mb"] == pytest.approx(
+        result["rss_end_mb"] - result["rss_after_warm_up_mb"], abs=0.1)
+    assert {"soak.jsonl", "soak.mp4", "bag.mcap", "metadata.yaml"} <= set(result["output_bytes"])
+    assert all(size > 0 for size in result["output_bytes"].values())
