@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import cv2
 import pytest
 
 from node.__main__ import main
+from node.cli_reindex import recover
 from node.publishers import BagPublisher
 from node.types import Cone, Frame, FrameResult
 from tests.reliability.doubles import BLUE, ORANGE, YELLOW, cone_image
@@ -73,6 +75,26 @@ def test_reindex_recovers_every_message_of_the_flushed_chunks(tmp_path, capsys):
         topics = read_bag(bag)
         assert len(topics["/perception/cones"]) == 5 == len(topics["/diagnostics"])
         assert topics["/perception/cones"] == pytest.approx(stamps, abs=1000)
+
+
+def test_a_chunk_reaches_the_disk_at_least_every_second(tmp_path, monkeypatch):
+    # A clock that advances 0.25 s per frame: small messages never fill rosbags' 1 MiB chunk,
+    # so without a periodic flush nothing would be on disk when the node is killed.
+    clock = [1000.0]
+    monkeypatch.setattr("node.publishers.time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], time=time.time, perf_counter=time.perf_counter))
+    publisher = BagPublisher(tmp_path / "bag")
+    try:
+        for i in range(12):
+            clock[0] += 0.25
+            publisher.publish(result(i))
+            data = (tmp_path / "bag" / "bag.mcap").read_bytes()
+            found = recover(data) if data else None  # the header too may still be buffered
+            on_disk = 0 if found is None else sum(
+                found.channels[c][1] == "/perception/cones" for _, c, _ in found.messages)
+            assert on_disk >= i + 1 - 4, f"frame {i}: only {on_disk} frames on disk"
+    finally:
+        publisher.close()
 
 
 def test_reindex_refuses_a_folder_without_a_bag_in_one_line(tmp_path, capsys):
