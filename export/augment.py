@@ -154,7 +154,7 @@ def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float]
     for i in np.flatnonzero(rng.random(n) < prob):
         crop = arr[i]
         a = random_aspect(rng, *aspect)
-        new_w = max(1, int(round(w * a)))
+        new_w = max(1, round(w * a))
         if new_w != w:
             wide = cv2.resize(crop, (new_w, h), interpolation=cv2.INTER_LINEAR)
             if new_w > w:

@@ -27,7 +27,6 @@ import numpy as np
 
 from .camera_aug import DEFAULT as DEFAULT_CAMERA
 from .camera_aug import CameraRandomisation, random_aspect, random_camera
-
 from .data import DataError, clip_and_frame, is_heldout, near_duplicates
 
 SYNTH_CLIP = "synth"

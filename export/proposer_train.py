@@ -166,6 +166,33 @@ def fold_input_normalisation(net: ConeHeatmapNet) -> ConeHeatmapNet:
     return net
 
 
+def import_proposer(path: str | Path, stem: str = "patch4") -> ConeHeatmapNet:
+    """The net of an exported proposer ONNX (e.g. the bundled ``models/cone_proposer.onnx``),
+    to train further: its input normalisation stays folded into the stem and its BatchNorms
+    are the identity plus the folded bias (``export.onnx_import``); train it with
+    ``freeze_bn``. Raises ``DataError`` naming the file when it is not such a net."""
+    from .onnx_import import OnnxImportError, load_conv_weights, onnx_initialisers
+
+    net = fold_input_normalisation(ConeHeatmapNet(stem=stem))
+    try:
+        load_conv_weights(net, path, skip=("heads",))
+        nodes, init = onnx_initialisers(path)
+        heads = [n for n in nodes if n.op_type == "Conv" and n.name.startswith("/heads/")]
+        if len(heads) != 1:
+            raise OnnxImportError(f"{path}: no merged heads convolution; not a proposer export")
+        w = torch.from_numpy(init[heads[0].input[1]].copy())
+        b = torch.from_numpy(init[heads[0].input[2]].copy())
+        with torch.no_grad():
+            for head, rows in ((net.heat, slice(0, 1)), (net.size, slice(1, 3)),
+                               (net.offset, slice(3, 5))):
+                head.weight.copy_(w[rows])
+                head.bias.copy_(b[rows])
+    except (ValueError, RuntimeError) as exc:
+        raise DataError(f"{path}: cannot load into a {stem} proposer "
+                        f"({str(exc).splitlines()[0]})") from None
+    return net.eval()
+
+
 class ExportWrapper(nn.Module):
     """What the node runs: the heatmap as probabilities. The three 1x1 heads run as one
     convolution with five outputs, sliced (one pass over the stride-4 features, not three)."""
@@ -299,12 +326,18 @@ def pick_device(name: str) -> torch.device:
 def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, epochs: int,
           batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
           seed: int = 0, log: Path | None = None, max_steps: int | None = None,
-          crop: int | None = None, augmentation: dict | None = None) -> list[float]:
+          crop: int | None = None, augmentation: dict | None = None,
+          freeze_bn: bool = False) -> list[float]:
     """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames;
     ``augmentation``: ``augment_frame`` keyword arguments); returns the mean loss of every
-    epoch (or of every step when ``max_steps`` is set)."""
+    epoch (or of every step when ``max_steps`` is set). ``freeze_bn`` keeps the BatchNorms in
+    eval mode (a net imported from ONNX, whose BatchNorms hold the folded biases)."""
+    from .onnx_import import freeze_batchnorm
+
     device = torch.device(device)
     net.to(device).train()
+    if freeze_bn:
+        freeze_batchnorm(net)
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, len(frames) // batch_size)
     total = max_steps or epochs * steps_per_epoch
@@ -508,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on augmented windows this big (multiple of 16; 0 = whole "
                         "frames; default half the input size)")
     parser.add_argument("--init", default=None,
-                        help="start from this run's best.pt (same stem and channels), e.g. to "
-                        "train an exported model longer at a lower --lr")
+                        help="start from this run's best.pt (same stem and channels), or from "
+                        "an exported proposer .onnx such as models/cone_proposer.onnx, e.g. "
+                        "to train it longer at a lower --lr or on a team's own frames")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="per-frame cap while tuning the threshold (default: the node's "
@@ -538,8 +572,17 @@ def run(args: argparse.Namespace) -> int:
           f"{args.val_clips}", flush=True)
     net = ConeHeatmapNet(stem=args.stem)
     stages: list[dict] = []
-    if args.init:
+    imported = False
+    if args.init and str(args.init).endswith(".onnx"):
+        from node.heatmap_proposer import open_session
+
+        net, imported = import_proposer(args.init, args.stem), True
+        stages = list(open_session(args.init)[1].extra.get("stages", []))
+    elif args.init:
         weights, stages = load_init(args.init, args.stem)
+        imported = "stem.0.bias" in weights  # a net that was imported from ONNX before
+        if imported:
+            net = fold_input_normalisation(net)
         net.load_state_dict(weights)
     # Each run is one stage (warm-up and cosine decay); a model trained further with --init
     # carries the stages before it, so its metadata tells the whole schedule.
@@ -549,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
-          log=out / "history.jsonl", crop=args.crop or None)
+          log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
                 "stages": stages}, out / "best.pt")

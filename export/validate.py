@@ -158,8 +158,8 @@ def format_markdown(results: dict, title: str) -> str:
         return "—" if v is None else f"{100 * v:.1f}"
 
     lines = [f"### {title}", "",
-             "| variant | frame size | recall ≥ 12 px % | of base | precision ≥ 20 px % | "
-             "labels % | worst clip (recall %) | proposer ms | node ms |",
+             ("| variant | frame size | recall ≥ 12 px % | of base | precision ≥ 20 px % | "
+             "labels % | worst clip (recall %) | proposer ms | node ms |"),
              "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for name, row in results.items():
         a = row["all"]

@@ -78,7 +78,7 @@ def shift_rows(image: np.ndarray, boxes: np.ndarray, dy: int) -> tuple:
 def horizon_at(target: float) -> Callable:
     def apply(image, boxes, horizon, seed):
         h = image.shape[0]
-        return shift_rows(image, boxes, int(round((target - horizon) * h)))
+        return shift_rows(image, boxes, round((target - horizon) * h))
     return apply
 
 
@@ -103,17 +103,17 @@ def sensor(canvas: tuple[int, int], fill: str) -> Callable:
         aspect = SQUARE_TO_WIDE * w / h
         if fill == "height":
             ch = canvas[1]
-            cw = min(int(round(ch * aspect)), canvas[0])
+            cw = min(round(ch * aspect), canvas[0])
         else:
             cw = canvas[0]
-            ch = min(int(round(cw / aspect)), canvas[1])
+            ch = min(round(cw / aspect), canvas[1])
         return resize_and_pad(image, boxes, (cw, ch), canvas)
     return apply
 
 
 def unstretch(image, boxes, horizon, seed):
     h, w = image.shape[:2]
-    size = (int(round(w * SQUARE_TO_WIDE)), h)
+    size = (round(w * SQUARE_TO_WIDE), h)
     return resize_and_pad(image, boxes, size, size)
 
 
@@ -163,7 +163,7 @@ def low_light(image, strength, rng):
 
 def jpeg(image, strength, rng):
     quality = (40, 20, 10)[strength - 1]
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    _ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     return cv2.imdecode(buf, cv2.IMREAD_COLOR)
 
 

@@ -283,7 +283,7 @@ def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) 
         image, geo.size, interpolation=cv2.INTER_AREA)
     pad_w, pad_h = geo.padded[0] - geo.size[0], geo.padded[1] - geo.size[1]
     if pad_w or pad_h:
-        fill = [int(round(255 * m)) for m in meta.mean]
+        fill = [round(255 * m) for m in meta.mean]
         if meta.channel_order == "RGB":
             fill = fill[::-1]
         small = cv2.copyMakeBorder(small, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=fill)

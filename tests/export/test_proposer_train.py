@@ -4,6 +4,8 @@ moves boxes with the image, a loss that falls on tiny data, and ONNX export pari
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -221,3 +223,43 @@ def test_init_checkpoint_must_match_the_stem(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(DataError, match="junk.pt: not a proposer checkpoint"):
         load_init(tmp_path / "junk.pt", "patch4")
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "models" /
+                         "cone_proposer.onnx").is_file(), reason="bundled proposer absent")
+def test_the_bundled_onnx_loads_back_into_torch_and_trains_from_there():
+    """Importing models/cone_proposer.onnx gives a net that computes what ONNX Runtime does,
+    and a training step with frozen BatchNorms changes the weights but not the folded
+    statistics."""
+    import onnxruntime as ort
+
+    from export.proposer_train import ExportWrapper, import_proposer
+
+    model = Path(__file__).resolve().parents[2] / "models" / "cone_proposer.onnx"
+    net = import_proposer(model)
+    x = torch.rand(1, 3, 192, 256) * 255
+    with torch.no_grad():
+        ours = ExportWrapper(net).eval()(x)
+    theirs = ort.InferenceSession(str(model)).run(None, {"image": x.numpy()})
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a.numpy(), b, atol=1e-4)
+    bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    var = bn.running_var.clone()
+    before = net.heat.weight.clone()
+    train(net, tiny_frames(4), stem_metadata("patch4", SIZE), 1, batch_size=4, lr=1e-3,
+          max_steps=2, freeze_bn=True)
+    assert torch.equal(bn.running_var, var)
+    assert not torch.equal(net.heat.weight, before)
+
+
+def test_a_file_that_is_not_a_proposer_is_named(tmp_path):
+    from export.proposer_train import import_proposer
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"nope")
+    with pytest.raises(DataError, match="junk.onnx: cannot load into a patch4 proposer"):
+        import_proposer(junk)
+    refiner = Path(__file__).resolve().parents[2] / "models" / "cone_refiner.onnx"
+    if refiner.is_file():
+        with pytest.raises(DataError, match="cone_refiner.onnx: cannot load"):
+            import_proposer(refiner)

@@ -1,0 +1,111 @@
+"""Load a bundled ONNX network's weights back into its torch module, to train it further.
+
+The bundled models ship as ONNX only. Their TorchScript export (``torch.onnx.export``,
+``do_constant_folding``) folds every BatchNorm into the convolution before it, and names each
+``Conv`` node by its module path (``/stage8/stage8.0/stage8.0.0/Conv`` is
+``stage8.0.0``). ``load_conv_weights`` walks those nodes: a convolution that has its own bias
+in torch takes the weight and bias as they are; one followed by a BatchNorm takes the folded
+weight, and the BatchNorm becomes the identity plus the folded bias (weight 1, running mean 0,
+running variance ``1 - eps``, bias = the folded bias). The module then computes exactly what the
+ONNX graph computes in eval mode; train it with its BatchNorms kept in eval mode
+(``freeze_batchnorm``), since batch statistics would replace the folded ones.
+
+Only the ``onnx`` package and torch are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class OnnxImportError(ValueError):
+    """The ONNX file does not match the module; names the file and the layer."""
+
+
+def onnx_initialisers(path: str | Path) -> tuple[list, dict]:
+    """The graph's nodes and its initialisers as numpy arrays."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as exc:  # noqa: BLE001 (onnx raises DecodeError and friends)
+        raise OnnxImportError(f"{path}: not an ONNX model ({str(exc).splitlines()[0]})") from None
+    return list(graph.node), {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
+def module_path(node_name: str) -> str:
+    """``/stage8/stage8.0/stage8.0.0/Conv`` → ``stage8.0.0``; ``/heads/Conv`` → ``heads``."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) < 2:
+        raise ValueError(f"node {node_name!r} has no module path")
+    return parts[-2]
+
+
+def batchnorm_after(root: nn.Module, path: str) -> nn.BatchNorm2d | None:
+    """The BatchNorm that follows the convolution at ``path``: the next module of its
+    ``nn.Sequential``, or the sibling named like it with ``bn`` for ``conv``."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if isinstance(parent, nn.Sequential) and name.isdigit():
+        nxt = int(name) + 1
+        if nxt < len(parent) and isinstance(parent[nxt], nn.BatchNorm2d):
+            return parent[nxt]
+    sibling = name.replace("conv", "bn")
+    if sibling != name and isinstance(getattr(parent, sibling, None), nn.BatchNorm2d):
+        return getattr(parent, sibling)
+    return None
+
+
+def load_conv_weights(root: nn.Module, path: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy every ``Conv`` node's weights of the ONNX file at ``path`` into ``root`` (module
+    paths in ``skip`` are left to the caller); returns the loaded module paths.
+
+    Raises:
+        OnnxImportError: a node names a module ``root`` lacks, or a shape differs.
+    """
+    nodes, init = onnx_initialisers(path)
+    loaded = []
+    with torch.no_grad():
+        for node in nodes:
+            if node.op_type != "Conv":
+                continue
+            where = module_path(node.name)
+            if where in skip:
+                continue
+            try:
+                conv = root.get_submodule(where)
+            except AttributeError:
+                raise OnnxImportError(f"{path}: layer {where} is not in the "
+                                   f"{type(root).__name__}") from None
+            weight = torch.from_numpy(init[node.input[1]].copy())
+            bias = torch.from_numpy(init[node.input[2]].copy()) if len(node.input) > 2 else None
+            if not isinstance(conv, nn.Conv2d) or conv.weight.shape != weight.shape:
+                raise OnnxImportError(f"{path}: layer {where}: weights {tuple(weight.shape)} "
+                                      f"in the file do not fit the module")
+            conv.weight.copy_(weight)
+            bn = batchnorm_after(root, where)
+            if bn is not None:  # the file's bias is the folded BatchNorm's
+                if conv.bias is not None:
+                    conv.bias.zero_()
+                bn.weight.fill_(1.0)
+                bn.bias.copy_(bias if bias is not None else torch.zeros_like(bn.bias))
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)
+            elif conv.bias is not None:
+                conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+            elif bias is not None:
+                raise OnnxImportError(f"{path}: layer {where} has a bias in the file but "
+                                      f"neither a bias nor a BatchNorm in the module")
+            loaded.append(where)
+    return loaded
+
+
+def freeze_batchnorm(root: nn.Module) -> None:
+    """Put every BatchNorm in eval mode (running statistics kept); call after ``train()``."""
+    for m in root.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
