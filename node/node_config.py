@@ -102,7 +102,7 @@ class ProposerConfig:
     heatmap_threads: int = spec(1, min=1, max=64)
     heatmap_resize: str = spec("keep_aspect", choices=("keep_aspect", "square"))
     heatmap_max_pixels: int = spec(2_000_000, min=4096, max=50_000_000)
-    heatmap_pyramid: bool = True
+    heatmap_pyramid: bool = False
     heatmap_rows: list[float] = field(default_factory=lambda: [0.0, 1.0])
     providers: str | list[str] | None = None
     refiner_model: str | None = "models/cone_refiner.onnx"

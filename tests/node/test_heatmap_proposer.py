@@ -110,6 +110,7 @@ def test_default_config_searches_the_whole_frame_at_its_own_scale():
     proposer = load_node_config(None, []).proposer
     assert list(proposer.heatmap_rows) == [0.0, 1.0]
     assert proposer.heatmap_resize == "keep_aspect"
+    assert proposer.heatmap_pyramid is False
 
 
 @needs_model
@@ -137,26 +138,26 @@ def test_a_wide_frame_finds_the_cones_of_its_square_part():
 
 @needs_model
 def test_a_large_sensor_is_also_searched_at_the_model_scale():
-    """Rendered scenes upscaled 3x to 1920x1920 and searched at full scale: the cones are
-    three times bigger than any the network was trained on, and the second pyramid level, at
-    the model's scale, finds them (measured: 18 of 24 cones >= 48 px with one level, 24 with
-    two)."""
+    """Rendered scenes upscaled 5x to 3200x3200 and searched at 2645x2645: the cones are
+    four times bigger than the largest the network was trained on, and the second pyramid
+    level, at the model's scale, finds them (measured with the bundled proposer: 19 of 24
+    cones >= 80 px with one level, 24 with two)."""
     pytest.importorskip("export.synth")
     from export.synth import render_scene
 
     one = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
-                                         heatmap_pyramid=False, heatmap_max_pixels=4_000_000))
+                                         heatmap_pyramid=False, heatmap_max_pixels=7_000_000))
     two = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
-                                         heatmap_max_pixels=4_000_000))
-    assert len(one.levels(1920, 1920)) == 1 and len(two.levels(1920, 1920)) == 2
+                                         heatmap_pyramid=True, heatmap_max_pixels=7_000_000))
+    assert len(one.levels(3200, 3200)) == 1 and len(two.levels(3200, 3200)) == 2
     assert len(two.levels(640, 640)) == 1  # frames of the model's size: one pass
     found = {"one": 0, "two": 0}
     total = 0
     for seed in range(90020, 90024):
         scene = render_scene(seed, 640, 640)
-        big = cv2.resize(scene.image, (1920, 1920), interpolation=cv2.INTER_LINEAR)
-        truth = scene.boxes * 3.0
-        truth = truth[(truth[:, 3] - truth[:, 1]) >= 48]
+        big = cv2.resize(scene.image, (3200, 3200), interpolation=cv2.INTER_LINEAR)
+        truth = scene.boxes * 5.0
+        truth = truth[(truth[:, 3] - truth[:, 1]) >= 80]
         total += len(truth)
         for name, proposer in (("one", one), ("two", two)):
             boxes = proposer.propose(Frame(0, 0.0, big))
