@@ -3,7 +3,7 @@
 One plain generator (in the manner of Polygraphy's ``load_data()``) feeds both INT8 paths:
 ONNX Runtime's Q/DQ calibrators (``calib.quantize``) and the legacy TensorRT entropy
 calibrator (``calib.trt_calibrator``). Crops are made exactly as the node makes them, through
-``node.preprocess`` with the model's own crop policy and normalisation (from its metadata), so
+``node.infer.preprocess`` with the model's own crop policy and normalisation (from its metadata), so
 the ranges are measured on the tensors the car will see.
 
 Selection is deterministic for a given seed: the same data, count and seed always give the
@@ -20,8 +20,8 @@ import numpy as np
 
 from node.classes import BACKGROUND
 from node.config import spec
-from node.metadata import ModelMetadata
-from node.preprocess import Preprocessor, normalize
+from node.infer.metadata import ModelMetadata
+from node.infer.preprocess import Preprocessor, normalize
 
 
 class FeedError(ValueError):
@@ -43,7 +43,7 @@ class CalibrationConfig:
 
 @dataclass
 class LabelledFrame:
-    """A frame with its labelled boxes, in the shape ``node.datasets`` samples have.
+    """A frame with its labelled boxes, in the shape ``node.evaluate.datasets`` samples have.
 
     Attributes:
         image: H×W×3 uint8 BGR frame.
@@ -66,7 +66,7 @@ def open_samples(source: str | Iterable[Any], synth_frames: int = 120, width: in
     """Resolve a data spec into a list of samples (``.load()``, ``.boxes``, ``.labels``).
 
     Args:
-        source: ``yolo:DIR`` (read by ``node.datasets.load_samples``), ``synth`` or
+        source: ``yolo:DIR`` (read by ``node.evaluate.datasets.load_samples``), ``synth`` or
             ``synth:N`` (N frames from ``export.synth.render_scene``), or already-made samples.
         synth_frames: number of synthetic frames for plain ``synth``.
         width: synthetic frame width.
@@ -76,11 +76,11 @@ def open_samples(source: str | Iterable[Any], synth_frames: int = 120, width: in
     if not isinstance(source, str):
         samples = list(source)
     elif source.startswith("yolo:"):
-        from node.datasets import load_samples
+        from node.evaluate.datasets import load_samples
 
         try:
             samples = list(load_samples(source))
-        except ValueError as exc:  # node.datasets.DatasetError names the file
+        except ValueError as exc:  # node.evaluate.datasets.DatasetError names the file
             raise FeedError(str(exc)) from None
     elif source == "synth" or source.startswith("synth:"):
         n = synth_frames
@@ -272,7 +272,7 @@ def _balanced_pick(by_class: dict[str, list[tuple[int, int]]], total: int,
 def _load(sample: Any) -> np.ndarray:
     try:
         return sample.load()
-    except ValueError as exc:  # node.datasets.DatasetError names the file
+    except ValueError as exc:  # node.evaluate.datasets.DatasetError names the file
         raise FeedError(str(exc)) from None
 
 

@@ -36,7 +36,7 @@ from calib.qdq import (
     verify_qdq,
 )
 from node.config import ConfigError, load_config, spec
-from node.metadata import METADATA_KEY, MetadataError, ModelMetadata, sha256_file
+from node.infer.metadata import METADATA_KEY, MetadataError, ModelMetadata, sha256_file
 
 METHODS = ("minmax", "entropy", "percentile")
 CACHE_FORMAT = "cone_node.calibration/1"
@@ -262,7 +262,7 @@ def _save_cache(path: str | Path, source_sha: str, method: str, percentile: floa
 
 
 def _read_metadata(path: Path) -> ModelMetadata:
-    from node.metadata import read_onnx_metadata
+    from node.infer.metadata import read_onnx_metadata
 
     try:
         return read_onnx_metadata(path)

@@ -8,7 +8,7 @@ remains for TensorRT 8.5–10.0 builds of an FP32 ONNX with the ``INT8`` flag (s
 
 TensorRT is imported only inside ``make_entropy_calibrator``, and the class is created there,
 so this module imports on machines without TensorRT. Device memory comes from
-``node.backends.cuda_mem`` (the project's one pycuda module); the caller makes the CUDA
+``node.infer.cuda_mem`` (the project's one pycuda module); the caller makes the CUDA
 context current around the build.
 """
 
@@ -71,7 +71,7 @@ def make_entropy_calibrator(batches: Iterable[np.ndarray], batch_size: int,
                       DeprecationWarning, stacklevel=2)
     stream = None
     if buffer_factory is None:
-        from node.backends import cuda_mem
+        from node.infer import cuda_mem
 
         buffer_factory = cuda_mem.HostDeviceBuffer
         stream = cuda_mem.Stream()

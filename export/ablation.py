@@ -36,7 +36,7 @@ FIGURES = (("cone_accuracy", "cone top-1 %"), ("min_cone_recall", "min colour re
 
 def no_se_twin(arch: str) -> str:
     """``se_resnet_slim32`` → ``resnet_slim32`` (must be registered)."""
-    from .model import REGISTRY
+    from export.model import REGISTRY
 
     twin = arch.removeprefix("se_")
     if twin == arch or twin not in REGISTRY:
@@ -47,8 +47,8 @@ def no_se_twin(arch: str) -> str:
 def run_variants(config: str, seeds: list[int], out: Path, variants: list[str],
                  overrides: list[str]) -> list[dict]:
     """Train every variant for every seed; returns one record per run."""
-    from .train import train
-    from .train_config import load_train_config
+    from export.train import train
+    from export.train_config import load_train_config
 
     base = load_train_config(config, overrides)
     records = []

@@ -172,7 +172,7 @@ def normalize_tensor(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
                      ) -> torch.Tensor:
     """uint8 RGB N×3×H×W → float32 ``(x / 255 - mean) / std``.
 
-    The torch twin of ``node.preprocess.normalize`` (which runs on numpy BGR crops at runtime);
+    The torch twin of ``node.infer.preprocess.normalize`` (which runs on numpy BGR crops at runtime);
     a test checks that both give the same numbers.
     """
     mean = mean.to(images.device).view(1, 3, 1, 1)

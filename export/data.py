@@ -1,6 +1,6 @@
 """Crop datasets for the classifier: real cones, safely mined background, synthetic cones.
 
-Every crop is made by ``node.crop.crop_batch`` under the configured ``CropPolicy``, the same
+Every crop is made by ``node.infer.crop.crop_batch`` under the configured ``CropPolicy``, the same
 function the node runs, and stored as uint8 BGR at the model's input size. Boxes of real and
 synthetic cones are jittered the way the node's colour proposals are off (centre shift, scale,
 aspect). Background is mined only far from every labelled box and outside the horizon band
@@ -24,10 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from export.background import HeightByRow, contact_sheet, mine_background
 from node.classes import BACKGROUND, CLASSIFIER_CLASSES
-from node.crop import CropPolicy, crop_batch
-
-from .background import HeightByRow, contact_sheet, mine_background
+from node.infer.crop import CropPolicy, crop_batch
 
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSIFIER_CLASSES)}
 
@@ -56,7 +55,7 @@ def parse_heldout(rules: list[str]) -> list[tuple[str, int | None, int | None]]:
 def clip_and_frame(path: str | Path) -> tuple[str, int | None]:
     """Clip name and frame number of a BGRacing frame; the frame is ``None`` for the few
     single frames named ``<clip>_<n>_jpg.rf.<hash>.jpg`` (not part of the clip's video)."""
-    from node.datasets import bgracing_clip, frame_index
+    from node.evaluate.datasets import bgracing_clip, frame_index
 
     name = Path(path).name
     return bgracing_clip(name), (frame_index(name) if "_mp4-" in name else None)
@@ -195,7 +194,7 @@ def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
 def synth_crops(cfg, size: int, policy: CropPolicy, rng: np.random.Generator
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Jittered crops of rendered cones, up to ``synth.per_class`` per class (rare classes)."""
-    from .synth import render_scene
+    from export.synth import render_scene
 
     want = {CLASS_INDEX[k]: v for k, v in cfg.synth.per_class.items()}
     got: dict[int, list[np.ndarray]] = {k: [] for k in want}
@@ -219,7 +218,7 @@ def synth_crops(cfg, size: int, policy: CropPolicy, rng: np.random.Generator
 
 def build_cropset(cfg, size: int, sheet_path: str | Path | None = None) -> CropSet:
     """Crops of the real data split by clip, plus synthetic ones, per the ``data`` config."""
-    from node.datasets import load_samples
+    from node.evaluate.datasets import load_samples
 
     root = Path(cfg.root)
     if not (root / "images").is_dir():
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sheet", default=None, help="PNG contact sheet of mined background")
     parser.add_argument("overrides", nargs="*", help="key.path=value config overrides")
     args = parser.parse_args(argv)
-    from .train_config import load_train_config
+    from export.train_config import load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides)

@@ -8,7 +8,7 @@ engines by what they were built for. The flags come from the pure table in
 ``export.trt_flags``. The engine is written as ``<stem>.<precision>.<key>.engine`` where
 ``key`` is the first 12 hex digits of a sha256 over the ONNX's sha256, TensorRT version, GPU
 name, compute capability, precision and batch profile; its JSON sidecar
-(``node.metadata.sidecar_path``) holds the model's metadata plus those facts, and a build whose
+(``node.infer.metadata.sidecar_path``) holds the model's metadata plus those facts, and a build whose
 key matches an existing engine and sidecar is skipped.
 
     python -m export.engine model.onnx --precision fp32|fp16|int8 [--config configs/export.yaml]
@@ -33,7 +33,7 @@ from pathlib import Path
 from calib.feed import CalibrationConfig
 from export.trt_flags import PRECISIONS, UnsupportedBuild, builder_plan
 from node.config import ConfigError, load_config, spec
-from node.metadata import (
+from node.infer.metadata import (
     MetadataError,
     ModelMetadata,
     read_onnx_metadata,
@@ -139,7 +139,7 @@ def timing_cache_path(setting: str, out_dir: Path, trt_version: str, compute_cap
 def detect_gpu() -> tuple[str, str]:
     """(GPU name, compute capability "major.minor") via pycuda, else ``nvidia-smi``."""
     if importlib.util.find_spec("pycuda") is not None:
-        from node.backends.cuda_mem import device_info
+        from node.infer.cuda_mem import device_info
 
         name, (major, minor) = device_info(0)
         return name, f"{major}.{minor}"
@@ -249,7 +249,7 @@ def _legacy_calibrator(trt, cfg: _FileConfig, meta: ModelMetadata, calib_data: s
     """The legacy entropy calibrator over the feed, with its CUDA context (8.5–10.0 only)."""
     from calib.feed import calibration_batches
     from calib.trt_calibrator import make_entropy_calibrator
-    from node.backends.cuda_mem import CudaContext
+    from node.infer.cuda_mem import CudaContext
 
     c = cfg.calibration
     context = CudaContext(0)

@@ -1,7 +1,7 @@
 """Score a classifier on labelled frames: ``python -m export.evaluate --model M --data yolo:DIR``.
 
 ``M`` is a training checkpoint (``.pt``), an ONNX model or a TensorRT engine (both through
-``node.backends.load_backend``). Crops come from the ground-truth boxes through the crop policy
+``node.infer.load_backend``). Crops come from the ground-truth boxes through the crop policy
 in the *model's* metadata (no jitter), plus background crops mined the safe way
 (``export.background``, seeded). Prints top-1 accuracy, top-1 over the four cone colours,
 per-class recall, the background rejection rate and the confusion matrix, and writes the same
@@ -103,11 +103,11 @@ def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
     """Cone crop top-1 by box height on camera variants of the frames (``export.variants``:
     the ground-truth boxes moved with the pixels, cropped by the model's policy):
     ``{variant: accuracy_by_size(...)}``."""
-    from node.crop import crop_batch
-    from node.datasets import load_samples
+    from node.evaluate.datasets import load_samples
+    from node.infer.crop import crop_batch
 
-    from .data import clip_and_frame, is_heldout
-    from .variants import build_variants, estimate_horizon
+    from export.data import clip_and_frame, is_heldout
+    from export.variants import build_variants, estimate_horizon
 
     samples = load_samples(data_spec)
     if clips:
@@ -189,13 +189,13 @@ def plot_confusion(m: dict, path: str | Path, title: str = "") -> None:
 
 def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[], None]]:
     """``(predict_fn, metadata, close)`` for a checkpoint, ONNX model or engine."""
-    from node.preprocess import normalize
+    from node.infer.preprocess import normalize
 
     path = Path(model_path)
     if path.suffix == ".pt":
         import torch
 
-        from .train import load_checkpoint, metadata_from_checkpoint
+        from export.checkpoint import load_checkpoint, metadata_from_checkpoint
 
         model, ckpt = load_checkpoint(path)
         meta = metadata_from_checkpoint(ckpt)
@@ -207,7 +207,7 @@ def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[
         close = lambda: None
         chunk = 512
     else:
-        from node.backends import load_backend
+        from node.infer import load_backend
 
         backend = load_backend(path, max_batch=256).activate()
         meta, run, close, chunk = backend.meta, backend.infer, backend.deactivate, 256
@@ -228,12 +228,11 @@ def crops_for_evaluation(data_spec: str, meta, clips: Sequence[str] | None, seed
     cropped by the model's own policy. ``clips`` keeps frames matching BGRacing clip rules
     (``CLIP`` or ``CLIP:FIRST-LAST``). A ``box_heights`` list receives every crop's box height in
     frame pixels."""
-    from node.crop import crop_batch
-    from node.datasets import load_samples
-
-    from .background import HeightByRow, mine_background
-    from .data import clip_and_frame, is_heldout
-    from .train_config import BackgroundConfig
+    from export.background import HeightByRow, mine_background
+    from export.data import clip_and_frame, is_heldout
+    from export.train_config import BackgroundConfig
+    from node.evaluate.datasets import load_samples
+    from node.infer.crop import crop_batch
 
     samples = load_samples(data_spec)
     if clips:

@@ -9,7 +9,7 @@ axis, and module-path node names, in a tenth of a second. ``--exporter dynamo`` 
 when the legacy exporter is gone.
 
 The graph has one input ``crops`` (N×3×S×S float32, normalised as the metadata says) and one
-output ``logits`` (N×classes). The metadata (``node.metadata.ModelMetadata`` as JSON under
+output ``logits`` (N×classes). The metadata (``node.infer.metadata.ModelMetadata`` as JSON under
 ``cone_node`` in ``metadata_props``) records, for the FP32 ONNX, ``source_onnx_sha256`` =
 the sha256 of the checkpoint file it was exported from. Before anything is written, a parity
 check runs the same crops through torch and ONNX Runtime and fails loudly unless the logits
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from node.config import ConfigError, load_config, spec
-from node.metadata import METADATA_KEY, MetadataError, ModelMetadata, sha256_file
+from node.infer.metadata import METADATA_KEY, MetadataError, ModelMetadata, sha256_file
 
 INPUT_NAME = "crops"
 OUTPUT_NAME = "logits"
@@ -86,15 +86,15 @@ class ParityReport:
 def load_checkpoint(path: str | Path):
     """Load a training checkpoint as (eval-mode model, metadata).
 
-    Uses ``export.train.load_checkpoint`` and ``metadata_from_checkpoint`` (the checkpoint
+    Uses ``export.checkpoint.load_checkpoint`` and ``metadata_from_checkpoint`` (the checkpoint
     contract lives there). The metadata's ``source_onnx_sha256`` is set to the sha256 of the
     checkpoint file.
     """
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: checkpoint not found")
-    from export.train import load_checkpoint as train_load
-    from export.train import metadata_from_checkpoint
+    from export.checkpoint import load_checkpoint as train_load
+    from export.checkpoint import metadata_from_checkpoint
 
     model, ckpt = train_load(path)
     meta = metadata_from_checkpoint(ckpt)

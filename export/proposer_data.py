@@ -25,9 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .camera_aug import DEFAULT as DEFAULT_CAMERA
-from .camera_aug import CameraRandomisation, random_aspect, random_camera
-from .data import DataError, clip_and_frame, is_heldout, near_duplicates
+from export.camera_aug import DEFAULT as DEFAULT_CAMERA
+from export.camera_aug import CameraRandomisation, random_aspect, random_camera
+from export.data import DataError, clip_and_frame, is_heldout, near_duplicates
 
 SYNTH_CLIP = "synth"
 
@@ -86,7 +86,7 @@ def resize_frame(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.nd
 def build_proposer_frames(root: str | Path, heldout: list[str], size: int, synth_frames: int,
                           synth_seed: int, duplicate_threshold: float = 5.0) -> ProposerFrames:
     """Real training frames (never held-out ones) and rendered scenes at the input size."""
-    from node.datasets import load_samples
+    from node.evaluate.datasets import load_samples
 
     images, boxes, clips, names = [], [], [], []
     dropped: list = []
@@ -110,7 +110,7 @@ def build_proposer_frames(root: str | Path, heldout: list[str], size: int, synth
     else:
         print(f"warning: {root}: no real frames; training on synthetic frames only",
               file=sys.stderr)
-    from .synth import render_scene
+    from export.synth import render_scene
 
     for i in range(synth_frames):
         scene = render_scene(synth_seed + i, 640, 640)

@@ -30,11 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.heatmap_proposer import OUTPUTS, ProposerMetadata
-
-from .data import DataError
-from .proposer_data import ProposerFrames, augment_frame, centre_targets
-from .train import optimizer_step
+from export.data import DataError
+from export.proposer_data import ProposerFrames, augment_frame, centre_targets
+from export.train import optimizer_step
+from node.propose.heatmap import OUTPUTS, ProposerMetadata
 
 STRIDE = 4
 CHANNELS = (16, 24, 32, 48)
@@ -271,7 +270,7 @@ def detection_loss(outputs: tuple, targets: dict[str, torch.Tensor],
 
 def normalise_batch(images: np.ndarray, meta: ProposerMetadata) -> torch.Tensor:
     """uint8 BGR (B, S, S, 3) → float (B, 3, S, S), the same arithmetic as the node's
-    ``node.heatmap_proposer.to_input_tensor``."""
+    ``node.propose.heatmap.to_input_tensor``."""
     x = images[..., ::-1] if meta.channel_order == "RGB" else images
     mean = np.asarray(meta.mean, np.float32) * 255.0
     scale = 1.0 / (np.asarray(meta.std, np.float32) * 255.0)
@@ -408,7 +407,7 @@ def export_with_metadata(module: nn.Module, dummy: torch.Tensor, path: str | Pat
 def export_proposer(net: ConeHeatmapNet, meta: ProposerMetadata, path: str | Path) -> Path:
     """ONNX (opset 17, batch 1, any height and width that are multiples of 32) with ``meta``
     as JSON under ``cone_proposer``."""
-    from node.heatmap_proposer import METADATA_KEY
+    from node.propose.heatmap import METADATA_KEY
 
     wrapper = ExportWrapper(fold_input_normalisation(net.cpu().eval())).eval()
     dummy = torch.zeros(1, 3, meta.input_size, meta.input_size)
@@ -429,9 +428,9 @@ def tune_threshold(model_path: Path, samples: list, thresholds: list[float],
     """Run the node's ``HeatmapProposer`` on validation frames (full size, from disk) at each
     threshold; pick the lowest threshold whose candidates stay within ``budget`` x the
     labelled cones (the highest recall that does)."""
-    from node.evaluate import score_proposals
-    from node.heatmap_proposer import HeatmapProposer
+    from node.evaluate.score import score_proposals
     from node.node_config import ProposerConfig
+    from node.propose.heatmap import HeatmapProposer
 
     rows = []
     for th in sorted(thresholds):
@@ -448,9 +447,8 @@ def tune_threshold(model_path: Path, samples: list, thresholds: list[float],
 def validation_samples(root: Path, clips: list[str]) -> list:
     """Labelled full-size frames of the validation clips (training clips kept out of
     training for tuning)."""
-    from node.datasets import load_samples
-
-    from .data import clip_and_frame
+    from export.data import clip_and_frame
+    from node.evaluate.datasets import load_samples
 
     if not (root / "images").is_dir():
         return []
@@ -461,7 +459,7 @@ def cached_frames(cache: Path, root: Path, heldout: list[str], input_size: int,
                   synth_frames: int, synth_seed: int) -> ProposerFrames:
     """The training frames from ``cache``, built and saved there when missing; a cache built
     for other held-out clips, size or synthetic frames is an error naming the file."""
-    from .proposer_data import build_proposer_frames, load_frames, save_frames
+    from export.proposer_data import build_proposer_frames, load_frames, save_frames
 
     if cache.is_file():
         frames = load_frames(cache)

@@ -1,6 +1,6 @@
 """Train and export the candidate-box refiner: ``python -m export.refiner_train --out DIR``.
 
-The second stage of ``node.box_refiner``: a small CNN looks at a 32 px crop of each candidate
+The second stage of ``node.propose.refiner``: a small CNN looks at a 32 px crop of each candidate
 (a square of twice the box's longer side, cut by the node's own ``crop_batch``) and predicts
 how far each edge of the cone's box lies from the candidate's, in fractions of the square.
 Loss: smooth L1 on the four offsets plus GIoU (Rezatofighi et al., 2019) of the moved box.
@@ -34,12 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.box_refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
-from node.evaluate import iou_matrix
-
-from .data import DataError
-from .proposer_data import SYNTH_CLIP, ProposerFrames
-from .proposer_train import (
+from export.data import DataError
+from export.proposer_data import SYNTH_CLIP, ProposerFrames
+from export.proposer_train import (
     cached_frames,
     export_with_metadata,
     finish_export,
@@ -50,7 +47,9 @@ from .proposer_train import (
     start_run,
     trainer_parser,
 )
-from .train import optimizer_step
+from export.train import optimizer_step
+from node.evaluate.score import iou_matrix
+from node.propose.refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
 
 CHANNELS = (16, 32, 48)
 
@@ -225,7 +224,7 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
 
 def export_refiner(net: BoxRefinerNet, meta: RefinerMetadata, path: str | Path) -> Path:
     """ONNX (opset 17, dynamic batch) with ``meta`` as JSON under ``cone_refiner``."""
-    from node.box_refiner import METADATA_KEY
+    from node.propose.refiner import METADATA_KEY
 
     extra = dict(meta.extra)
     extra["torch"] = torch.__version__
@@ -240,8 +239,8 @@ def validate(model_path: Path, samples: list, proposer_config) -> dict:
     """Proposals alone on the validation frames, without and with the refiner."""
     from dataclasses import replace
 
-    from node.evaluate import score_proposals
-    from node.proposers import build_proposer
+    from node.evaluate.score import score_proposals
+    from node.propose import build_proposer
 
     out = {}
     for name, cfg in (("proposer", replace(proposer_config, refiner_model=None)),
@@ -275,10 +274,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from export.proposer_train import validation_samples
     from node.node_config import load_node_config
-    from node.proposers import build_proposer
-
-    from .proposer_train import validation_samples
+    from node.propose import build_proposer
 
     if args.input_size % (1 << len(args.channels)) or args.input_size < 8:
         raise DataError(f"--input-size {args.input_size}: must be a multiple of "

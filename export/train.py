@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -28,22 +27,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.augment import BatchAugmenter, normalize_tensor
+from export.checkpoint import (  # noqa: F401 (load_checkpoint and metadata_from_checkpoint: re-exported)
+    CheckpointError,
+    load_checkpoint,
+    metadata_from_checkpoint,
+)
+from export.data import CropSet, DataError, build_cropset, crops_to_tensor, load_cache
+from export.evaluate import evaluate_crops, format_metrics
+from export.model import create_model
+from export.train_config import TrainConfig, load_train_config
 from node.classes import CLASSIFIER_CLASSES
 from node.config import ConfigError, dump_yaml, to_dict
-from node.metadata import ModelMetadata
-
-from .augment import BatchAugmenter, normalize_tensor
-from .data import CropSet, DataError, build_cropset, crops_to_tensor, load_cache
-from .evaluate import evaluate_crops, format_metrics
-from .model import create_model
-from .train_config import TrainConfig, load_train_config
+from node.infer.metadata import ModelMetadata
 
 _DEFAULT_META = ModelMetadata(classes=list(CLASSIFIER_CLASSES), input_size=32)
 MEAN, STD = list(_DEFAULT_META.mean), list(_DEFAULT_META.std)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing or is not one of ours; the message names the file."""
 
 
 @dataclass
@@ -203,37 +202,6 @@ def checkpoint_dict(model: nn.Module, cfg: TrainConfig, crops: CropSet, epoch: i
             "input_size": int(crops.input_size), "mean": MEAN, "std": STD,
             "channel_order": "RGB", "crop": dict(crops.crop), "epoch": epoch,
             "metrics": metrics, "config": to_dict(cfg)}
-
-
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model of a checkpoint (eval mode, CPU); ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
-    missing = {"model", "arch", "classes", "input_size"} - set(ckpt if isinstance(ckpt, dict)
-                                                                  else {})
-    if missing:
-        raise CheckpointError(f"{path}: not a classifier checkpoint (missing {sorted(missing)})")
-    model = create_model(ckpt["arch"], len(ckpt["classes"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
-def metadata_from_checkpoint(ckpt: dict) -> ModelMetadata:
-    """The runtime preprocessing contract of a checkpoint (precision fp32)."""
-    metrics = ckpt.get("metrics", {})
-    extra = {"epoch": ckpt.get("epoch"),
-             "heldout": ckpt.get("config", {}).get("data", {}).get("heldout"),
-             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
-    return ModelMetadata(classes=list(ckpt["classes"]), input_size=int(ckpt["input_size"]),
-                         channel_order=ckpt.get("channel_order", "RGB"),
-                         mean=list(ckpt["mean"]), std=list(ckpt["std"]), crop=dict(ckpt["crop"]),
-                         arch=ckpt["arch"], precision="fp32", extra=extra)
 
 
 def optimizer_step(loss: torch.Tensor, opt, scaler, sched) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from node.classes import CONE_CLASSES
 from node.config import ConfigError, load_config, spec
-from node.crop import CropPolicy
+from node.infer.crop import CropPolicy
 
 __all__ = ["ConfigError", "TrainConfig", "load_train_config"]
 
@@ -187,14 +187,14 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
                       ) -> TrainConfig:
     """``TrainConfig`` from YAML plus ``key.path=value`` overrides; raises ``ConfigError``."""
     cfg = load_config(TrainConfig, path, overrides)
-    from .model import REGISTRY  # local: torch is only needed once a config is built
+    from export.model import REGISTRY  # local: torch is only needed once a config is built
 
     if cfg.model.arch not in REGISTRY:
         raise ConfigError(f"{path or '<defaults>'}: model.arch: unknown model "
                           f"{cfg.model.arch!r}; registered: {', '.join(sorted(REGISTRY))}")
     if cfg.model.input_size is None:
         cfg.model.input_size = REGISTRY[cfg.model.arch].input_size
-    from .augment import (  # validates the RandAugment op list against SAFE_OPS
+    from export.augment import (  # validates the RandAugment op list against SAFE_OPS
         MAX_STRENGTH,
         check_ops,
     )

@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 
 from export.variants import build_variants, estimate_horizon
-from node.datasets import bgracing_clip
-from node.evaluate import Tally, select_samples
+from node.evaluate.datasets import bgracing_clip
+from node.evaluate.score import Tally
+from node.evaluate.splits import select_samples
 from node.types import Frame
 
 
@@ -72,7 +73,7 @@ def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],
              progress: Any = None) -> tuple[list[Any], dict]:
     """Every frame's ``FrameResult`` (in order) and the pipeline's summary."""
     from node.pipeline import Pipeline
-    from node.publishers import Publisher
+    from node.publish.publishers import Publisher
 
     class Keep(Publisher):
         name = "validation collector"
@@ -231,10 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_variants(args: argparse.Namespace) -> int:
-    from node.backends import load_backend
-    from node.datasets import load_samples
+    from node.infer import load_backend
+    from node.evaluate.datasets import load_samples
     from node.node_config import load_node_config, resolve_path
-    from node.proposers import build_proposer
+    from node.propose import build_proposer
 
     if args.data.partition(":")[0] != "yolo":
         raise ValueError(f"--data {args.data}: only yolo:DIR is supported")

@@ -1,4 +1,4 @@
-"""ROS 2 launch file of the cone perception node (``node/ros2.py``).
+"""ROS 2 launch file of the cone perception node (``node/ros2/lifecycle.py``).
 
 Starts one lifecycle node, ``cone_node``, that configures and activates itself (parameter
 ``autostart``), with one params YAML (default ``launch/cone_node.params.yaml``). The launch

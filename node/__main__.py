@@ -19,14 +19,14 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "replay": ("node.cli_replay", "replay a video, image folder, glob or ROS 2 bag"),
-    "run": ("node.cli_run", "run on a live camera (csi://N, v4l2:///dev/videoN, rtsp://...)"),
-    "demo": ("node.cli_demo", "render a synthetic clip and replay it with the bundled model"),
-    "reindex": ("node.cli_reindex", ("make a bag interrupted by a crash or kill -9 readable "
+    "replay": ("node.cli.replay", "replay a video, image folder, glob or ROS 2 bag"),
+    "run": ("node.cli.run", "run on a live camera (csi://N, v4l2:///dev/videoN, rtsp://...)"),
+    "demo": ("node.cli.demo", "render a synthetic clip and replay it with the bundled model"),
+    "reindex": ("node.cli.reindex", ("make a bag interrupted by a crash or kill -9 readable "
                                      "(like ros2 bag reindex)")),
-    "bench": ("node.bench", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
-    "evaluate": ("node.evaluate", "score a replay's cones (or bare proposals) against YOLO labels"),
-    "selfcheck": ("node.selfcheck", ("on the Jetson: build TensorRT engines, compare them with "
+    "bench": ("node.bench.command", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
+    "evaluate": ("node.evaluate.score", "score a replay's cones (or bare proposals) against YOLO labels"),
+    "selfcheck": ("node.bench.selfcheck", ("on the Jetson: build TensorRT engines, compare them with "
                                     "ONNX Runtime, time them")),
 }
 """Command name → (module, one-line help)."""
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def classify_error(exc: BaseException) -> tuple[int, str]:
     """Exit code and one-line message for an exception that reached the command line."""
-    from .config import ConfigError
+    from node.config import ConfigError
 
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else type(exc).__name__

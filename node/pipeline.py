@@ -26,13 +26,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .config import ConfigError
-from .node_config import NodeConfig
-from .postprocess import cones_from_logits
-from .preprocess import Preprocessor
-from .proposers import Proposer
-from .publishers import PublisherError, publish_all
-from .types import Cone, Frame, FrameResult
+from node.config import ConfigError
+from node.infer.postprocess import cones_from_logits
+from node.infer.preprocess import Preprocessor
+from node.node_config import NodeConfig
+from node.propose import Proposer
+from node.publish.publishers import PublisherError, publish_all
+from node.types import Cone, Frame, FrameResult
 
 _EMPTY = np.zeros((0, 4), np.float32)
 CAMERA_POLL_S = 0.25
@@ -60,13 +60,13 @@ class Pipeline:
 
     Args:
         config: the node config (score threshold, NMS, sync/pipelined, batch capacity).
-        backend: an activated backend (``node.backends``): ``meta``, ``infer_async``, ``wait``
+        backend: an activated backend (``node.infer``): ``meta``, ``infer_async``, ``wait``
             and ``last_timing``.
         proposer: where candidates come from.
-        publishers: ``node.publishers`` objects (``publish(result, image)``, ``wants_image``,
+        publishers: ``node.publish.publishers`` objects (``publish(result, image)``, ``wants_image``,
             ``close()``); the annotated frame is drawn once for all that want it. ``run``
             closes them when it ends.
-        tracker: a ``node.metrics.LatencyTracker`` (``record``, ``maybe_report``,
+        tracker: a ``node.publish.metrics.LatencyTracker`` (``record``, ``maybe_report``,
             ``summary``), or None.
         progress: an object with ``update(n)`` (a tqdm bar), or None.
         report: called with each periodic report line of the tracker (live runs), or None.

@@ -20,7 +20,7 @@ def _node_modules() -> list[str]:
 
 def test_every_node_module_imports_without_heavy_packages():
     mods = _node_modules()
-    assert "node.crop" in mods and "node.preprocess" in mods
+    assert "node.infer.crop" in mods and "node.infer.preprocess" in mods
     code = (
         "import importlib, sys\n"
         f"for m in {mods!r}: importlib.import_module(m)\n"

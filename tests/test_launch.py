@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from node.node_config import REPO_ROOT
-from node.ros2 import NODE_NAME, PARAMETERS
+from node.ros2.lifecycle import NODE_NAME, PARAMETERS
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = ("jetson_setup.sh", "build_engines.sh")

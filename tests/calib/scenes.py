@@ -24,8 +24,8 @@ from node.classes import (
     ORANGE,
     YELLOW,
 )
-from node.metadata import ModelMetadata
-from node.preprocess import Preprocessor, normalize
+from node.infer.metadata import ModelMetadata
+from node.infer.preprocess import Preprocessor, normalize
 
 # body colour (BGR), stripe colour, number of stripes
 _LOOK = {

@@ -11,7 +11,7 @@ import pytest
 
 from calib.feed import FeedError, LabelledFrame, balanced_crops, calibration_batches
 from node.classes import BACKGROUND, BLUE, CONE_CLASSES, YELLOW
-from node.preprocess import Preprocessor
+from node.infer.preprocess import Preprocessor
 from tests.calib.scenes import make_scene, metadata, scenes, write_yolo
 
 BGRACING = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "bgracing"

@@ -19,7 +19,7 @@ from calib.feed import calibration_batches
 from calib.qdq import QuantizationError, resolve_keep_float, verify_qdq
 from calib.quantize import main, quantize_qdq
 from export.onnx import export_onnx
-from node.metadata import read_onnx_metadata, sha256_file
+from node.infer.metadata import read_onnx_metadata, sha256_file
 from tests.calib.scenes import labelled_batch, scenes, trained_classifier, write_yolo
 
 pytest.importorskip("torch")

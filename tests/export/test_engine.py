@@ -30,7 +30,7 @@ from export.engine import (
 )
 from export.trt_flags import BuildPlan, UnsupportedBuild, builder_plan
 from node.config import ConfigError
-from node.metadata import ModelMetadata, sidecar_path
+from node.infer.metadata import ModelMetadata, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

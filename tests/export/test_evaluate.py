@@ -80,8 +80,8 @@ def test_cli_on_checkpoint_and_onnx(tmp_path, capsys) -> None:
     from export.evaluate import main
     from export.model import create_model
     from export.train import metadata_from_checkpoint
-    from node.crop import CropPolicy
-    from node.metadata import METADATA_KEY
+    from node.infer.crop import CropPolicy
+    from node.infer.metadata import METADATA_KEY
 
     n_boxes = _yolo_folder(tmp_path / "data")
     torch.manual_seed(0)

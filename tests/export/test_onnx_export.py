@@ -13,7 +13,7 @@ from calib.feed import calibration_batches
 from calib.quantize import quantize_qdq
 from export.engine import BatchProfile, engine_metadata
 from export.onnx import ParityError, export_checkpoint, main, parity_check
-from node.metadata import read_onnx_metadata, read_sidecar, sha256_file, sidecar_path
+from node.infer.metadata import read_onnx_metadata, read_sidecar, sha256_file, sidecar_path
 from tests.calib.scenes import scenes, trained_classifier
 
 

@@ -32,7 +32,7 @@ from export.proposer_train import (
     stem_metadata,
     train,
 )
-from node.heatmap_proposer import (
+from node.propose.heatmap import (
     decode_heatmap,
     open_session,
     to_input_tensor,

@@ -20,14 +20,14 @@ from export.refiner_train import (
     refine_loss,
     train,
 )
-from node.box_refiner import (
+from node.evaluate.score import iou_matrix
+from node.propose.refiner import (
     BoxRefiner,
     RefinerMetadata,
     apply_deltas,
     box_targets,
     refiner_crops,
 )
-from node.evaluate import iou_matrix
 
 SIZE = 96
 

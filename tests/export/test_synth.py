@@ -27,11 +27,11 @@ from export.synth import (
     render_view,
     write_dataset,
 )
-from export.synth_layout import build_scene
-from export.synth_scene import Prop
+from export.synth.layout import build_scene
+from export.synth.scene import Prop
 from node.classes import BLUE, CONE_CLASSES, LARGE_ORANGE, ORANGE, YELLOW
-from node.datasets import read_yolo
-from node.evaluate import iou_matrix
+from node.evaluate.datasets import read_yolo
+from node.evaluate.score import iou_matrix
 
 FLAT = (0, 255, 0)  # no cone paint is pure green
 CLEAN = {"flat_background": FLAT, "clutter": False, "car": False, "effects": False,
@@ -260,7 +260,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 def test_nose_blue_panels_stay_inside_the_documented_envelope() -> None:
-    from export.synth_camera import NOSE_BLUE_ENVELOPE, draw_car_nose, random_car_nose
+    from export.synth.camera import NOSE_BLUE_ENVELOPE, draw_car_nose, random_car_nose
 
     size = 320
     envelope = np.zeros((size, size), np.uint8)

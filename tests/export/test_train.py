@@ -31,7 +31,7 @@ from export.data import (
 )
 from export.train_config import BackgroundConfig, ConfigError, load_train_config
 from node.classes import CLASSIFIER_CLASSES
-from node.preprocess import normalize
+from node.infer.preprocess import normalize
 
 from . import cone_patches
 
@@ -238,7 +238,7 @@ def test_checkpoint_round_trip(tiny_run) -> None:
 @pytest.mark.skipif(not (SHARED / "images").is_dir(), reason="needs ../shared/data/bgracing")
 def test_heldout_clips_hold_small_orange_cones_and_never_train() -> None:
     from export.data import clip_and_frame
-    from node.datasets import load_samples
+    from node.evaluate.datasets import load_samples
 
     rules = load_train_config(CONFIG).data.heldout
     samples = load_samples(f"yolo:{SHARED}")
@@ -256,7 +256,7 @@ def test_heldout_clips_hold_small_orange_cones_and_never_train() -> None:
 @pytest.mark.skipif(not (SHARED / "images").is_dir(), reason="needs ../shared/data/bgracing")
 def test_training_frames_that_repeat_heldout_frames_are_dropped() -> None:
     from export.data import clip_and_frame, near_duplicates
-    from node.datasets import load_samples
+    from node.evaluate.datasets import load_samples
 
     cfg = load_train_config(CONFIG).data
     samples = [s for s in load_samples(f"yolo:{SHARED}")

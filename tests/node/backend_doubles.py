@@ -1,4 +1,4 @@
-"""Test doubles for node.backends: a tiny ONNX classifier with metadata, its numpy forward
+"""Test doubles for node.infer: a tiny ONNX classifier with metadata, its numpy forward
 pass, and fake ``tensorrt``/``pycuda.driver`` modules that drive ``TensorRTBackend``.
 
 The ONNX model is built with onnx.helper (Conv+ReLU → GlobalAveragePool → Flatten → Gemm,
@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from node.classes import CLASSIFIER_CLASSES
-from node.metadata import METADATA_KEY, ModelMetadata, sidecar_path
+from node.infer.metadata import METADATA_KEY, ModelMetadata, sidecar_path
 
 SIZE = 32
 META = ModelMetadata(classes=list(CLASSIFIER_CLASSES), input_size=SIZE, arch="test-convnet")

@@ -1,5 +1,5 @@
 """Test doubles for the ROS 2 adapter: rosidl-style message classes generated from the rosbags
-typestore, and a fake rclpy (nodes, lifecycle, QoS) with just the calls ``node.ros2`` makes.
+typestore, and a fake rclpy (nodes, lifecycle, QoS) with just the calls ``node.ros2.lifecycle`` makes.
 
 The message classes follow the rosidl Python API (``get_fields_and_field_types`` with type
 strings such as ``'double'``, ``'sequence<vision_msgs/Detection2D>'``), so
@@ -15,7 +15,7 @@ import types
 import numpy as np
 
 from node.classes import BLUE, CLASSIFIER_CLASSES
-from node.metadata import ModelMetadata
+from node.infer.metadata import ModelMetadata
 
 _ROSIDL_BASE = {"float64": "double", "float32": "float", "bool": "boolean", "byte": "octet",
                 "char": "uint8"}

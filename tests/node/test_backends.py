@@ -1,4 +1,4 @@
-"""Tests of node.backends: suffix dispatch, metadata checks, the base runner's state machine,
+"""Tests of node.infer: suffix dispatch, metadata checks, the base runner's state machine,
 async overlap, error recovery, TensorRT's sidecar check and double buffering (on fake
 tensorrt/pycuda modules), and backend parity against ONNX Runtime.
 
@@ -21,7 +21,8 @@ import pytest
 
 pytest.importorskip("onnx")
 
-from node.backends import (
+from node.classes import CLASSIFIER_CLASSES
+from node.infer import (
     BACKEND_BY_SUFFIX,
     QUEUE_DEPTH,
     BackendError,
@@ -31,11 +32,10 @@ from node.backends import (
     load_backend,
     tensorrt_available,
 )
-from node.backends.onnxrt import resolve_providers
-from node.backends.tensorrt import batch_profile
-from node.classes import CLASSIFIER_CLASSES
-from node.metadata import METADATA_KEY, MetadataError, sidecar_path
-from node.preprocess import Preprocessor
+from node.infer.metadata import METADATA_KEY, MetadataError, sidecar_path
+from node.infer.onnxrt import resolve_providers
+from node.infer.preprocess import Preprocessor
+from node.infer.tensorrt import batch_profile
 
 from .backend_doubles import META, SIZE, FakeGpu, make_onnx, reference_logits, write_engine
 
@@ -415,7 +415,7 @@ def test_every_available_backend_agrees_with_onnxruntime(model, tmp_path):
 def test_real_tensorrt_engine_agrees_with_onnxruntime(model, tmp_path):  # pragma: no cover
     import tensorrt as trt
 
-    from node.backends import cuda_mem
+    from node.infer import cuda_mem
 
     path = model[0]
     logger = trt.Logger(trt.Logger.WARNING)

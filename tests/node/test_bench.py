@@ -20,17 +20,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from node.__main__ import main as node_main
-from node.bench_env import ENV_KEYS, busy_warning, clocks_locked, collect_environment, cpu_model
-from node.bench_measure import latency_stats, spread_warning
-from node.bench_peer import decode_yolo, letterbox
-from node.bench_report import (
+from node.bench.env import ENV_KEYS, busy_warning, clocks_locked, collect_environment, cpu_model
+from node.bench.measure import latency_stats, spread_warning
+from node.bench.peer import decode_yolo, letterbox
+from node.bench.report import (
     CSV_COLUMNS,
     TABLE_COLUMNS,
     ReportError,
     append_csv,
     parse_markdown_table,
 )
-from node.metadata import METADATA_KEY, ModelMetadata
+from node.infer.metadata import METADATA_KEY, ModelMetadata
 
 CLASSES = ["blue_cone", "yellow_cone", "orange_cone", "large_orange_cone", "background"]
 CONE_BGR = {"blue_cone": (220, 60, 20), "yellow_cone": (20, 220, 245),

@@ -1,4 +1,4 @@
-"""Tests of ``node.box_refiner``: the offset arithmetic (exact round trip), the crops against
+"""Tests of ``node.propose.refiner``: the offset arithmetic (exact round trip), the crops against
 hand-placed squares, the metadata contract and its one-line errors, the wrapper's order and
 cap, and the shipped refiner's gain in IoU on synthetic cones it was never trained on."""
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.box_refiner import (
+from node.node_config import load_node_config
+from node.propose import Proposer, build_proposer
+from node.propose.refiner import (
     BoxRefiner,
     RefinedProposer,
     RefinerMetadata,
@@ -20,8 +22,6 @@ from node.box_refiner import (
     open_refiner,
     refiner_crops,
 )
-from node.node_config import load_node_config
-from node.proposers import Proposer, build_proposer
 from node.types import Frame
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,7 +213,7 @@ def test_proposer_providers_reach_both_sessions_and_a_missing_one_is_a_clear_err
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this ONNX Runtime has CUDA: the error path cannot be shown here")
-    from node.heatmap_proposer import HeatmapModelError
+    from node.propose.heatmap import HeatmapModelError
 
     cfg = load_node_config(None, {"proposer": {"providers": ["CUDAExecutionProvider"]}})
     with pytest.raises(HeatmapModelError, match=r"cone_proposer\.onnx: execution provider\(s\) "

@@ -10,9 +10,9 @@ import pytest
 
 from node.classes import BACKGROUND, CLASSIFIER_CLASSES, DATASET_IDS, canonical_name, names_from_ids
 from node.config import ConfigError, load_config, spec
-from node.crop import CropPolicy, crop_batch
-from node.metadata import MetadataError, ModelMetadata
-from node.preprocess import Preprocessor, normalize
+from node.infer.crop import CropPolicy, crop_batch
+from node.infer.metadata import MetadataError, ModelMetadata
+from node.infer.preprocess import Preprocessor, normalize
 
 
 def test_foreign_ids_map_by_name():

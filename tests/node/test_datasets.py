@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from node.datasets import (
+from node.evaluate.datasets import (
     DatasetError,
     Sample,
     bgracing_clip,

@@ -1,4 +1,4 @@
-"""Tests of ``node.evaluate``: greedy one-to-one matching, recall by height bucket, precision
+"""Tests of ``node.evaluate.score``: greedy one-to-one matching, recall by height bucket, precision
 of detections >= 20 px, label accuracy, clip selection and the ``evaluate`` command."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from node.__main__ import main as node_main
-from node.datasets import Sample
-from node.evaluate import Tally, in_clips, match_greedy, parse_clip_rules, select_samples
+from node.evaluate.datasets import Sample
+from node.evaluate.score import Tally, match_greedy
+from node.evaluate.splits import in_clips, parse_clip_rules, select_samples
 
 # Ground truth: one cone per height bucket (10, 18, 30, 60 px tall).
 TRUTH = np.array([[10, 100, 14, 110], [40, 100, 47, 118], [80, 100, 92, 130],

@@ -1,4 +1,4 @@
-"""Tests of ``node.heatmap_proposer``: CenterNet decoding on hand-made heatmaps (known peaks →
+"""Tests of ``node.propose.heatmap``: CenterNet decoding on hand-made heatmaps (known peaks →
 exact boxes), the cap, clipping to the frame, the model's metadata contract, and the shipped
 model's recall on synthetic frames it was not trained on."""
 
@@ -11,8 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from node.evaluate import match_greedy
-from node.heatmap_proposer import (
+from node.evaluate.score import match_greedy
+from node.node_config import ProposerConfig, load_node_config
+from node.propose import build_proposer
+from node.propose.heatmap import (
     HeatmapModelError,
     HeatmapProposer,
     ProposerMetadata,
@@ -21,8 +23,6 @@ from node.heatmap_proposer import (
     input_geometry,
     open_session,
 )
-from node.node_config import ProposerConfig, load_node_config
-from node.proposers import build_proposer
 from node.types import Frame
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "cone_proposer.onnx"

@@ -9,7 +9,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from node.metrics import LatencyTracker, PrometheusExporter, format_summary, prometheus_text
+from node.publish.metrics import LatencyTracker, PrometheusExporter, format_summary, prometheus_text
 
 
 def _feed(tracker: LatencyTracker, n: int, seed: int = 0, dt: float = 0.02) -> dict:

@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from node.backends import BackendError, load_backend
 from node.classes import CLASSIFIER_CLASSES
-from node.metadata import METADATA_KEY, ModelMetadata
+from node.infer import BackendError, load_backend
+from node.infer.metadata import METADATA_KEY, ModelMetadata
+from node.infer.postprocess import cones_from_logits, suppress_overlaps
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.postprocess import cones_from_logits, suppress_overlaps
-from node.proposers import ExternalBoxProposer, Proposer, build_proposer
+from node.propose import ExternalBoxProposer, Proposer, build_proposer
 from node.types import Frame
 
 REPO = Path(__file__).resolve().parents[2]
@@ -590,7 +590,7 @@ def test_bundled_model_detects_and_labels_synthetic_cones():
     a synthetic clip with exact labels: recall of cones >= 16 px tall at IoU >= 0.5 and label
     accuracy of the matched ones."""
     synth = pytest.importorskip("export.synth")
-    from node.cli_demo import SYNTH_BODY_MASK
+    from node.cli.demo import SYNTH_BODY_MASK
 
     scenes = list(synth.render_clip(3, 24))
     frames = [Frame(i, float(i), s.image) for i, s in enumerate(scenes)]

@@ -1,4 +1,4 @@
-"""Tests of ``node.proposers``: colour proposals against the synthetic renderer's exact labels,
+"""Tests of ``node.propose.base``: colour proposals against the synthetic renderer's exact labels,
 stripe merging, touching cones, the cap and the car-body mask; external YOLO boxes."""
 
 from __future__ import annotations
@@ -11,16 +11,16 @@ import cv2
 import numpy as np
 import pytest
 
-from node.cli_demo import SYNTH_BODY_MASK
-from node.hsv_proposer import HsvProposer
+from node.cli.demo import SYNTH_BODY_MASK
 from node.node_config import ProposerConfig, load_node_config
-from node.proposers import (
+from node.propose import (
     ColourProposer,
     ExternalBoxProposer,
     ProposalError,
     build_proposer,
     yolo_to_xyxy,
 )
+from node.propose.hsv import HsvProposer
 from node.types import Frame
 
 BLUE, YELLOW, ORANGE, WHITE, BLACK = (200, 70, 20), (20, 210, 230), (20, 110, 245), \
@@ -181,8 +181,8 @@ def test_bad_proposals_folder_is_a_one_line_error(tmp_path):
 
 def test_build_proposer_picks_the_kind(tmp_path):
     (tmp_path / "x.txt").write_text("0 0.5 0.5 0.1 0.1\n")
-    from node.box_refiner import RefinedProposer
-    from node.heatmap_proposer import HeatmapProposer
+    from node.propose.heatmap import HeatmapProposer
+    from node.propose.refiner import RefinedProposer
 
     default = build_proposer(ProposerConfig())  # the heatmap, then the box refiner
     assert isinstance(default, RefinedProposer) and isinstance(default.inner, HeatmapProposer)
@@ -247,7 +247,7 @@ def test_learned_candidates_are_capped_and_masked_by_the_car_body():
 
 
 def test_colour_model_round_trip_and_bad_file_is_one_line(tmp_path):
-    from node.colour_model import ColourModel, ColourModelError, load_colour_model
+    from node.propose.colour_model import ColourModel, ColourModelError, load_colour_model
 
     model = load_colour_model()
     again = ColourModel.from_json(json.loads(json.dumps(model.to_json())))
@@ -282,8 +282,9 @@ def test_learned_recall_on_held_out_real_frames():
     """Held-out clips (configs/train.yaml data.heldout), every 4th frame: measured 48% of the
     cones >= 12 px at IoU >= 0.5 over all 44 held-out frames (HSV windows: 18%); floor 0.40,
     at most 3.5 candidates per labelled cone."""
-    from node.datasets import load_samples
-    from node.evaluate import score_proposals, select_samples
+    from node.evaluate.datasets import load_samples
+    from node.evaluate.score import score_proposals
+    from node.evaluate.splits import select_samples
 
     samples = select_samples(load_samples(f"yolo:{REAL_DATA}"), "heldout")[::4]
     report = score_proposals(learned(), samples)
@@ -306,7 +307,7 @@ class _FixedProposer:
 
 
 def test_combined_proposer_interleaves_dedups_and_caps():
-    from node.proposers import CombinedProposer
+    from node.propose import CombinedProposer
 
     a = _FixedProposer([[0, 0, 10, 20], [50, 50, 60, 70], [100, 0, 110, 20]])
     b = _FixedProposer([[1, 0, 11, 20], [200, 0, 210, 20], [300, 0, 310, 20]])
@@ -322,7 +323,7 @@ def test_combined_proposer_interleaves_dedups_and_caps():
 
 
 def test_combined_kind_builds_from_config():
-    from node.proposers import CombinedProposer
+    from node.propose import CombinedProposer
 
     config = load_node_config(None, {"proposer": {"kind": "heatmap+colour",
                                                   "refiner_model": None}})

@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from node import ros_msgs
-from node.annotate import CLASS_COLOURS, draw_cones
-from node.publishers import (
+from node.publish import ros_msgs
+from node.publish.annotate import CLASS_COLOURS, draw_cones
+from node.publish.publishers import (
     BagPublisher,
     JsonlPublisher,
     PublisherError,

@@ -2,7 +2,7 @@
 Image -> numpy, and the node's lifecycle over a fake rclpy.
 
 rclpy cannot be installed here. The fake rclpy (``ros_doubles``) implements only the calls
-node/ros2.py makes (declare/get parameters, create publishers/subscriptions with a QoS,
+node/ros2/lifecycle.py makes (declare/get parameters, create publishers/subscriptions with a QoS,
 lifecycle callbacks); its message classes are generated from the rosbags typestore with the rosidl
 Python API (``get_fields_and_field_types``), so the live mapping (``ros_msgs.to_rclpy``) is
 checked against the bag mapping (``ros_msgs.to_rosbags``) field by field.
@@ -21,9 +21,9 @@ import cv2
 import numpy as np
 import pytest
 
-from node import ros_msgs
 from node.config import ConfigError
-from node.ros2 import (
+from node.publish import ros_msgs
+from node.ros2.lifecycle import (
     PARAMETERS,
     RosNodeError,
     RosTopicPublisher,
@@ -252,9 +252,9 @@ def fake_rclpy(request, monkeypatch, fake_msgs):
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     backend = FakeBackend()
-    import node.backends
+    import node.infer
 
-    monkeypatch.setattr(node.backends, "load_backend", lambda path, **kw: backend)
+    monkeypatch.setattr(node.infer, "load_backend", lambda path, **kw: backend)
     return request.param, ts, sensor, backend
 
 
@@ -273,7 +273,7 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
     assert node.descriptors["overrides"].dynamic_typing is True
     assert node.on_configure(None) == cls.Return.SUCCESS
     assert node.config.model.score_threshold == 0.4
-    topics = {p.topic: p for p in node.publishers}
+    topics = {p.topic: p for p in node.publish.publishers}
     assert set(topics) == {"/perception/cones", "/diagnostics",
                            "/perception/cones/image/compressed"}
     assert topics["/perception/cones"].qos.depth == 10
@@ -300,7 +300,7 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
     assert det.results[0].hypothesis.class_id == "blue_cone"
     assert det.results[0].hypothesis.score > 0.9
     # The box is the proposer's box for this frame (proposal tuning is not under test here).
-    from node.proposers import build_proposer
+    from node.propose import build_proposer
 
     (x1, y1, x2, y2), = build_proposer(node.config.proposer).propose(Frame(0, 0.0, image))
     # It covers the drawn cone (x 130..170, y 100..160), with at most the proposer's margin.
@@ -316,7 +316,7 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
 
     assert node.on_deactivate(None) == cls.Return.SUCCESS
     assert not backend.active and node.subscriptions == []
-    assert node.on_cleanup(None) == cls.Return.SUCCESS and node.publishers == []
+    assert node.on_cleanup(None) == cls.Return.SUCCESS and node.publish.publishers == []
 
 
 def test_node_configure_failure_is_one_logged_line(fake_rclpy):
@@ -324,11 +324,11 @@ def test_node_configure_failure_is_one_logged_line(fake_rclpy):
     node = cls(parameter_overrides={"config_file": "missing/node.yaml"})
     assert node.on_configure(None) == cls.Return.FAILURE
     assert node.logs == ["configure failed: missing/node.yaml: config file not found"]
-    assert node.publishers == []
+    assert node.publish.publishers == []
 
 
 def test_module_imports_and_main_fails_cleanly_without_rclpy():
-    code = ("import sys, node.ros2\n"
+    code = ("import sys, node.ros2.lifecycle\n"
             "print(','.join(m for m in ('rclpy', 'vision_msgs', 'cv_bridge') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=False)
@@ -342,7 +342,7 @@ def test_module_imports_and_main_fails_cleanly_without_rclpy():
 
 
 def test_main_exits_1_when_autostart_fails_and_0_on_ctrl_c(fake_rclpy):
-    from node import ros2
+    from node.ros2 import lifecycle as ros2
 
     rclpy = sys.modules["rclpy"]
     # A bad config: configure fails, main returns 1 so that systemd restarts the node.
@@ -362,8 +362,8 @@ def test_main_exits_1_when_autostart_fails_and_0_on_ctrl_c(fake_rclpy):
 
 
 def test_pipeline_thread_reports_a_lost_camera_in_one_line():
-    from node.ros2 import PipelineThread
-    from node.sources import SourceError
+    from node.ros2.lifecycle import PipelineThread
+    from node.sources.files import SourceError
 
     class LostCamera:
         def run(self, source):

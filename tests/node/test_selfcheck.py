@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node import selfcheck
-from node.backends import load_backend
-from node.selfcheck import (
+from node.bench import selfcheck
+from node.bench.selfcheck import (
     EXIT_FAIL,
     EXIT_NO_TENSORRT,
     EXIT_PASS,
@@ -28,6 +27,7 @@ from node.selfcheck import (
     run_selfcheck,
     verdict,
 )
+from node.infer import load_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -13,9 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from node import camera
-from node.camera import LiveSource, capture_factory, csi_pipeline, rtsp_pipeline
-from node.sources import SourceError, natural_key, open_source
+from node.sources import SourceError, camera, natural_key, open_source
+from node.sources.camera import LiveSource, capture_factory, csi_pipeline, rtsp_pipeline
 
 
 def _frame(value: int, h: int = 48, w: int = 64) -> np.ndarray:

@@ -31,7 +31,7 @@ def cone_image(height: int, width: int, boxes: list[tuple[int, int, int, int, tu
 
 
 class ScriptedCamera:
-    """A capture object (``isOpened``/``read``/``release``) for ``node.camera.LiveSource``.
+    """A capture object (``isOpened``/``read``/``release``) for ``node.sources.camera.LiveSource``.
 
     Args:
         shape: (height, width) of its frames; tests tell cameras apart by frame size.

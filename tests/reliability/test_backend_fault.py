@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from node.backends import load_backend
+from node.infer import load_backend
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import ExternalBoxProposer
-from node.publishers import JsonlPublisher
+from node.propose import ExternalBoxProposer
+from node.publish.publishers import JsonlPublisher
 from node.types import Frame
 from tests.node.backend_doubles import FakeGpu, write_engine
 from tests.reliability.doubles import BLUE, YELLOW, FaultyBackend, cone_image

@@ -20,13 +20,13 @@ import onnx
 import pytest
 
 from node.__main__ import main
-from node.backends import load_backend
-from node.camera import LiveSource
-from node.metadata import METADATA_KEY
+from node.infer import load_backend
+from node.infer.metadata import METADATA_KEY
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import ExternalBoxProposer, build_proposer
-from node.publishers import BagPublisher, JsonlPublisher, VideoPublisher
+from node.propose import ExternalBoxProposer, build_proposer
+from node.publish.publishers import BagPublisher, JsonlPublisher, VideoPublisher
+from node.sources.camera import LiveSource
 from node.types import Frame
 from tests.node.backend_doubles import META, FakeGpu, make_onnx, write_engine
 from tests.reliability.doubles import BLUE, YELLOW, CollectingPublisher, ScriptedCamera, cone_image

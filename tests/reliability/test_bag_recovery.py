@@ -15,8 +15,8 @@ import cv2
 import pytest
 
 from node.__main__ import main
-from node.cli_reindex import recover
-from node.publishers import BagPublisher
+from node.cli.reindex import recover
+from node.publish.publishers import BagPublisher
 from node.types import Cone, Frame, FrameResult
 from tests.reliability.doubles import BLUE, ORANGE, YELLOW, cone_image
 
@@ -81,7 +81,7 @@ def test_a_chunk_reaches_the_disk_at_least_every_second(tmp_path, monkeypatch):
     # A clock that advances 0.25 s per frame: small messages never fill rosbags' 1 MiB chunk,
     # so without a periodic flush nothing would be on disk when the node is killed.
     clock = [1000.0]
-    monkeypatch.setattr("node.publishers.time", types.SimpleNamespace(
+    monkeypatch.setattr("node.publish.publishers.time", types.SimpleNamespace(
         monotonic=lambda: clock[0], time=time.time, perf_counter=time.perf_counter))
     publisher = BagPublisher(tmp_path / "bag")
     try:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from node.__main__ import main
-from node.backends import load_backend
-from node.camera import LiveSource
+from node.infer import load_backend
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import build_proposer
-from node.sources import SourceError
+from node.propose import build_proposer
+from node.sources.camera import LiveSource
+from node.sources.files import SourceError
 from tests.reliability.doubles import CameraScript, CollectingPublisher, ScriptedCamera
 
 
@@ -80,7 +80,7 @@ def test_a_camera_that_never_comes_back_is_a_one_line_error_with_exit_1(model, t
                                                                           monkeypatch, capsys):
     # `python -m node run v4l2://...`: the first camera delivers 5 frames, every reopen fails;
     # with source.max_attempts=3 the node gives up with a clear error instead of exiting 0.
-    from node import camera
+    from node.sources import camera
 
     script = CameraScript(ScriptedCamera((48, 64), frames=5), None)
     monkeypatch.setattr(camera, "capture_factory", lambda uri, **opts: script)

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 
 from node.__main__ import main
-from node.backends import load_backend
-from node.camera import LiveSource, capture_factory
 from node.config import ConfigError
+from node.infer import load_backend
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import build_proposer
-from node.sources import SourceError
+from node.propose import build_proposer
+from node.sources.camera import LiveSource, capture_factory
+from node.sources.files import SourceError
 from tests.reliability.doubles import (
     BLUE,
     YELLOW,
@@ -106,7 +106,7 @@ def test_camera_absent_at_start_logs_each_attempt_once_at_a_bounded_rate(caplog)
     # A very short backoff gives many attempts per second; the log gets at most about one line
     # per second, and each line says how many attempts it stands for.
     script = CameraScript(None)
-    with caplog.at_level(logging.WARNING, logger="node.camera"):
+    with caplog.at_level(logging.WARNING, logger="node.sources.camera"):
         source = LiveSource(script, "v4l2:///dev/video99", reconnect_initial_s=0.01,
                             reconnect_max_s=0.01)
         try:
@@ -336,7 +336,7 @@ def test_rtsp_is_opened_with_a_timeout(monkeypatch):
         def isOpened(self):
             return False
 
-    monkeypatch.setattr("node.camera.opencv_has_gstreamer", lambda: False)
+    monkeypatch.setattr("node.sources.camera.opencv_has_gstreamer", lambda: False)
     monkeypatch.setattr(cv2, "VideoCapture", FakeCapture)
     capture_factory("rtsp://camera.invalid/stream")()
     (args,) = calls
@@ -365,7 +365,7 @@ class _FailingBackend(FaultyBackend):
 
 def test_rc_is_non_zero_when_every_inference_failed(folder, model, tmp_path, monkeypatch,
                                                     capsys):
-    monkeypatch.setattr("node.backends.load_backend", _FailingBackend)
+    monkeypatch.setattr("node.infer.load_backend", _FailingBackend)
     jsonl = tmp_path / "cones.jsonl"
     code, _, err = run_cli(["replay", folder, "--model", model, "--jsonl", jsonl, *COLOUR],
                            capsys)
@@ -427,7 +427,7 @@ def test_a_model_path_that_is_a_directory_says_so(folder, tmp_path, capsys):
 
 def test_the_soak_benchmark_runs_every_publisher_and_reports_rss_growth(model, capsys):
     # The figure itself (20k frames, < 20 MB) comes from running the script: docs/reliability.md.
-    from node.bench_soak import main as soak
+    from node.bench.soak import main as soak
 
     code = soak(["--frames", "90", "--warm-up", "30", "--every", "30", "--model", str(model),
                  "--set", "proposer.kind=colour"])

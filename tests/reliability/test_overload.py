@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from node.backends import load_backend
-from node.camera import LiveSource
-from node.cli_common import format_summary
-from node.metrics import LatencyTracker
+from node.cli.common import format_summary
+from node.infer import load_backend
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import build_proposer
+from node.propose import build_proposer
+from node.publish.metrics import LatencyTracker
+from node.sources.camera import LiveSource
 from node.types import Frame
 from tests.reliability.doubles import (
     BLUE,

@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from node.backends import load_backend
-from node.crop import CropPolicy, crop_batch
-from node.metadata import ModelMetadata
+from node.infer import load_backend
+from node.infer.crop import CropPolicy, crop_batch
+from node.infer.metadata import ModelMetadata
+from node.infer.preprocess import Preprocessor
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.preprocess import Preprocessor
-from node.proposers import Proposer, build_proposer
+from node.propose import Proposer, build_proposer
 from node.types import Frame
 from tests.node.backend_doubles import META, make_onnx
 from tests.reliability.doubles import BLUE, ORANGE, YELLOW, CollectingPublisher

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node.metadata import MetadataError, ModelMetadata
+from node.infer.metadata import MetadataError, ModelMetadata
 from node.node_config import DEFAULT_CONFIG, NodeConfig, load_node_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ PROJECT_FOLDERS = ("node", "export", "calib", "launch", "tests")
 
 def test_zeromq_binds_to_loopback_by_default():
     zmq = pytest.importorskip("zmq")
-    from node.publishers import ZmqPublisher
+    from node.publish.publishers import ZmqPublisher
 
     default = inspect.signature(ZmqPublisher).parameters["endpoint"].default
     assert default.startswith("tcp://127.0.0.1:")
@@ -45,8 +45,8 @@ def test_zeromq_binds_to_loopback_by_default():
 
 
 def test_prometheus_listens_on_loopback_by_default():
-    from node.cli_common import _build_tracker
-    from node.metrics import PrometheusExporter
+    from node.cli.common import _build_tracker
+    from node.publish.metrics import PrometheusExporter
 
     assert inspect.signature(PrometheusExporter).parameters["host"].default == "127.0.0.1"
     shipped = load_node_config(REPO / DEFAULT_CONFIG).metrics

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from node.backends import load_backend
-from node.metrics import LatencyTracker
+from node.infer import load_backend
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
-from node.proposers import build_proposer
-from node.publishers import JsonlPublisher
+from node.propose import build_proposer
+from node.publish.metrics import LatencyTracker
+from node.publish.publishers import JsonlPublisher
 from node.types import Frame
 from tests.node.test_pipeline import make_colour_classifier
 from tests.reliability.doubles import BLUE, LABEL_OF, ORANGE, YELLOW, cone_image

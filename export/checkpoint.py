@@ -1,0 +1,51 @@
+"""Classifier checkpoints: load one back into a model, and read its preprocessing contract.
+
+Checkpoints hold only tensors and primitives (``export.train`` writes them), so
+``torch.load(weights_only=True)`` reads them; a pickle with code in it is refused.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.model import create_model
+from node.infer.metadata import ModelMetadata
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or is not one of ours; the message names the file."""
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model of a checkpoint (eval mode, CPU); ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({first})") from None
+    missing = {"model", "arch", "classes", "input_size"} - set(ckpt if isinstance(ckpt, dict)
+                                                                  else {})
+    if missing:
+        raise CheckpointError(f"{path}: not a classifier checkpoint (missing {sorted(missing)})")
+    model = create_model(ckpt["arch"], len(ckpt["classes"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def metadata_from_checkpoint(ckpt: dict) -> ModelMetadata:
+    """The runtime preprocessing contract of a checkpoint (precision fp32)."""
+    metrics = ckpt.get("metrics", {})
+    extra = {"epoch": ckpt.get("epoch"),
+             "heldout": ckpt.get("config", {}).get("data", {}).get("heldout"),
+             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    return ModelMetadata(classes=list(ckpt["classes"]), input_size=int(ckpt["input_size"]),
+                         channel_order=ckpt.get("channel_order", "RGB"),
+                         mean=list(ckpt["mean"]), std=list(ckpt["std"]), crop=dict(ckpt["crop"]),
+                         arch=ckpt["arch"], precision="fp32", extra=extra)

@@ -1,0 +1,311 @@
+"""``python -m node evaluate``: score published cones (or bare proposals) against YOLO labels.
+
+Detection scoring in the PASCAL VOC / COCO manner, reduced to what a cone node needs: per
+frame, detections are matched to ground-truth boxes greedily, highest score first, one to one,
+at IoU >= 0.5. Reported are recall per box-height bucket (< 12, 12-24, 24-48, >= 48 px) and
+for cones >= 12 px; precision of detections >= 20 px tall (the real data leaves many smaller
+cones unlabelled); label accuracy of matched pairs; candidates per frame (from an optional
+``candidates`` key of the records, else the replay ``--summary`` JSON); proposer time.
+
+Two modes:
+
+* ``python -m node evaluate RUN.jsonl --data yolo:DIR``: a replay's JSONL (DESIGN.md schema).
+  Records are matched to label files by the stem of their ``source`` file name.
+* ``python -m node evaluate --proposals-only --data yolo:DIR``: run the configured proposer
+  directly on the images (one OpenCV thread) and score its boxes alone: recall, candidates per
+  frame and milliseconds, with no classifier.
+
+``--split heldout|train`` keeps the frames that ``configs/train.yaml``'s ``data.heldout`` holds
+out (or all others); ``--clips RULE ...`` names them directly (``accel``, ``skidpad:20-37``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from node.evaluate.splits import TRAIN_CONFIG, EvaluateError, select_samples
+
+IOU_MATCH = 0.5
+HEIGHT_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("<12", 0.0, 12.0), ("12-24", 12.0, 24.0), ("24-48", 24.0, 48.0), (">=48", 48.0, np.inf))
+RECALL_MIN_PX = 12.0
+PRECISION_MIN_PX = 20.0
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of xyxy boxes."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lo = np.maximum(a[:, None, :2], b[None, :, :2])
+    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def match_greedy(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
+                 iou: float = IOU_MATCH) -> np.ndarray:
+    """One-to-one greedy matching: detections in descending score take the free ground-truth
+    box they overlap most, if that IoU is at least ``iou``.
+
+    Returns:
+        (len(pred),) index of the matched ground-truth box, or -1.
+    """
+    out = np.full(len(pred), -1, np.int64)
+    if len(pred) == 0 or len(truth) == 0:
+        return out
+    overlap = iou_matrix(pred, truth)
+    free = np.ones(len(truth), bool)
+    for i in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
+        cand = np.where(free, overlap[i], -1.0)
+        j = int(cand.argmax())
+        if cand[j] >= iou:
+            out[i], free[j] = j, False
+    return out
+
+
+@dataclass
+class Tally:
+    """Counts accumulated over frames."""
+
+    truth_by_bucket: np.ndarray = field(default_factory=lambda: np.zeros(len(HEIGHT_BUCKETS)))
+    hit_by_bucket: np.ndarray = field(default_factory=lambda: np.zeros(len(HEIGHT_BUCKETS)))
+    det_tall: int = 0
+    tp_tall: int = 0
+    matched: int = 0
+    label_correct: int = 0
+    frames: int = 0
+    candidates: list[int] = field(default_factory=list)
+    propose_ms: list[float] = field(default_factory=list)
+    # Optional extra height cut (``--recall-min-px``): recall and label accuracy of the cones
+    # at least this tall (issue 5 scores synthetic clips at 16 px).
+    min_px: float | None = None
+    truth_min: int = 0
+    hit_min: int = 0
+    correct_min: int = 0
+
+    def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
+            truth: np.ndarray, truth_labels: list[str]) -> None:
+        """Score one frame's detections (``pred_labels`` None: proposals, no labels)."""
+        pred = np.asarray(pred, np.float64).reshape(-1, 4)
+        truth = np.asarray(truth, np.float64).reshape(-1, 4)
+        match = match_greedy(pred, scores, truth)
+        self.frames += 1
+        th = truth[:, 3] - truth[:, 1]
+        hit = np.zeros(len(truth), bool)
+        hit[match[match >= 0]] = True
+        for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS):
+            in_bucket = (th >= lo) & (th < hi)
+            self.truth_by_bucket[k] += in_bucket.sum()
+            self.hit_by_bucket[k] += (in_bucket & hit).sum()
+        tall = (pred[:, 3] - pred[:, 1]) >= PRECISION_MIN_PX
+        self.det_tall += int(tall.sum())
+        self.tp_tall += int((tall & (match >= 0)).sum())
+        # Per matched pair: its ground-truth index and whether the label is right.
+        pairs = np.flatnonzero(match >= 0)
+        gt = match[pairs]
+        right = (np.array([pred_labels[i] == truth_labels[j] for i, j in zip(pairs, gt)], bool)
+                 if pred_labels is not None else None)
+        if right is not None:
+            self.matched += len(pairs)
+            self.label_correct += int(right.sum())
+        if self.min_px is not None:
+            tall_truth = th >= self.min_px
+            self.truth_min += int(tall_truth.sum())
+            self.hit_min += int((tall_truth & hit).sum())
+            if right is not None:
+                self.correct_min += int(right[tall_truth[gt]].sum())
+
+    def report(self) -> dict:
+        """The scores as a JSON-able dict (None where there is nothing to divide by)."""
+        def ratio(a: float, b: float) -> float | None:
+            return round(float(a) / float(b), 4) if b else None
+
+        big = np.array([lo >= RECALL_MIN_PX for _, lo, _ in HEIGHT_BUCKETS])
+        labelled = float(self.truth_by_bucket.sum())
+        out = {
+            "frames": self.frames,
+            "labelled_cones": int(labelled),
+            "recall_by_height": {name: {"recall": ratio(self.hit_by_bucket[k],
+                                                        self.truth_by_bucket[k]),
+                                        "cones": int(self.truth_by_bucket[k])}
+                                 for k, (name, _, _) in enumerate(HEIGHT_BUCKETS)},
+            "recall_ge12": ratio(self.hit_by_bucket[big].sum(), self.truth_by_bucket[big].sum()),
+            "precision_ge20": ratio(self.tp_tall, self.det_tall),
+            "detections_ge20": self.det_tall,
+            "label_accuracy": ratio(self.label_correct, self.matched),
+            "matched": self.matched,
+        }
+        if self.min_px is not None:
+            out["recall_min_px"] = {"min_px": self.min_px,
+                                    "recall": ratio(self.hit_min, self.truth_min),
+                                    "cones": self.truth_min,
+                                    # proposals carry no labels (nothing is matched then)
+                                    "label_accuracy": (ratio(self.correct_min, self.hit_min)
+                                                       if self.matched else None)}
+        if self.candidates:
+            per_frame = float(np.mean(self.candidates))
+            out["candidates_per_frame"] = round(per_frame, 2)
+            out["candidates_per_labelled_cone"] = ratio(per_frame * self.frames, labelled)
+        if self.propose_ms:
+            ms = np.asarray(self.propose_ms)
+            out["propose_ms"] = {"median": round(float(np.median(ms)), 3),
+                                 "p90": round(float(np.percentile(ms, 90)), 3)}
+        return out
+
+
+# --------------------------------------------------------------------------- the two modes
+
+def score_run(jsonl: str | Path, samples: list, summary: str | Path | None = None,
+              min_px: float | None = None) -> dict:
+    """Score a replay JSONL against labelled samples (matched by file stem); ``min_px`` adds
+    recall and label accuracy of the cones at least that tall."""
+    by_stem = {s.image_path.stem: s for s in samples}
+    tally = Tally(min_px=min_px)
+    seen: set[str] = set()
+    path = Path(jsonl)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise EvaluateError(f"{jsonl}: cannot read ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            stem = Path(rec["source"]).stem if rec.get("source") else None
+            cones = rec["cones"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise EvaluateError(f"{jsonl}:{n}: not a replay record ({exc})") from None
+        sample = by_stem.get(stem)
+        if sample is None or stem in seen:
+            continue
+        seen.add(stem)
+        boxes = np.array([c["box"] for c in cones], np.float64).reshape(-1, 4)
+        tally.add(boxes, np.array([c["score"] for c in cones]), [c["label"] for c in cones],
+                  sample.boxes, sample.labels)
+        if "candidates" in rec:
+            tally.candidates.append(int(rec["candidates"]))
+        if "propose" in rec.get("latency_ms", {}):
+            tally.propose_ms.append(float(rec["latency_ms"]["propose"]))
+    if not seen:
+        raise EvaluateError(f"{jsonl}: no record's source matches a labelled image")
+    report = tally.report()
+    report["unscored_labelled_frames"] = len(by_stem) - len(seen)
+    if "candidates_per_frame" not in report and summary is not None:
+        try:
+            per_frame = json.loads(Path(summary).read_text())["candidates_per_frame"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise EvaluateError(f"{summary}: no candidates_per_frame ({exc})") from None
+        report["candidates_per_frame"] = per_frame
+        report["candidates_per_labelled_cone"] = round(
+            per_frame * tally.frames / max(report["labelled_cones"], 1), 4)
+    return report
+
+
+def score_proposals(proposer, samples: list, min_px: float | None = None) -> dict:
+    """Run ``proposer`` on each sample's image (one OpenCV thread) and score its boxes."""
+    import cv2
+
+    from node.types import Frame
+
+    cv2.setNumThreads(1)
+    tally = Tally(min_px=min_px)
+    for i, sample in enumerate(samples):
+        image = sample.load()
+        t0 = time.perf_counter()
+        boxes = proposer.propose(Frame(i, 0.0, image, sample.image_path.name))
+        tally.propose_ms.append((time.perf_counter() - t0) * 1e3)
+        tally.candidates.append(len(boxes))
+        # Proposals come best first: their rank is their score.
+        tally.add(boxes, -np.arange(len(boxes), dtype=np.float64), None, sample.boxes,
+                  sample.labels)
+    return tally.report()
+
+
+def format_table(report: dict, title: str) -> str:
+    """A small Markdown table of a report."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    rows = [f"### {title}", "", "| metric | value |", "|---|---|",
+            f"| frames / labelled cones | {report['frames']} / {report['labelled_cones']} |"]
+    for name, v in report["recall_by_height"].items():
+        rows.append(f"| recall {name} px | {pct(v['recall'])} (of {v['cones']}) |")
+    rows.append(f"| **recall >= 12 px** | **{pct(report['recall_ge12'])}** |")
+    extra = report.get("recall_min_px")
+    if extra:
+        rows.append(f"| recall >= {extra['min_px']:g} px | {pct(extra['recall'])} "
+                    f"(of {extra['cones']}; label accuracy {pct(extra['label_accuracy'])}) |")
+    rows += [(f"| precision >= 20 px | {pct(report['precision_ge20'])} "
+              f"(of {report['detections_ge20']}) |"),
+             f"| label accuracy | {pct(report['label_accuracy'])} (of {report['matched']}) |"]
+    if "candidates_per_frame" in report:
+        rows.append(f"| candidates per frame | {report['candidates_per_frame']} "
+                    f"({report['candidates_per_labelled_cone']} x labelled cones) |")
+    if "propose_ms" in report:
+        rows.append(f"| proposer ms median / p90 | {report['propose_ms']['median']} / "
+                    f"{report['propose_ms']['p90']} |")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN.jsonl", nargs="?",
+                        help="a replay's JSONL records (omit with --proposals-only)")
+    parser.add_argument("--data", required=True, metavar="yolo:DIR",
+                        help="labelled frames (YOLO root with images/ and labels/)")
+    parser.add_argument("--split", choices=("all", "heldout", "train"), default="all",
+                        help=f"frames held out by {TRAIN_CONFIG} data.heldout, the others, "
+                             "or all (default)")
+    parser.add_argument("--clips", nargs="+", metavar="RULE",
+                        help="score only these BGRacing clips: CLIP or CLIP:FIRST-LAST")
+    parser.add_argument("--summary", metavar="FILE",
+                        help="the replay's --summary JSON (candidates per frame)")
+    parser.add_argument("--proposals-only", action="store_true",
+                        help="run the configured proposer on the images and score its boxes")
+    parser.add_argument("--config", default="configs/node.yaml", help="node config (proposer)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. proposer.kind=heatmap")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--recall-min-px", type=float, metavar="PX",
+                        help="also report recall (and label accuracy) of the cones at least "
+                             "PX tall, e.g. 16 for issue 5's synthetic clips")
+
+
+def main(args: argparse.Namespace) -> int:
+    from node.evaluate.datasets import load_samples
+
+    if args.data.partition(":")[0] != "yolo":
+        raise EvaluateError(f"--data {args.data}: only yolo:DIR is supported")
+    samples = select_samples(load_samples(args.data), args.split, args.clips)
+    if not samples:
+        raise EvaluateError(f"--data {args.data}: no labelled frames in the chosen split")
+    if args.proposals_only:
+        from node.node_config import load_node_config
+        from node.propose import build_proposer
+
+        config = load_node_config(args.config, args.set)
+        proposer = build_proposer(config.proposer)
+        try:
+            report = score_proposals(proposer, samples, args.recall_min_px)
+        finally:
+            proposer.close()
+        title = f"proposals ({config.proposer.kind}), split {args.split}"
+    else:
+        if not args.run:
+            raise EvaluateError("give RUN.jsonl, or --proposals-only")
+        report = score_run(args.run, samples, args.summary, args.recall_min_px)
+        title = f"{Path(args.run).name}, split {args.split}"
+    print(format_table(report, title))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0

@@ -1,0 +1,93 @@
+"""Post-processing: class scores of a frame's candidates → published cones.
+
+Softmax over the model's classes (names from its metadata, never a literal list), the
+``background`` class and low scores dropped, then optional greedy non-maximum suppression
+between overlapping candidates (class-agnostic: one place holds one cone).
+
+Optionally (``post.unknown_colour``), a candidate the classifier is sure is a cone but whose
+probability is split between colours (e.g. 0.48 large orange, 0.42 small orange: no colour
+reaches the threshold, the cone probability 1 - P(background) does) is published as
+``unknown_cone``, FSOCO's label for a cone of unclear colour, scored by its cone probability:
+found, without a coin-flip colour. By default such a candidate is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from node.classes import BACKGROUND, UNKNOWN
+from node.types import Cone
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, stable for large logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Greedy non-maximum suppression, class-agnostic (one place holds one cone).
+
+    Returns:
+        Indices of the kept boxes, best score first.
+    """
+    order = np.argsort(-scores, kind="stable")
+    if len(order) < 2:
+        return order
+    b = boxes[order].astype(np.float64)
+    area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+    lo = np.maximum(b[:, None, :2], b[None, :, :2])
+    hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    overlap = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9) > iou
+    alive = np.ones(len(order), bool)
+    for i in range(len(order)):
+        if alive[i]:
+            alive[i + 1:] &= ~overlap[i, i + 1:]
+    return order[alive]
+
+
+def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str],
+                      score_threshold: float, nms_iou: float | None,
+                      unknown_colour: bool = False) -> list[Cone]:
+    """Softmax, drop ``background`` and low scores, optionally suppress overlaps.
+
+    Args:
+        logits: (N, C) class scores, one row per candidate box.
+        boxes: (N, 4) candidate boxes in frame pixels.
+        classes: the model's class names (from its metadata), C of them.
+        score_threshold: minimum softmax probability of the winning class.
+        nms_iou: IoU above which the lower-scored of two cones is dropped; None disables.
+        unknown_colour: publish a cone whose colours split the probability as
+            ``unknown_cone`` (needs a ``background`` class; see the module docstring).
+    """
+    logits = np.asarray(logits, np.float32)
+    if logits.ndim != 2 or logits.shape != (len(boxes), len(classes)):
+        raise ValueError(f"backend returned scores of shape {logits.shape}, expected "
+                         f"({len(boxes)}, {len(classes)})")
+    if len(boxes) == 0:
+        return []
+    probs = softmax(logits.copy())
+    best = probs.argmax(axis=1)
+    score = probs[np.arange(len(best)), best]
+    keep = score >= score_threshold
+    split = np.zeros(len(best), bool)
+    if BACKGROUND in classes:
+        bg = list(classes).index(BACKGROUND)
+        keep &= best != bg
+        if unknown_colour:
+            cone = 1.0 - probs[:, bg]
+            split = (best != bg) & ~keep & (cone >= score_threshold)
+            score = np.where(split, cone, score)
+            keep |= split
+    idx = np.flatnonzero(keep)
+    if nms_iou is not None and len(idx) > 1:
+        idx = idx[suppress_overlaps(boxes[idx], score[idx], nms_iou)]
+    else:
+        idx = idx[np.argsort(-score[idx], kind="stable")]
+    return [Cone(tuple(float(v) for v in boxes[i]), UNKNOWN if split[i] else classes[best[i]],
+                 float(score[i])) for i in idx]
