@@ -1,6 +1,6 @@
 """The node's loop: capture → propose → preprocess → infer → post-process → publish.
 
-Pipelined mode overlaps the CPU and the backend as DESIGN.md describes: while the backend's
+Pipelined mode overlaps the CPU and the backend as docs/design.md describes: while the backend's
 worker (an ONNX Runtime thread, or a CUDA stream for TensorRT) infers frame t, the main thread
 captures, proposes and preprocesses frame t+1 into the *other* of two preallocated batch
 buffers, then waits for t, post-processes and publishes it, and submits t+1. With a live

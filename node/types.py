@@ -87,7 +87,7 @@ class FrameResult:
     error: str | None = None
 
     def to_record(self) -> dict:
-        """The JSONL record of DESIGN.md (one per input frame, in input order)."""
+        """The JSONL record of docs/design.md (one per input frame, in input order)."""
         img = self.frame.image
         h, w = (img.shape[:2] if img is not None else (None, None))
         record = {

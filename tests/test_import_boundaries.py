@@ -1,7 +1,10 @@
-"""The runtime never imports torch, and heavy imports stay lazy (DESIGN.md map)."""
+"""The runtime never imports torch, heavy imports stay lazy, the project's modules import each
+other without circles (lazy imports included), and ``node/`` stays a small house of stages
+(docs/design.md, "Layout")."""
 
 from __future__ import annotations
 
+import ast
 import pkgutil
 import subprocess
 import sys
@@ -39,3 +42,108 @@ def test_export_and_calib_packages_import_light():
                          text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+PACKAGES = ("node", "export", "calib")
+MAX_TOP_LEVEL_NODE_MODULES = 8
+
+
+def _module_files() -> dict[str, Path]:
+    """Dotted module name → file, for every module of the project's packages."""
+    out = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = path
+    return out
+
+
+def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The project modules that ``name`` imports anywhere in its body (top level, inside
+    functions, under ``if TYPE_CHECKING``): each import counts as an edge to the most specific
+    module it names."""
+
+    def resolve(dotted: str) -> str | None:
+        parts = dotted.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in modules:
+                return ".".join(parts[:end])
+        return None
+
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    edges = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package[:len(package) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        edges.update(filter(None, map(resolve, targets)))
+    edges.discard(name)
+    return edges
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _module_files()
+    return {name: _imported_modules(name, path, modules) for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a path ``[a, b, ..., a]``, or None (iterative depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if root in state:
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_cycle_finder_finds_a_lazy_circle_and_passes_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_graph_sees_lazy_and_relative_imports(tmp_path):
+    modules = {"pkg": tmp_path / "pkg/__init__.py", "pkg.a": tmp_path / "pkg/a.py",
+               "pkg.b": tmp_path / "pkg/b.py"}
+    for path in modules.values():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("")
+    modules["pkg.a"].write_text("def f():\n    from .b import g\n")
+    modules["pkg.b"].write_text("from pkg import a\n")
+    assert _imported_modules("pkg.a", modules["pkg.a"], modules) == {"pkg.b"}
+    assert _imported_modules("pkg.b", modules["pkg.b"], modules) == {"pkg.a"}
+
+
+def test_no_import_circles_lazy_imports_included():
+    graph = import_graph()
+    assert "node.propose.heatmap" in graph["node.propose"]  # lazy imports are edges too
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_node_has_at_most_eight_modules_at_its_top():
+    top = sorted(p.name for p in (ROOT / "node").glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_NODE_MODULES, (
+        f"node/ holds {len(top)} modules directly ({', '.join(top)}); move one into the "
+        "subpackage of its stage")
+    assert "types.py" in top  # other packages import node.types

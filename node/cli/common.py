@@ -22,7 +22,7 @@ class CliError(ValueError):
 
 
 def add_node_arguments(parser: argparse.ArgumentParser, *, replay: bool) -> None:
-    """The flags shared by ``replay`` and ``run`` (DESIGN.md, ``python -m node replay``)."""
+    """The flags shared by ``replay`` and ``run`` (docs/design.md, ``python -m node replay``)."""
     parser.add_argument("--model", metavar="PATH",
                         help="classifier .onnx (FP32 or INT8 Q/DQ) or .engine "
                              "(default: model.path of the config, the bundled model)")

@@ -23,7 +23,7 @@ from node.cli.replay import add_arguments as add_replay_arguments
 from node.node_config import load_node_config, resolve_path
 
 SYNTH_BODY_MASK = [[0.43, 0.62], [0.57, 0.62], [0.83, 1.0], [0.17, 1.0]]
-"""The synthetic car's nose (``export.synth.scene.draw_car_nose``) as a proposer body mask, in
+"""The synthetic car's nose (``export.synth.camera.draw_car_nose``) as a proposer body mask, in
 frame fractions: it covers the nose's blue side panels in every variant the renderer draws."""
 
 OUTPUTS = ("clip", "clip.mp4", "cones.jsonl", "bag", "annotated.mp4", "summary.json")

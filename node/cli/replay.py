@@ -1,4 +1,4 @@
-"""``python -m node replay SOURCE``: run the node over a recording (DESIGN.md contract).
+"""``python -m node replay SOURCE``: run the node over a recording (docs/design.md contract).
 
 SOURCE is a video file, an image folder (natural sort), a glob or a ROS 2 bag. Every input
 frame gets exactly one JSONL record, in input order; a progress bar runs on stderr and the

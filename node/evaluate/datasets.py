@@ -2,7 +2,7 @@
 
 Every reader yields the same thing: an image path, boxes in pixels of the image as ``load()``
 returns it, and the project's class names (``node.classes``). Foreign class ids are mapped *by
-name* (DESIGN.md, "Class names"), never by number.
+name* (docs/design.md, "Class names"), never by number.
 
 Formats: YOLO (Ultralytics/Roboflow: ``images/``, ``labels/`` with normalised ``class xc yc w
 h`` lines, ``data.yaml`` names); FSOCO's Supervisely JSON (``ann/<image>.json`` next to

@@ -9,7 +9,7 @@ cones unlabelled); label accuracy of matched pairs; candidates per frame (from a
 
 Two modes:
 
-* ``python -m node evaluate RUN.jsonl --data yolo:DIR``: a replay's JSONL (DESIGN.md schema).
+* ``python -m node evaluate RUN.jsonl --data yolo:DIR``: a replay's JSONL (docs/design.md schema).
   Records are matched to label files by the stem of their ``source`` file name.
 * ``python -m node evaluate --proposals-only --data yolo:DIR``: run the configured proposer
   directly on the images (one OpenCV thread) and score its boxes alone: recall, candidates per

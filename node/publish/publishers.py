@@ -8,7 +8,7 @@ shutdown on SIGINT/SIGTERM leaves whole files behind.
 ``image`` is an already-annotated frame (``node.publish.annotate.draw_cones``); publishers that need
 one (``wants_image``) draw their own when it is ``None``. ``publish_all`` draws once for all.
 
-- ``JsonlPublisher``: ``FrameResult.to_record()`` (DESIGN.md), one line per frame, written in
+- ``JsonlPublisher``: ``FrameResult.to_record()`` (docs/design.md), one line per frame, written in
   one call and flushed, so an interrupted run leaves only whole lines. A failed write (a full
   disk) cuts the file back to its last whole line and raises ``PublisherError`` naming it.
 - ``ZmqPublisher``: PUB socket (127.0.0.1 by default), multipart ``[topic, JSON record]``;
@@ -119,7 +119,7 @@ def refuse_existing(path: str | Path, overwrite: bool) -> None:
 
 
 class JsonlPublisher(Publisher):
-    """One JSON object per frame (DESIGN.md schema) to a file, or stdout for ``"-"``.
+    """One JSON object per frame (docs/design.md schema) to a file, or stdout for ``"-"``.
 
     Args:
         path: the file, or ``"-"``.

@@ -434,7 +434,7 @@ class CaptureReplaySource(Source):
 
 
 def open_camera(uri: str, *, live: bool = True, **opts: Any) -> Source:
-    """Open a camera URI (or a file, read as a camera); see ``node.sources.files.open_source``."""
+    """Open a camera URI (or a file, read as a camera); see ``node.sources.open_source``."""
     backoff = {k: opts.pop(k) for k in ("reconnect_initial_s", "reconnect_max_s",
                                         "max_attempts") if k in opts}
     is_file = "://" not in uri or uri.startswith("file://")

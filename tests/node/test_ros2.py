@@ -273,7 +273,7 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
     assert node.descriptors["overrides"].dynamic_typing is True
     assert node.on_configure(None) == cls.Return.SUCCESS
     assert node.config.model.score_threshold == 0.4
-    topics = {p.topic: p for p in node.publish.publishers}
+    topics = {p.topic: p for p in node.publishers}
     assert set(topics) == {"/perception/cones", "/diagnostics",
                            "/perception/cones/image/compressed"}
     assert topics["/perception/cones"].qos.depth == 10
@@ -316,7 +316,7 @@ def test_node_lifecycle_subscribes_with_sensor_qos_and_publishes_stamped_cones(f
 
     assert node.on_deactivate(None) == cls.Return.SUCCESS
     assert not backend.active and node.subscriptions == []
-    assert node.on_cleanup(None) == cls.Return.SUCCESS and node.publish.publishers == []
+    assert node.on_cleanup(None) == cls.Return.SUCCESS and node.publishers == []
 
 
 def test_node_configure_failure_is_one_logged_line(fake_rclpy):
@@ -324,7 +324,7 @@ def test_node_configure_failure_is_one_logged_line(fake_rclpy):
     node = cls(parameter_overrides={"config_file": "missing/node.yaml"})
     assert node.on_configure(None) == cls.Return.FAILURE
     assert node.logs == ["configure failed: missing/node.yaml: config file not found"]
-    assert node.publish.publishers == []
+    assert node.publishers == []
 
 
 def test_module_imports_and_main_fails_cleanly_without_rclpy():
