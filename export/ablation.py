@@ -15,6 +15,10 @@ the lowest per-colour recall and the background rejection) and ``ablation.json``
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import sys

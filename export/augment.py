@@ -20,6 +20,10 @@ and return soft targets, so they stay label-consistent by construction.
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 from collections.abc import Sequence
 
 import torch

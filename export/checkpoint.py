@@ -6,6 +6,10 @@ Checkpoints hold only tensors and primitives (``export.train`` writes them), so
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import pickle
 from pathlib import Path
 

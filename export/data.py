@@ -15,6 +15,10 @@ cache that ``export.train`` reads with ``data.cache=PATH`` (no shared data or re
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import sys

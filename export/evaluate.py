@@ -12,6 +12,10 @@ to ``metrics.json`` and ``confusion.png`` under ``--out``.
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import sys

@@ -14,6 +14,10 @@ as cheap per crop as the 32-px one while its stem sees full resolution.
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -20,6 +20,10 @@ agree to 1e-4 and top-1 agrees on every crop.
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import sys
 import tempfile

@@ -18,6 +18,10 @@ metadata JSON under ``cone_proposer`` in ``metadata_props``) and copies it to ``
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import math

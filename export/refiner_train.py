@@ -23,6 +23,10 @@ batch, metadata JSON under ``cone_refiner``) and copies it to ``--model``.
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import math

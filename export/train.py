@@ -13,6 +13,10 @@ Checkpoints hold only tensors and primitives, so ``torch.load(weights_only=True)
 
 from __future__ import annotations
 
+import export.train_extra  # noqa: F401 (before torch: a one-line hint when it is missing)
+
+# isort: split
+
 import argparse
 import json
 import math

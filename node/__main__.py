@@ -1,6 +1,6 @@
-"""``python -m node COMMAND ...``: the node's command line.
+"""``python -m node COMMAND ...`` (or the ``cone-node`` console script): the node's command line.
 
-Each command lives in its own module (``node/cli_<name>.py``) that defines
+Each command lives in its own module (``node/cli/<name>.py``, ``node/bench/...``) that defines
 ``add_arguments(parser)`` and ``main(args) -> int``; registering a command is one line in
 ``COMMANDS``. Only the chosen command's module is imported, so a command's heavy
 dependencies never slow down or break another.
@@ -17,6 +17,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("node.cli.replay", "replay a video, image folder, glob or ROS 2 bag"),
@@ -48,7 +49,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``command``'s module is imported for its arguments."""
-    parser = _Parser(prog="python -m node",
+    prog = "cone-node" if Path(sys.argv[0]).name == "cone-node" else "python -m node"
+    parser = _Parser(prog=prog,
                      description="Cone perception node: proposals, crop classifier, publishers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module_name, help_text) in COMMANDS.items():

@@ -10,10 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import node
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "tensorrt", "pycuda", "rclpy")
+HEAVY = ("torch", "tensorrt", "pycuda", "rclpy", "matplotlib")
 
 
 def _node_modules() -> list[str]:
@@ -74,15 +76,15 @@ def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[st
 
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     edges = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package[:len(package) - node.level + 1]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            targets = [f"{base}.{alias.name}" for alias in node.names]
+    for stmt in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(stmt, ast.Import):
+            targets = [alias.name for alias in stmt.names]
+        elif isinstance(stmt, ast.ImportFrom):
+            base = stmt.module or ""
+            if stmt.level:
+                anchor = package[:len(package) - stmt.level + 1]
+                base = ".".join(anchor + ([stmt.module] if stmt.module else []))
+            targets = [f"{base}.{alias.name}" for alias in stmt.names]
         else:
             continue
         edges.update(filter(None, map(resolve, targets)))
@@ -147,3 +149,31 @@ def test_node_has_at_most_eight_modules_at_its_top():
         f"node/ holds {len(top)} modules directly ({', '.join(top)}); move one into the "
         "subpackage of its stage")
     assert "types.py" in top  # other packages import node.types
+
+
+def _runtime_dependencies() -> list[str]:
+    text = (ROOT / "pyproject.toml").read_text()
+    block = text.split("\ndependencies = [", 1)[1].split("\n]", 1)[0]
+    return [line.strip().strip(",").strip('"') for line in block.splitlines()
+            if line.strip().startswith('"')]
+
+
+def test_runtime_dependencies_fit_a_headless_car_computer():
+    deps = _runtime_dependencies()
+    names = [d.split(">")[0].split("<")[0].split("=")[0] for d in deps]
+    assert "opencv-python-headless" in names and "opencv-python" not in names
+    assert "matplotlib" not in names and "torch" not in names
+    rosbags = next(d for d in deps if d.startswith("rosbags"))
+    assert ">=0.10.9" in rosbags and "<" in rosbags  # the MCAP writer API, bounded above
+
+
+def test_cone_node_console_script_runs_the_node_cli():
+    assert 'cone-node = "node.__main__:main"' in (ROOT / "pyproject.toml").read_text()
+    script = Path(sys.executable).with_name("cone-node")
+    if not script.exists():
+        pytest.skip("the project is not installed in this environment (pip install -e .)")
+    out = subprocess.run([str(script), "--help"], cwd=ROOT, capture_output=True, text=True,
+                         check=False)
+    assert out.returncode in (0, 2)
+    assert "usage: cone-node" in out.stdout + out.stderr
+    assert "replay" in out.stdout + out.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import math
 import sys
 from collections.abc import Sequence
@@ -214,11 +215,14 @@ def _run(args: argparse.Namespace) -> int:
     print(table)
     csv_path = append_csv(args.csv or out_dir / "bench.csv", rows)
     json_path = append_jsonl(args.json or out_dir / "bench.jsonl", rows)
-    plot_path = plot_fps_accuracy(rows, args.plot or out_dir / "bench.png",
-                                  title=f"{env['cpu']} · {env['date']}")
+    if importlib.util.find_spec("matplotlib") is None:
+        plot_note = 'no plot (install it with pip install -e ".[plot]")'
+    else:
+        plot_note = "plot " + str(plot_fps_accuracy(rows, args.plot or out_dir / "bench.png",
+                                                    title=f"{env['cpu']} · {env['date']}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.md").write_text(f"```\n{describe(env)}\n```\n\n{table}\n")
-    print(f"logged {len(rows)} rows to {csv_path} and {json_path}; plot {plot_path}",
+    print(f"logged {len(rows)} rows to {csv_path} and {json_path}; {plot_note}",
           file=sys.stderr)
     return 0
 
