@@ -232,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_variants(args: argparse.Namespace) -> int:
-    from node.infer import load_backend
     from node.evaluate.datasets import load_samples
+    from node.infer import load_backend
     from node.node_config import load_node_config, resolve_path
     from node.propose import build_proposer
 
