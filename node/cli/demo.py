@@ -5,8 +5,11 @@ only), replays its MP4 through the node with the bundled model and the colour pr
 writes under ``--out``:
 
 - ``clip/`` (the rendered frames and their exact YOLO labels) and ``clip.mp4``;
-- ``cones.jsonl`` (one record per frame), ``bag/`` (ROS 2 MCAP bag), ``annotated.mp4``;
-- ``summary.json``; the summary is printed too.
+- ``cones.jsonl`` (one record per frame), ``bag/`` (ROS 2 MCAP bag), ``annotated.webm``
+  (VP9: plays in a browser);
+- ``summary.json``; the summary is printed too;
+- ``evaluate.json`` and ``evaluate.png``: the run scored against the clip's exact labels
+  (``node.evaluate``); recall and precision are printed last.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ SYNTH_BODY_MASK = [[0.43, 0.62], [0.57, 0.62], [0.83, 1.0], [0.17, 1.0]]
 """The synthetic car's nose (``export.synth.camera.draw_car_nose``) as a proposer body mask, in
 frame fractions: it covers the nose's blue side panels in every variant the renderer draws."""
 
-OUTPUTS = ("clip", "clip.mp4", "cones.jsonl", "bag", "annotated.mp4", "summary.json")
+OUTPUTS = ("clip", "clip.mp4", "cones.jsonl", "bag", "annotated.webm", "summary.json",
+           "evaluate.json", "evaluate.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
             target.unlink()
     render_clip(out / "clip", out / "clip.mp4", args.frames, args.seed)
     replay_argv = [str(out / "clip.mp4"), "--jsonl", str(out / "cones.jsonl"),
-                   "--bag", str(out / "bag"), "--video-out", str(out / "annotated.mp4"),
+                   "--bag", str(out / "bag"), "--video-out", str(out / "annotated.webm"),
                    "--summary", str(out / "summary.json"), "--overwrite"]
     replay_argv += ["--set", f"proposer.body_mask={json.dumps(SYNTH_BODY_MASK)}"]
     if args.model:
@@ -62,8 +66,34 @@ def main(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser(prog="python -m node replay")
     add_replay_arguments(parser)
     code = run_node(parser.parse_args(replay_argv), replay_argv[0], live=False)
+    if code == 0:
+        print(score_demo(out), flush=True)
     print(f"demo outputs in {out}/: " + ", ".join(OUTPUTS), flush=True)
     return code
+
+
+def score_demo(out: Path) -> str:
+    """Score the demo's JSONL against the rendered clip's exact labels; write
+    ``evaluate.json`` (and ``evaluate.png`` where matplotlib is installed) and return the
+    line to print."""
+    from node.evaluate.datasets import load_samples
+    from node.evaluate.plot import PlotUnavailable, plot_evaluation
+    from node.evaluate.score import tally_run
+
+    tally, report = tally_run(out / "cones.jsonl", load_samples(f"yolo:{out / 'clip'}"))
+    (out / "evaluate.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        plot_evaluation(tally, report, out / "evaluate.png", "demo against its synthetic labels")
+    except PlotUnavailable:
+        pass
+    labelled, detections = report["labelled_cones"], len(tally.det_matched)
+    found = sum(tally.det_matched)
+    recall = found / labelled if labelled else 0.0
+    precision = found / detections if detections else 0.0
+    return (f"demo score against the synthetic ground truth: recall {recall:.1%} "
+            f"({found} of {labelled} cones), precision {precision:.1%} ({found} of {detections} "
+            f"detections), label accuracy {report['label_accuracy'] or 0:.1%}; "
+            f"cones >= 12 px: recall {report['recall_ge12'] or 0:.1%}")
 
 
 def render_clip(folder: Path, video: Path, frames: int, seed: int) -> None:

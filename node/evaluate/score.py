@@ -9,8 +9,11 @@ cones unlabelled); label accuracy of matched pairs; candidates per frame (from a
 
 Two modes:
 
-* ``python -m node evaluate RUN.jsonl --data yolo:DIR``: a replay's JSONL (docs/design.md schema).
-  Records are matched to label files by the stem of their ``source`` file name.
+* ``python -m node evaluate RUN.jsonl --data yolo:DIR``: the JSONL that ``replay`` and ``demo``
+  write (docs/design.md schema). Records are matched to label files by the stem of their
+  ``source`` file name; video records (``source`` null) by frame index to numeric stems. A PNG
+  beside the run (``--plot``) shows the precision-recall curve over the score threshold, the
+  confusion matrix and recall by cone height (``node.evaluate.plot``, needs matplotlib).
 * ``python -m node evaluate --proposals-only --data yolo:DIR``: run the configured proposer
   directly on the images (one OpenCV thread) and score its boxes alone: recall, candidates per
   frame and milliseconds, with no classifier.
@@ -90,6 +93,11 @@ class Tally:
     truth_min: int = 0
     hit_min: int = 0
     correct_min: int = 0
+    # Every detection's score and whether it matched (the precision-recall curve), and the
+    # (truth, prediction) label pairs, with "missed" and "none" for the unmatched (confusion).
+    det_scores: list[float] = field(default_factory=list)
+    det_matched: list[bool] = field(default_factory=list)
+    confusion: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
             truth: np.ndarray, truth_labels: list[str]) -> None:
@@ -116,12 +124,33 @@ class Tally:
         if right is not None:
             self.matched += len(pairs)
             self.label_correct += int(right.sum())
+            self._count_pairs(pred_labels, truth_labels, match, hit)
+        self.det_scores.extend(float(s) for s in np.asarray(scores, np.float64).reshape(-1))
+        self.det_matched.extend(bool(m) for m in match >= 0)
         if self.min_px is not None:
             tall_truth = th >= self.min_px
             self.truth_min += int(tall_truth.sum())
             self.hit_min += int((tall_truth & hit).sum())
             if right is not None:
                 self.correct_min += int(right[tall_truth[gt]].sum())
+
+    def _count_pairs(self, pred_labels: list[str], truth_labels: list[str], match: np.ndarray,
+                     hit: np.ndarray) -> None:
+        pairs = [(truth_labels[j] if j >= 0 else "none", pred_labels[i])
+                 for i, j in enumerate(match)]
+        pairs += [(truth_labels[j], "missed") for j in np.flatnonzero(~hit)]
+        for pair in pairs:
+            self.confusion[pair] = self.confusion.get(pair, 0) + 1
+
+    def precision_recall(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Precision and recall (of all labelled cones) when only detections scoring at least
+        each threshold are kept, for the detections' scores in falling order."""
+        scores = np.asarray(self.det_scores, np.float64)
+        order = np.argsort(-scores, kind="stable")
+        tp = np.cumsum(np.asarray(self.det_matched, bool)[order])
+        kept = np.arange(1, len(order) + 1)
+        labelled = max(float(self.truth_by_bucket.sum()), 1.0)
+        return tp / np.maximum(kept, 1), tp / labelled, scores[order]
 
     def report(self) -> dict:
         """The scores as a JSON-able dict (None where there is nothing to divide by)."""
@@ -165,9 +194,21 @@ class Tally:
 
 def score_run(jsonl: str | Path, samples: list, summary: str | Path | None = None,
               min_px: float | None = None) -> dict:
-    """Score a replay JSONL against labelled samples (matched by file stem); ``min_px`` adds
-    recall and label accuracy of the cones at least that tall."""
+    """``tally_run``'s report (see there)."""
+    return tally_run(jsonl, samples, summary, min_px)[1]
+
+
+def tally_run(jsonl: str | Path, samples: list, summary: str | Path | None = None,
+              min_px: float | None = None) -> tuple[Tally, dict]:
+    """Score a replay JSONL against labelled samples; ``min_px`` adds recall and label
+    accuracy of the cones at least that tall.
+
+    Records are matched to samples by the stem of their ``source`` file name; a record without
+    one (a video, as the demo writes) is matched by its frame index to a numeric stem
+    (``00012.jpg`` is frame 12), as ``--proposals yolo:DIR`` matches boxes to video frames.
+    """
     by_stem = {s.image_path.stem: s for s in samples}
+    by_index = {int(stem): stem for stem in by_stem if stem.isdigit()}
     tally = Tally(min_px=min_px)
     seen: set[str] = set()
     path = Path(jsonl)
@@ -180,9 +221,10 @@ def score_run(jsonl: str | Path, samples: list, summary: str | Path | None = Non
             continue
         try:
             rec = json.loads(line)
-            stem = Path(rec["source"]).stem if rec.get("source") else None
+            stem = (Path(rec["source"]).stem if rec.get("source")
+                    else by_index.get(int(rec["frame"])))
             cones = rec["cones"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise EvaluateError(f"{jsonl}:{n}: not a replay record ({exc})") from None
         sample = by_stem.get(stem)
         if sample is None or stem in seen:
@@ -196,7 +238,8 @@ def score_run(jsonl: str | Path, samples: list, summary: str | Path | None = Non
         if "propose" in rec.get("latency_ms", {}):
             tally.propose_ms.append(float(rec["latency_ms"]["propose"]))
     if not seen:
-        raise EvaluateError(f"{jsonl}: no record's source matches a labelled image")
+        raise EvaluateError(f"{jsonl}: no record's source (or, for video, frame index) matches "
+                            "a labelled image")
     report = tally.report()
     report["unscored_labelled_frames"] = len(by_stem) - len(seen)
     if "candidates_per_frame" not in report and summary is not None:
@@ -207,7 +250,7 @@ def score_run(jsonl: str | Path, samples: list, summary: str | Path | None = Non
         report["candidates_per_frame"] = per_frame
         report["candidates_per_labelled_cone"] = round(
             per_frame * tally.frames / max(report["labelled_cones"], 1), 4)
-    return report
+    return tally, report
 
 
 def score_proposals(proposer, samples: list, min_px: float | None = None) -> dict:
@@ -276,6 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. proposer.kind=heatmap")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="PNG of the precision-recall curve, confusion matrix and recall by "
+                             "height (default: beside RUN.jsonl as RUN.evaluate.png; needs "
+                             "matplotlib)")
     parser.add_argument("--recall-min-px", type=float, metavar="PX",
                         help="also report recall (and label accuracy) of the cones at least "
                              "PX tall, e.g. 16 for issue 5's synthetic clips")
@@ -303,9 +350,17 @@ def main(args: argparse.Namespace) -> int:
     else:
         if not args.run:
             raise EvaluateError("give RUN.jsonl, or --proposals-only")
-        report = score_run(args.run, samples, args.summary, args.recall_min_px)
+        tally, report = tally_run(args.run, samples, args.summary, args.recall_min_px)
         title = f"{Path(args.run).name}, split {args.split}"
     print(format_table(report, title))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if not args.proposals_only:
+        from node.evaluate.plot import PlotUnavailable, plot_evaluation
+
+        target = args.plot or Path(args.run).with_suffix(".evaluate.png")
+        try:
+            print(f"plot: {plot_evaluation(tally, report, target, title)}")
+        except PlotUnavailable as exc:
+            print(f"plot: {exc}")
     return 0

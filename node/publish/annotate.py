@@ -42,17 +42,27 @@ def draw_cones(image: np.ndarray, cones: Iterable[Cone], fps: float | None = Non
     h, w = out.shape[:2]
     scale = max(0.35, min(w, h) / 1000.0)
     thickness = max(1, round(scale * 2))
+    cones = list(cones)
     for cone in cones:
         colour = CLASS_COLOURS.get(cone.label, CLASS_COLOURS[UNKNOWN])
         x1, y1, x2, y2 = (round(float(v)) for v in cone.box)
         cv2.rectangle(out, (x1, y1), (x2, y2), colour, thickness)
+    # Tags after all boxes, the most confident first, each where it overlaps no earlier tag:
+    # in a row of distant cones they would otherwise pile up into an unreadable stack.
+    taken: list[tuple[int, int, int, int]] = []
+    for cone in sorted(cones, key=lambda c: -float(c.score)):
+        colour = CLASS_COLOURS.get(cone.label, CLASS_COLOURS[UNKNOWN])
         text = f"{_SHORT.get(cone.label, cone.label)} {float(cone.score):.2f}"
         (tw, th), base = cv2.getTextSize(text, _FONT, scale, 1)
-        ty = y1 - 2 if y1 - th - base - 2 >= 0 else min(h - 1, y2 + th + base + 2)
-        cv2.rectangle(out, (x1, ty - th - base), (x1 + tw + 2, ty + 1), colour, cv2.FILLED)
+        rect = place_tag([round(float(v)) for v in cone.box], (tw + 2, th + base + 1), (w, h),
+                         taken)
+        if rect is None:
+            continue  # no free place near its box: the box alone says enough
+        taken.append(rect)
+        cv2.rectangle(out, rect[:2], (rect[2] - 1, rect[3] - 1), colour, cv2.FILLED)
         b, g, r = colour  # dark label backgrounds (blue, large orange) get white text
         ink = (0, 0, 0) if 0.114 * b + 0.587 * g + 0.299 * r > 110 else (255, 255, 255)
-        cv2.putText(out, text, (x1 + 1, ty - base + 1), _FONT, scale, ink, 1, cv2.LINE_AA)
+        cv2.putText(out, text, (rect[0] + 1, rect[3] - base), _FONT, scale, ink, 1, cv2.LINE_AA)
     overlay = []
     if fps is not None:
         overlay.append(f"{fps:.1f} FPS")
@@ -63,6 +73,28 @@ def draw_cones(image: np.ndarray, cones: Iterable[Cone], fps: float | None = Non
     if error:
         _banner(out, error[:80], (0, h // 2), scale * 1.2, (0, 0, 255))
     return out
+
+
+def place_tag(box: list[int], size: tuple[int, int], frame: tuple[int, int],
+              taken: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
+    """Where a label tag of ``size`` (w, h) goes for a box: above it, else below, else right or
+    left of it, else stacked above the first place, inside the frame and overlapping none of
+    the ``taken`` tags; None when no such place is free. Rectangles are (x1, y1, x2, y2),
+    end-exclusive."""
+    x1, y1, x2, y2 = box
+    tw, th = size
+    width, height = frame
+    spots = [(x1, y1 - th), (x1, y2 + 1), (x2 + 2, y1), (x1 - tw - 2, y1),
+             (x1, y1 - 2 * th), (x1, y1 - 3 * th)]
+    for x, y in spots:
+        x = min(max(x, 0), max(width - tw, 0))
+        rect = (x, y, x + tw, y + th)
+        if y < 0 or y + th > height:
+            continue
+        if all(rect[2] <= o[0] or o[2] <= rect[0] or rect[3] <= o[1] or o[3] <= rect[1]
+               for o in taken):
+            return rect
+    return None
 
 
 def blank_frame(width: int, height: int) -> np.ndarray:

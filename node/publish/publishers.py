@@ -21,7 +21,8 @@ one (``wants_image``) draw their own when it is ``None``. ``publish_all`` draws 
   ``metadata.yaml``), so Foxglove and ``ros2 bag play`` can decode vision_msgs. A chunk is
   flushed to disk at least every ``flush_interval_s``: after a ``kill -9``,
   ``python -m node reindex DIR`` recovers every message up to the last flushed chunk.
-- ``VideoPublisher``: annotated MP4 (``mp4v``), one video frame per published result. OpenCV
+- ``VideoPublisher``: annotated video (``.webm``: VP9, plays in a browser; ``.mp4``: ``mp4v``), one
+  video frame per published result. OpenCV
   does not report failed writes, so ``close`` reads the finished file back and raises
   ``PublisherError`` naming it when it is not a whole video (a full disk).
 
@@ -346,8 +347,16 @@ class BagPublisher(Publisher):
                                  f"flushed messages") from None
 
 
+VIDEO_CODECS: dict[str, tuple[str, ...]] = {".webm": ("VP90", "VP80"), ".mkv": ("VP90", "mp4v"),
+                                             ".mp4": ("mp4v",), ".avi": ("MJPG",)}
+"""Video suffix → FourCC codes to try, best first. Browsers play VP9 (WebM) and H.264; OpenCV's
+pip wheels write VP9 but not H.264, so ``.webm`` is the video to watch in a browser, and
+``.mp4`` is MPEG-4 Part 2 (``mp4v``) for players such as VLC and for OpenCV itself."""
+
+
 class VideoPublisher(Publisher):
-    """Annotated MP4 (``mp4v``): one video frame per result, in the first frame's size.
+    """Annotated video: one video frame per result, in the first frame's size. The codec follows
+    the suffix (``VIDEO_CODECS``): ``.webm`` is VP9 (plays in a browser), ``.mp4`` is ``mp4v``.
 
     Frames without an image (unreadable input) become dark frames with the error text, so the
     video stays frame-aligned with the JSONL. The FPS overlay is the node's publish rate (an
@@ -365,6 +374,7 @@ class VideoPublisher(Publisher):
         self.name = str(path)
         self.fps = float(fps)
         self._writer: Any = None
+        self.codec: str | None = None  # the FourCC in use, once the first frame opened the file
         self._size: tuple[int, int] | None = None
         self._pending_errors: list[str] = []
         self._last_publish: float | None = None
@@ -401,10 +411,16 @@ class VideoPublisher(Publisher):
 
     def _open(self, width: int, height: int) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
-                                 (width, height))
-        if not writer.isOpened():
-            raise PublisherError(f"{self.path}: cannot open video writer (mp4v, {width}x{height})")
+        codecs = VIDEO_CODECS.get(self.path.suffix.lower(), ("mp4v",))
+        for fourcc in codecs:
+            writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps,
+                                     (width, height))
+            if writer.isOpened():
+                break
+        else:
+            raise PublisherError(f"{self.path}: cannot open a video writer "
+                                 f"({'/'.join(codecs)}, {width}x{height})")
+        self.codec = fourcc
         self._writer, self._size = writer, (width, height)
         self._written = 0
 

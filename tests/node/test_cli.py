@@ -192,7 +192,7 @@ def test_demo_writes_every_output(tiny_model, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "cones.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in records] == list(range(6))
     assert len(list((out / "clip" / "labels").glob("*.txt"))) == 6
-    video = cv2.VideoCapture(str(out / "annotated.mp4"))
+    video = cv2.VideoCapture(str(out / "annotated.webm"))
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     video.release()
     assert (out / "bag" / "metadata.yaml").is_file()
@@ -200,3 +200,8 @@ def test_demo_writes_every_output(tiny_model, tmp_path, capsys):
     assert summary["frames"] == 6
     assert summary["proposer"] == "heatmap" and summary["refiner"].endswith("cone_refiner.onnx")
     assert "p50" in stdout and "proposer heatmap + refiner" in stdout
+    # the demo scores itself against the clip's exact labels
+    assert "demo score against the synthetic ground truth: recall" in stdout
+    assert "precision" in stdout.split("demo score against")[1]
+    report = json.loads((out / "evaluate.json").read_text())
+    assert report["frames"] == 6 and report["labelled_cones"] > 0

@@ -122,6 +122,53 @@ def test_the_evaluate_command_scores_a_replay_jsonl(tmp_path, capsys):
     assert "| recall >= 30 px | 100.0% (of 2; label accuracy 50.0%) |" in capsys.readouterr().out
 
 
+def test_a_video_run_is_matched_by_frame_index_and_plotted(tmp_path, capsys):
+    """The demo and a video replay write ``source: null``: frame i is the image stem i."""
+    root = _yolo_root(tmp_path / "data")
+    for stem, new in (("a", "00000"), ("b", "00001")):
+        (root / "images" / f"{stem}.png").rename(root / "images" / f"{new}.png")
+        (root / "labels" / f"{stem}.txt").rename(root / "labels" / f"{new}.txt")
+    records = [
+        {"frame": 0, "source": None, "cones": [
+            {"box": [115.2, 102.4, 140.8, 153.6], "label": "blue_cone", "score": 0.9},
+            {"box": [10, 10, 40, 60], "label": "yellow_cone", "score": 0.8}]},
+        {"frame": 1, "source": None, "cones": [
+            {"box": [166.4, 153.6, 192.0, 204.8], "label": "yellow_cone", "score": 0.7}]}]
+    run = tmp_path / "video.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "report.json"
+    assert node_main(["evaluate", str(run), "--data", f"yolo:{root}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["recall_ge12"] == pytest.approx(2 / 3, abs=1e-4)
+    assert report["label_accuracy"] == 0.5
+    printed = capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "video.evaluate.png"
+    assert f"plot: {png}" in printed
+    image = cv2.imread(str(png))
+    assert image is not None and image.shape[1] > 2 * image.shape[0]  # three panels
+
+
+def test_precision_recall_curve_and_confusion_counts():
+    from node.evaluate.plot import confusion_table
+
+    pred = np.array([TRUTH[1], [300, 100, 310, 125], TRUTH[3]], np.float64)
+    tally = Tally()
+    tally.add(pred, np.array([0.9, 0.8, 0.6]), ["blue_cone", "blue_cone", "orange_cone"], TRUTH,
+              TRUTH_LABELS)
+    precision, recall, thresholds = tally.precision_recall()
+    assert thresholds.tolist() == [0.9, 0.8, 0.6]
+    assert precision.tolist() == pytest.approx([1.0, 0.5, 2 / 3])
+    assert recall.tolist() == pytest.approx([0.25, 0.25, 0.5])  # of the 4 labelled cones
+    rows, cols, counts = confusion_table(tally)
+    table = {(r, c): int(counts[i, j]) for i, r in enumerate(rows) for j, c in enumerate(cols)}
+    assert table[("yellow_cone", "blue_cone")] == 1  # found, labelled wrong
+    assert table[("orange_cone", "orange_cone")] == 1
+    assert table[("none", "blue_cone")] == 1  # a detection of no labelled cone
+    assert table[("blue_cone", "missed")] == 2  # the 10 px and 30 px blue cones
+    assert counts.sum() == 5
+
+
 def test_proposals_only_scores_the_configured_proposer(tmp_path):
     root = _yolo_root(tmp_path / "data")
     out = tmp_path / "report.json"

@@ -197,6 +197,19 @@ def test_video_has_one_frame_per_result_with_class_colours(tmp_path):
     assert float(frames[0].mean()) < 60  # dark placeholder for the unreadable frame
 
 
+def test_webm_video_is_vp9_and_plays_back_every_frame(tmp_path):
+    path = tmp_path / "annotated.webm"
+    with VideoPublisher(path, fps=10) as pub:
+        for i in (1, 2, 3):
+            pub.publish(_result(i))
+        assert pub.codec in ("VP90", "VP80")  # what browsers play (OpenCV's wheels lack H.264)
+    cap = cv2.VideoCapture(str(path))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == 3
+
+
 def test_draw_cones_copies_and_colours():
     image = np.zeros((100, 100, 3), dtype=np.uint8)
     out = draw_cones(image, [Cone((20, 30, 60, 90), "yellow_cone", 0.5)], fps=30.0,
@@ -271,3 +284,20 @@ def test_same_fields_build_rclpy_style_messages(monkeypatch):
                                                                ("propose_ms", "2.250")]
     with pytest.raises(KeyError, match="no field 'bogus'"):
         ros_msgs.to_rclpy(array_cls, {"bogus": 1})
+
+
+def test_label_tags_do_not_pile_up_over_a_row_of_distant_cones():
+    from node.publish.annotate import place_tag
+
+    taken: list = []
+    # eight small cones side by side, their boxes overlapping (a line of cones seen end-on)
+    for i in range(8):
+        rect = place_tag([300 + 3 * i, 200, 310 + 3 * i, 215], (60, 12), (640, 480), taken)
+        if rect is not None:
+            taken.append(rect)
+    assert len(taken) >= 4  # as many as fit near the row
+    for i, a in enumerate(taken):
+        for b in taken[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    # a lone cone's tag sits right above its box
+    assert place_tag([100, 100, 120, 130], (60, 12), (640, 480), []) == (100, 88, 160, 100)
