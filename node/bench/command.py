@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-crops", type=int, default=2000,
                         help="evenly spaced subset of --data boxes (default: 2000; 0: all)")
     parser.add_argument("--source", metavar="SRC",
-                        help="replay source for end-to-end FPS (folder, glob, video, bag)")
+                        help="replay source for the proposer and end-to-end timing (folder, "
+                             "glob, video, bag; default: a synthetic clip rendered once into "
+                             "OUT_DIR; 'none' skips it)")
     parser.add_argument("--frames", type=int, default=0,
                         help="use the first N frames of --source (default: all)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -110,8 +112,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BenchError("--seconds must be > 0")
     if args.threads is not None and args.threads < 1:
         raise BenchError("--threads must be >= 1")
-    if args.peer and not args.source:
-        raise BenchError("--peer needs --source: the detector is timed on the same frames")
+    if args.peer and args.source is not None and args.source.lower() == "none":
+        raise BenchError("--peer needs a source (not --source none): the detector is timed on "
+                         "the same frames")
 
 
 def discover_models(paths: Sequence[str] | None) -> list[Path]:
@@ -161,6 +164,10 @@ def _run(args: argparse.Namespace) -> int:
     from node.infer import load_backend
 
     models = discover_models(args.models)
+    if args.source is None:
+        args.source = str(synthetic_source(Path(args.out_dir)))
+    elif args.source.lower() == "none":
+        args.source = None
     env = collect_environment()
     run_id = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     providers = _providers(args)
@@ -227,6 +234,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+SYNTH_FRAMES = 60
+
+
+def synthetic_source(out_dir: Path) -> Path:
+    """The default ``--source``: a synthetic clip of ``SYNTH_FRAMES`` frames (seed 0), rendered
+    once by ``python -m export.synth`` and reused by later runs."""
+    video = out_dir / "synth_clip.mp4"
+    if not video.is_file():
+        from node.cli.demo import render_clip
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        render_clip(out_dir / "synth_clip", video, SYNTH_FRAMES, seed=0)
+    return video
+
+
 def _fits(backend: Any, path: Path, batch: int) -> bool:
     if batch <= backend.max_batch:
         return True
@@ -275,6 +297,8 @@ def _row(run_id: str, info: dict, point: dict, accuracy: dict, e2e: dict,
     row["e2e_frames"] = pipelined.get("frames")
     row["e2e_latency_ms"] = {k: r["latency_ms"] for k, r in e2e.items()} or None
     row["candidates_per_frame"] = pipelined.get("candidates_per_frame")
+    row["proposer_ms_p50"] = pipelined.get("propose_ms", {}).get("p50_ms", math.nan)
+    row["proposer_ms_p90"] = pipelined.get("propose_ms", {}).get("p90_ms", math.nan)
     row["source"] = args.source
     peer_fps = peer.get("fps", math.nan)
     ok = peer_fps > 0 and math.isfinite(peer_fps)
@@ -291,6 +315,8 @@ def _print_progress(path: Path, points: list, accuracy: dict, e2e: dict) -> None
     parts = [f"b{p['batch']}: {p['crops_per_s']:.0f} crops/s" for p in points]
     if accuracy:
         parts.append(f"top-1 {100 * accuracy['accuracy']:.1f}% on {accuracy['crops']} crops")
+    if "pipelined" in e2e:
+        parts.append(f"proposer p50 {e2e['pipelined']['propose_ms']['p50_ms']:.1f} ms")
     for mode, result in e2e.items():
         parts.append(f"{mode} {result['fps']:.1f} FPS"
                      + (f" (median of {len(result['fps_runs'])})"

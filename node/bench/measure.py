@@ -209,7 +209,7 @@ class LimitedSource:
 
 def latency_collector() -> Any:
     """A pipeline publisher (``node.publish.publishers.Publisher``) that only keeps each frame's
-    end-to-end latency and candidate count."""
+    end-to-end latency, proposer latency and candidate count."""
     from node.publish.publishers import Publisher
 
     class LatencyCollector(Publisher):
@@ -218,10 +218,12 @@ def latency_collector() -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.total_ms: list[float] = []
+            self.propose_ms: list[float] = []
             self.candidates: list[int] = []
 
         def _publish(self, result: Any, image: Any) -> None:
             self.total_ms.append(float(result.latency_ms.get("total", math.nan)))
+            self.propose_ms.append(float(result.latency_ms.get("propose", math.nan)))
             self.candidates.append(int(result.num_candidates))
 
     return LatencyCollector()
@@ -243,7 +245,7 @@ def run_pipeline(config: Any, backend: Any, uri: str, frames: int, sync: bool,
 
     Returns:
         ``{"fps", "frames", "wall_s", "candidates_per_frame", "latency_ms": latency_stats of
-        the end-to-end latency}``.
+        the end-to-end latency, "propose_ms": latency_stats of the proposer's time}``.
     """
     import copy
 
@@ -265,7 +267,8 @@ def run_pipeline(config: Any, backend: Any, uri: str, frames: int, sync: bool,
     return {"fps": float(summary["fps"]), "frames": summary["frames"],
             "wall_s": summary["wall_s"], "errors": summary["errors"],
             "candidates_per_frame": float(np.mean(collector.candidates)),
-            "latency_ms": latency_stats(collector.total_ms)}
+            "latency_ms": latency_stats(collector.total_ms),
+            "propose_ms": latency_stats(collector.propose_ms)}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -32,6 +32,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("p99 ms", "p99_ms", ".2f"),
     ("spread", "spread_warning", "s"),
     ("accuracy %", "accuracy", "pct"),
+    ("proposer p50 ms", "proposer_ms_p50", ".2f"),
     ("e2e FPS pipelined", "e2e_fps_pipelined", ".1f"),
     ("e2e FPS sync", "e2e_fps_sync", ".1f"),
     ("peer FPS", "peer_fps", ".1f"),

@@ -207,8 +207,8 @@ def test_bench_errors_are_one_line(bench_files, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing.onnx" in err[0] and "not found" in err[0]
     assert node_main(["bench", "--models", str(bench_files["model"]), "--peer",
-                      str(bench_files["peer"])]) == 1
-    assert "--peer needs --source" in capsys.readouterr().err
+                      str(bench_files["peer"]), "--source", "none"]) == 1
+    assert "--peer needs a source" in capsys.readouterr().err
     assert node_main(["bench", "--models", str(bench_files["model"]), "--batches", "0"]) == 1
     assert "--batches" in capsys.readouterr().err
 
@@ -275,6 +275,10 @@ def test_default_models_folder_skips_non_classifiers(bench_files, tmp_path, monk
     rows = parse_markdown_table(captured.out)
     assert [(r["model"], r["batch"]) for r in rows] == [("tiny.onnx", "1"), ("tiny.onnx", "2")]
     assert all(r["accuracy %"] == "–" and r["peer FPS"] == "–" for r in rows)
+    # by default the proposer and the whole pipeline are timed on a rendered synthetic clip
+    assert (tmp_path / "out" / "synth_clip.mp4").is_file()
+    assert all(float(r["proposer p50 ms"]) > 0 and float(r["e2e FPS pipelined"]) > 0
+               for r in rows)
     assert "skipping detector.onnx" in captured.err and "cone_node" in captured.err
     assert (tmp_path / "out" / "bench.png").stat().st_size > 0
 
