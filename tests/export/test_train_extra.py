@@ -23,8 +23,9 @@ def test_training_command_without_torch_prints_one_install_line(module):
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 1
     lines = run.stderr.strip().splitlines()
-    assert lines == [f'error: python -m {module} needs the training extra (torch, torchvision '
-                     'not installed): pip install -e ".[train]"'], run.stderr
+    expected = (f"error: python -m {module} needs the training extra (torch, torchvision "
+                'not installed): pip install -e ".[train]"')
+    assert lines == [expected], run.stderr
 
 
 def test_library_import_without_torch_raises_module_not_found():
