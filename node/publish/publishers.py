@@ -33,12 +33,13 @@ are written as they are).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -413,8 +414,9 @@ class VideoPublisher(Publisher):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         codecs = VIDEO_CODECS.get(self.path.suffix.lower(), ("mp4v",))
         for fourcc in codecs:
-            writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc), self.fps,
-                                     (width, height))
+            with _quiet_stderr(self.path.suffix.lower() == ".webm"):
+                writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*fourcc),
+                                         self.fps, (width, height))
             if writer.isOpened():
                 break
         else:
@@ -443,6 +445,24 @@ class VideoPublisher(Publisher):
         if readable < expected:
             raise PublisherError(f"{self.path}: video is incomplete ({readable} of {expected} "
                                  f"frames readable; is the disk full?)")
+
+
+@contextlib.contextmanager
+def _quiet_stderr(active: bool) -> Iterator[None]:
+    """Silence file descriptor 2 while OpenCV opens a WebM writer: its FFmpeg layer prints that
+    WebM stores no FourCC tag ("tag ... is not supported"), which is true and harmless."""
+    if not active:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def publish_all(publishers: Sequence[Publisher], result: FrameResult,
