@@ -12,10 +12,10 @@
 #   5. checks ROS 2 (rclpy, vision_msgs, diagnostic_msgs) under /opt/ros/<distro>;
 #   6. optionally installs the systemd unit and sets the maximum power mode and clocks.
 #
-# Why the pip OpenCV wheel is removed: pyproject.toml depends on opencv-python, whose wheel is
+# Why the pip OpenCV wheel is removed: pyproject.toml depends on opencv-python-headless, whose wheel is
 # built without GStreamer, so csi:// cameras (nvarguscamerasrc) and the low-latency rtsp://
 # pipeline cannot open with it. JetPack's OpenCV has GStreamer. Installed into the venv, the
-# wheel would shadow it; after `pip uninstall opencv-python` the venv sees the system cv2.
+# wheel would shadow it; after `pip uninstall opencv-python-headless` the venv sees the system cv2.
 # numpy stays below 2 because JetPack's cv2 is compiled against numpy 1.x.
 #
 # Usage: launch/jetson_setup.sh [--venv DIR] [--ros-distro NAME] [--install-service]
