@@ -5,4 +5,6 @@
 - ``node.bench.peer``: a single-stage YOLO detector timed on the same frames, for comparison;
 - ``node.bench.env`` and ``node.bench.report``: the machine's description and the report;
 - ``node.bench.selfcheck``: ``python -m node selfcheck`` on a Jetson (TensorRT vs ONNX Runtime).
+- ``node.bench.soak``: ``python -m node.bench.soak``, a long run with every publisher on, for
+  resident memory growth.
 """

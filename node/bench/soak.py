@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames must exceed --warm-up")
 
     from node.infer import load_backend
-    from node.publish.metrics import LatencyTracker
     from node.pipeline import Pipeline
     from node.propose import build_proposer
+    from node.publish.metrics import LatencyTracker
     from node.publish.publishers import build_publishers
 
     overrides = list(args.overrides)
