@@ -22,7 +22,7 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("node.cli.replay", "replay a video, image folder, glob or ROS 2 bag"),
     "run": ("node.cli.run", "run on a live camera (csi://N, v4l2:///dev/videoN, rtsp://...)"),
-    "demo": ("node.cli.demo", "render a synthetic clip and replay it with the bundled model"),
+    "demo": ("node.cli.demo", "render a synthetic clip, run the node on it and score it"),
     "reindex": ("node.cli.reindex", ("make a bag interrupted by a crash or kill -9 readable "
                                      "(like ros2 bag reindex)")),
     "bench": ("node.bench.command", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
