@@ -174,7 +174,7 @@ def import_proposer(path: str | Path, stem: str = "patch4") -> ConeHeatmapNet:
     to train further: its input normalisation stays folded into the stem and its BatchNorms
     are the identity plus the folded bias (``export.onnx_import``); train it with
     ``freeze_bn``. Raises ``DataError`` naming the file when it is not such a net."""
-    from .onnx_import import OnnxImportError, load_conv_weights, onnx_initialisers
+    from export.onnx_import import OnnxImportError, load_conv_weights, onnx_initialisers
 
     net = fold_input_normalisation(ConeHeatmapNet(stem=stem))
     try:
@@ -335,7 +335,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
     ``augmentation``: ``augment_frame`` keyword arguments); returns the mean loss of every
     epoch (or of every step when ``max_steps`` is set). ``freeze_bn`` keeps the BatchNorms in
     eval mode (a net imported from ONNX, whose BatchNorms hold the folded biases)."""
-    from .onnx_import import freeze_batchnorm
+    from export.onnx_import import freeze_batchnorm
 
     device = torch.device(device)
     net.to(device).train()
@@ -576,7 +576,7 @@ def run(args: argparse.Namespace) -> int:
     stages: list[dict] = []
     imported = False
     if args.init and str(args.init).endswith(".onnx"):
-        from node.heatmap_proposer import open_session
+        from node.propose.heatmap import open_session
 
         net, imported = import_proposer(args.init, args.stem), True
         stages = list(open_session(args.init)[1].extra.get("stages", []))
