@@ -130,7 +130,10 @@ def _build(cls: type, data: Any, origin: str, prefix: str) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{origin}: {prefix.rstrip('.') or '<top>'}: {exc}") from None
+        text = str(exc)  # a message that already names its dotted key keeps it as the key
+        if not (prefix and text.startswith(prefix)):
+            text = f"{prefix.rstrip('.') or '<top>'}: {text}"
+        raise ConfigError(f"{origin}: {text}") from None
 
 
 def _check(tp: Any, value: Any, meta: typing.Mapping, origin: str, key: str) -> Any:

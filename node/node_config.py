@@ -10,10 +10,12 @@ bundled model is found from anywhere.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from node.config import ConfigError, load_config, spec
+from node.track.range import DEFAULT_HFOV_DEG, CameraConfig
+from node.track.tracker import TrackerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/node.yaml"
@@ -187,6 +189,68 @@ class SourceConfig:
 
 
 @dataclass
+class CameraSection:
+    """The camera model for cone range (``node.track.range.CameraConfig``, issue 23).
+
+    Intrinsics are optional: without fx, fy, cx, cy the range assumes ``hfov_deg`` and every
+    cone's ``range_basis`` says so. The height and pitch enable the ground-plane estimate.
+    """
+
+    fx: float | None = spec(None, min=1e-3, max=1e6)
+    fy: float | None = spec(None, min=1e-3, max=1e6)
+    cx: float | None = spec(None, min=-1e5, max=1e5)
+    cy: float | None = spec(None, min=-1e5, max=1e5)
+    image_width: int | None = spec(None, min=1, max=65536)
+    image_height: int | None = spec(None, min=1, max=65536)
+    hfov_deg: float = spec(DEFAULT_HFOV_DEG, min=1.0, max=179.0)
+    native_aspect: float | None = spec(None, min=0.1, max=10.0)
+    height_m: float | None = spec(None, min=0.01, max=20.0)
+    pitch_deg: float | None = spec(None, min=-45.0, max=45.0)
+    sigma_h_px: float = spec(1.0, min=0.0, max=100.0)
+    sigma_h_rel: float = spec(0.02, min=0.0, max=1.0)
+    sigma_pitch_deg: float = spec(0.25, min=0.0, max=10.0)
+    box_pad_px: float = spec(1.0, min=-20.0, max=20.0)
+    pitch_prior_sigma_deg: float = spec(8.0, min=0.0, max=45.0)
+
+    def __post_init__(self) -> None:
+        CameraConfig.from_dict(_section_dict(self))  # fx..cy all or none, with the image size
+
+
+@dataclass
+class TrackingSection:
+    """Range and track id for every cone (``node.track``); ``enabled: false`` skips the stage.
+
+    The other keys are ``node.track.tracker.TrackerConfig``'s.
+    """
+
+    enabled: bool = True
+    high_score: float = spec(0.5, min=0.0, max=1.0)
+    low_score: float = spec(0.1, min=0.0, max=1.0)
+    new_track_score: float = spec(0.0, min=0.0, max=1.0)
+    match_iou: float = spec(0.2, min=0.0, max=1.0)
+    low_match_iou: float = spec(0.4, min=0.0, max=1.0)
+    max_centre_dist: float = spec(1.0, min=0.0, max=100.0)
+    max_age: int = spec(5, min=0, max=1000)
+    class_gate: bool = True
+    max_step_m: float = spec(2.5, min=0.0, max=50.0)
+    max_accel_m: float = spec(0.4, min=0.0, max=50.0)
+    ego_smoothing: float = spec(0.5, min=0.01, max=1.0)
+
+    def __post_init__(self) -> None:
+        TrackerConfig.from_dict(self.tracker_dict())  # low_score above high_score
+
+    def tracker_dict(self) -> dict:
+        """The ``TrackerConfig`` keys (everything but ``enabled``)."""
+        out = _section_dict(self)
+        del out["enabled"]
+        return out
+
+
+def _section_dict(section: object) -> dict:
+    return {f.name: getattr(section, f.name) for f in fields(section)}  # type: ignore[arg-type]
+
+
+@dataclass
 class NodeConfig:
     """Everything ``python -m node replay|run`` needs, as one validated object."""
 
@@ -197,6 +261,14 @@ class NodeConfig:
     publishers: PublishersConfig = field(default_factory=PublishersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
+    camera: CameraSection = field(default_factory=CameraSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def tracking_stage_config(self) -> dict | None:
+        """``node.track.TrackingStage.from_config``'s mapping, or None when tracking is off."""
+        if not self.tracking.enabled:
+            return None
+        return {"camera": _section_dict(self.camera), "tracking": self.tracking.tracker_dict()}
 
     def __post_init__(self) -> None:
         if self.proposer.max_candidates > self.model.max_batch:

@@ -32,6 +32,7 @@ from node.infer.preprocess import Preprocessor
 from node.node_config import NodeConfig
 from node.propose import Proposer
 from node.publish.publishers import PublisherError, publish_all
+from node.track import TrackingStage
 from node.types import Cone, Frame, FrameResult
 
 _EMPTY = np.zeros((0, 4), np.float32)
@@ -99,6 +100,8 @@ class Pipeline:
         self.first_inference_error: str | None = None
         self.stop_signal: int | None = None
         self.output_error: str | None = None
+        stage_config = config.tracking_stage_config()
+        self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -241,6 +244,9 @@ class Pipeline:
             lat["post"] = (time.perf_counter() - t1) * 1e3
         else:
             lat["post"] = 0.0
+        t2 = time.perf_counter()
+        cones = self._track(item, cones)
+        lat["post"] += (time.perf_counter() - t2) * 1e3  # range and tracking count as post
         if (item.error or "").startswith("inference failed"):
             self.counts["inference_failed"] += 1
             self.first_inference_error = self.first_inference_error or item.error
@@ -256,6 +262,15 @@ class Pipeline:
         result.latency_ms = {**result.latency_ms, "publish": publish_ms}
         self._account(result)
         return result
+
+    def _track(self, item: _InFlight, cones: list[Cone]) -> list[Cone]:
+        """Range and track id for every cone (``node.track``). Frames are finished in input
+        order in both loops, so the tracker sees them in order; a frame without an image or
+        whose inference failed is skipped (its tracks neither match nor age)."""
+        image = item.frame.image
+        if self.tracking is None or image is None or item.error:
+            return cones
+        return self.tracking.update(cones, image.shape[1], image.shape[0], item.frame.stamp)
 
     def _publish_rate(self, now: float) -> float | None:
         """Frames per second at the publisher, smoothed (for the video overlay)."""
@@ -291,6 +306,8 @@ class Pipeline:
         if self.config.pipeline.cv_threads is not None:
             cv2.setNumThreads(self.config.pipeline.cv_threads)
         self._source = source
+        if self.tracking is not None:
+            self.tracking.reset()  # a new source: no track carries over
         if self.tracker is not None:
             self.tracker.start()
         t0 = time.perf_counter()
@@ -373,6 +390,8 @@ class Pipeline:
             "inferred": self.counts["inferred"],
             "inference_failed": self.counts["inference_failed"],
         }
+        if self.tracking is not None:
+            out["range"] = self.tracking.note  # says when no intrinsics are configured
         if self.first_inference_error:
             out["first_inference_error"] = self.first_inference_error
         if self.stop_signal is not None:

@@ -76,6 +76,16 @@ class Cone:
         return out
 
 
+
+def label_text(cone: Cone) -> str:
+    """Annotation text: ``"blue_cone #12 7.4 m"`` (parts that are unset are left out)."""
+    parts = [cone.label]
+    if cone.track_id is not None:
+        parts.append(f"#{cone.track_id}")
+    if cone.range_m is not None:
+        parts.append(f"{cone.range_m:.1f} m")
+    return " ".join(parts)
+
 @dataclass
 class FrameResult:
     """Everything published for one frame."""

@@ -236,6 +236,8 @@ def format_summary(summary: dict) -> str:
     if summary.get("interrupted"):
         head += "  (interrupted: stopped by signal)"
     notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]
+    if summary.get("range"):
+        notes.append(f"range: {summary['range']}")
     return "\n".join([head, latency_table(summary), *notes])
 
 

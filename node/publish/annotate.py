@@ -1,7 +1,9 @@
-"""Draw published cones on a frame: class-coloured boxes, label and score, FPS/latency overlay.
+"""Draw published cones on a frame: class-coloured boxes, label tags, FPS/latency overlay.
 
 Used by the annotated video (``--video-out``) and the bag's optional CompressedImage topic.
-Colours are BGR and follow the cone colours so a glance at the video checks the labels.
+Colours are BGR and follow the cone colours so a glance at the video checks the labels. A
+tracked cone's tag reads ``blue_cone #12 7.4 m`` (class, track id, range); an untracked one's
+``blue 0.97`` (class and score).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import cv2
 import numpy as np
 
 from node.classes import BLUE, LARGE_ORANGE, ORANGE, UNKNOWN, YELLOW
-from node.types import Cone
+from node.types import Cone, label_text
 
 CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
     BLUE: (255, 80, 0),
@@ -52,7 +54,7 @@ def draw_cones(image: np.ndarray, cones: Iterable[Cone], fps: float | None = Non
     taken: list[tuple[int, int, int, int]] = []
     for cone in sorted(cones, key=lambda c: -float(c.score)):
         colour = CLASS_COLOURS.get(cone.label, CLASS_COLOURS[UNKNOWN])
-        text = f"{_SHORT.get(cone.label, cone.label)} {float(cone.score):.2f}"
+        text = tag_text(cone)
         (tw, th), base = cv2.getTextSize(text, _FONT, scale, 1)
         rect = place_tag([round(float(v)) for v in cone.box], (tw + 2, th + base + 1), (w, h),
                          taken)
@@ -73,6 +75,14 @@ def draw_cones(image: np.ndarray, cones: Iterable[Cone], fps: float | None = Non
     if error:
         _banner(out, error[:80], (0, h // 2), scale * 1.2, (0, 0, 255))
     return out
+
+
+def tag_text(cone: Cone) -> str:
+    """The tag drawn next to a cone's box: ``label_text`` once the cone has a track id or a
+    range, else the short class name and the score."""
+    if cone.track_id is not None or cone.range_m is not None:
+        return label_text(cone)
+    return f"{_SHORT.get(cone.label, cone.label)} {float(cone.score):.2f}"
 
 
 def place_tag(box: list[int], size: tuple[int, int], frame: tuple[int, int],

@@ -104,9 +104,9 @@ def detection_array_fields(result: FrameResult, frame_id: str = "camera") -> dic
 
     The header stamp is the capture time. Each cone is one ``Detection2D`` with one hypothesis:
     ``class_id`` is the class name (e.g. ``"blue_cone"``), ``score`` the classifier score. The
-    box centre and size are in pixels of the original frame; ``id`` is the cone's index in the
-    frame (not a track id). The hypothesis pose stays at identity: image-space detections have
-    no 3-D pose.
+    box centre and size are in pixels of the original frame; ``id`` is the cone's track id
+    (``node.track``), or its index in the frame when it has none (tracking off). The hypothesis
+    pose stays at identity: the range and camera-frame position travel in the JSONL record.
     """
     header = header_fields(result.frame.stamp, frame_id)
     detections = []
@@ -121,7 +121,7 @@ def detection_array_fields(result: FrameResult, frame_id: str = "camera") -> dic
             "bbox": {"center": {"position": {"x": (x1 + x2) / 2, "y": (y1 + y2) / 2},
                                 "theta": 0.0},
                      "size_x": x2 - x1, "size_y": y2 - y1},
-            "id": str(i),
+            "id": str(cone.track_id if cone.track_id is not None else i),
         })
     return {"header": header, "detections": detections}
 

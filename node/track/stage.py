@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from node.types import Cone
+from node.types import Cone, label_text
 
 from .range import RangeEstimator
 from .tracker import ConeTracker
+
+__all__ = ["TrackingStage", "label_text"]
 
 
 class TrackingStage:
@@ -73,12 +75,3 @@ class TrackingStage:
         """Forget all tracks (a new recording)."""
         self.tracker.reset()
 
-
-def label_text(cone: Cone) -> str:
-    """Annotation text: ``"blue_cone #12 7.4 m"`` (parts that are unset are left out)."""
-    parts = [cone.label]
-    if cone.track_id is not None:
-        parts.append(f"#{cone.track_id}")
-    if cone.range_m is not None:
-        parts.append(f"{cone.range_m:.1f} m")
-    return " ".join(parts)

@@ -425,7 +425,10 @@ proposed: the box refiner knows cones, not rectangles)."""
 
 
 def _timed_run(backend, sync, frames, proposer_cfg) -> float:
-    config = load_node_config(None, {"pipeline": {"sync": sync}, "proposer": proposer_cfg})
+    # Tracking off: these runs measure the loop's overlap; boxes scattered afresh every frame
+    # are the tracker's worst case and would only add main-thread work to both modes.
+    config = load_node_config(None, {"pipeline": {"sync": sync}, "proposer": proposer_cfg,
+                                     "tracking": {"enabled": False}})
     pipeline = Pipeline(config, backend, build_proposer(config.proposer), [])
     t0 = time.perf_counter()
     summary = pipeline.run(list(frames))

@@ -3,6 +3,7 @@ with rosbags (message fields checked), the annotated video, and the shared messa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -13,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from node.publish import ros_msgs
+from node.publish import annotate, ros_msgs
 from node.publish.annotate import CLASS_COLOURS, draw_cones
 from node.publish.publishers import (
     BagPublisher,
@@ -24,7 +25,7 @@ from node.publish.publishers import (
     build_publishers,
     publish_all,
 )
-from node.types import Cone, Frame, FrameResult
+from node.types import Cone, Frame, FrameResult, label_text
 
 STAMP0 = 1_700_000_000.25
 
@@ -217,6 +218,46 @@ def test_draw_cones_copies_and_colours():
     assert image.max() == 0 and out is not image
     assert tuple(out[60, 20]) == CLASS_COLOURS["yellow_cone"]
 
+
+
+def _tracked(result: FrameResult) -> FrameResult:
+    """The frame's cones as the tracking stage leaves them (range, position, track id)."""
+    result.cones = [dataclasses.replace(c, range_m=7.4 + k, range_sigma_m=0.2,
+                                        xyz=(0.5, 1.0, 7.3 + k), range_basis="size",
+                                        track_id=12 + k)
+                    for k, c in enumerate(result.cones)]
+    return result
+
+
+def test_jsonl_and_bag_carry_the_track(tmp_path):
+    with JsonlPublisher(tmp_path / "c.jsonl") as pub:
+        pub.publish(_tracked(_result(0)))
+    cone = json.loads((tmp_path / "c.jsonl").read_text())["cones"][1]
+    assert cone == {"box": [100.0, 40.0, 120.0, 80.0], "label": "yellow_cone", "score": 0.875,
+                    "range_m": 8.4, "range_sigma_m": 0.2, "xyz": [0.5, 1.0, 8.3],
+                    "range_basis": "size", "track_id": 13}
+
+    path = tmp_path / "bag"
+    with BagPublisher(path, frame_id="cam_front") as pub:
+        pub.publish(_tracked(_result(0)))
+        pub.publish(_result(1))  # untracked cones keep their index as id
+    msgs = [m for _, m in _read_bag(path)["/perception/cones"]]
+    assert [d.id for d in msgs[0].detections] == ["12", "13"]
+    assert [d.id for d in msgs[1].detections] == ["0", "1"]
+
+
+def test_annotation_tag_is_the_label_text_once_tracked(monkeypatch):
+    drawn: list[str] = []
+    put_text = annotate.cv2.putText
+    monkeypatch.setattr(annotate.cv2, "putText",
+                        lambda img, text, *a, **k: (drawn.append(text), put_text(img, text, *a,
+                                                                                  **k))[1])
+    cone = _tracked(_result(0, cones=1)).cones[0]
+    draw_cones(np.zeros((200, 300, 3), np.uint8), [cone])
+    assert drawn == [label_text(cone)] == ["blue_cone #12 7.4 m"]
+    drawn.clear()
+    draw_cones(np.zeros((200, 300, 3), np.uint8), [Cone((20, 30, 60, 90), "yellow_cone", 0.5)])
+    assert drawn == ["yellow 0.50"]  # untracked: class and score
 
 def test_build_publishers_and_publish_all(tmp_path):
     pubs = build_publishers(jsonl=tmp_path / "a.jsonl", video=tmp_path / "a.mp4", video_fps=5)

@@ -10,6 +10,7 @@ checked against the bag mapping (``ros_msgs.to_rosbags``) field by field.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -137,6 +138,21 @@ def test_live_messages_equal_bag_messages_field_by_field(fake_msgs):
     with pytest.raises(ValueError, match="publish after close"):
         topics.publish(result)
 
+
+
+def test_live_detections_carry_the_track_id(fake_msgs):
+    _, modules = fake_msgs
+    cones_cls = modules["vision_msgs.msg"].Detection2DArray
+    diag_cls = modules["diagnostic_msgs.msg"].DiagnosticArray
+    pub = FakePublisher(cones_cls, "/c", None)
+    topics = RosTopicPublisher((pub, cones_cls), (FakePublisher(diag_cls, "/d", None), diag_cls),
+                               frame_id="cam_front")
+    result = _result()
+    result.cones = [dataclasses.replace(c, track_id=40 + k, range_m=6.0)
+                    for k, c in enumerate(result.cones)]
+    topics.publish(result)
+    assert [d.id for d in pub.messages[0].detections] == ["40", "41"]
+    topics.close()
 
 # ---- parameters -> config ------------------------------------------------------------------
 
