@@ -107,7 +107,7 @@ class CameraAugConfig:
 
     enabled: bool = True
     prob: float = spec(0.8, min=0.0, max=1.0)
-    aspect: list[float] = field(default_factory=lambda: [0.8, 1.9])
+    aspect: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
     def __post_init__(self) -> None:
         a = self.aspect
