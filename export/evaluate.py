@@ -107,11 +107,10 @@ def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
     """Cone crop top-1 by box height on camera variants of the frames (``export.variants``:
     the ground-truth boxes moved with the pixels, cropped by the model's policy):
     ``{variant: accuracy_by_size(...)}``."""
-    from node.evaluate.datasets import load_samples
-    from node.infer.crop import crop_batch
-
     from export.data import clip_and_frame, is_heldout
     from export.variants import build_variants, estimate_horizon
+    from node.evaluate.datasets import load_samples
+    from node.infer.crop import crop_batch
 
     samples = load_samples(data_spec)
     if clips:
