@@ -131,6 +131,9 @@ def _xyxy_to_state(box: np.ndarray) -> np.ndarray:
     return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], np.float64)
 
 
+_DIAG = np.diag_indices(8)
+
+
 class _Track:
     """One track: a constant-velocity Kalman filter on (cx, cy, w, h) and their rates."""
 
@@ -138,6 +141,7 @@ class _Track:
     _F[:4, 4:] = np.eye(4)
     _H = np.eye(4, 8)
     POS_W, VEL_W = 1.0 / 20.0, 1.0 / 160.0  # ByteTrack's noise weights (times box height)
+    _Q2 = np.array([POS_W] * 4 + [VEL_W] * 4) ** 2
 
     def __init__(self, track_id: int, box: np.ndarray, label: str, score: float) -> None:
         self.id = track_id
@@ -157,10 +161,10 @@ class _Track:
 
     def predict(self) -> None:
         h = max(self.x[3], 1.0)
-        q = np.array([self.POS_W * h] * 4 + [self.VEL_W * h] * 4)
         self.x = self._F @ self.x
         self.x[2:4] = np.maximum(self.x[2:4], 1.0)
-        self.P = self._F @ self.P @ self._F.T + np.diag(q ** 2)
+        self.P = self._F @ self.P @ self._F.T
+        self.P[_DIAG] += self._Q2 * (h * h)  # process noise, scaled by the box height
         self.age += 1
 
     def update(self, box: np.ndarray, label: str, score: float) -> None:
@@ -260,13 +264,17 @@ class ConeTracker:
             t.pred_box = t.pred_box + np.tile(shift, 2)
 
     def _gate(self, tracks: list[_Track], labels: list[str]) -> np.ndarray:
-        ok = np.ones((len(tracks), len(labels)), bool)
-        if self.config.class_gate:
-            for i, t in enumerate(tracks):
-                for j, lb in enumerate(labels):
-                    ok[i, j] = (GROUP.get(t.label, t.label) == GROUP.get(lb, lb)
-                                or UNKNOWN in (t.label, lb))
-        return ok
+        """(tracks, labels) bool: may this track take a box of this label (same colour
+        group, or either one unknown)."""
+        if not self.config.class_gate:
+            return np.ones((len(tracks), len(labels)), bool)
+        track_labels = [t.label for t in tracks]
+        track_group = np.array([GROUP.get(lb, lb) for lb in track_labels], object)
+        box_group = np.array([GROUP.get(lb, lb) for lb in labels], object)
+        track_unknown = np.array([lb == UNKNOWN for lb in track_labels], bool)
+        box_unknown = np.array([lb == UNKNOWN for lb in labels], bool)
+        return ((track_group[:, None] == box_group[None, :]) | track_unknown[:, None]
+                | box_unknown[None, :]).reshape(len(tracks), len(labels))
 
     def _match(self, tracks: list[_Track], boxes: np.ndarray, labels: list[str],
                min_iou: float, use_distance: bool) -> list[tuple[int, int]]:
