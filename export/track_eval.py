@@ -36,8 +36,8 @@ import cv2
 import numpy as np
 
 from export import synth
+from node.infer.postprocess import iou_matrix
 from node.track import CameraConfig, ConeTracker, RangeEstimator, TrackerConfig
-from node.track.tracker import iou_matrix
 
 BUCKETS = ((0.0, 5.0), (5.0, 10.0), (10.0, 20.0))
 

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from node.infer.postprocess import iou_matrix
+
 from . import egomotion
 
 UNKNOWN = "unknown_cone"
@@ -94,18 +96,6 @@ class TrackerConfig:
             if key not in known:
                 raise ValueError(f"tracking.{key}: unknown key; expected one of {sorted(known)}")
         return cls(**data)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of xyxy boxes."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
 def greedy_assign(score: np.ndarray, threshold: float) -> list[tuple[int, int]]:
