@@ -183,3 +183,22 @@ def frames_of(images: list[np.ndarray | None], names: list[str] | None = None) -
     return [Frame(i, 1000.0 + i, img, None if names is None else names[i],
                   error=None if img is not None else "unreadable")
             for i, img in enumerate(images)]
+
+
+def cone_folder(root, count: int):
+    """``count`` small PNG frames in ``root``, each with a blue and a yellow cone."""
+    import cv2
+
+    for i in range(count):
+        cv2.imwrite(str(root / f"f{i:02d}.png"),
+                    cone_image(60, 80, [(10, 10, 25, 50, BLUE), (50, 15, 62, 50, YELLOW)]))
+    return root
+
+
+def run_cli(argv: list, capsys) -> tuple[int, str, str]:
+    """``python -m node ARGV`` in-process: exit code, stdout, stderr."""
+    from node.__main__ import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

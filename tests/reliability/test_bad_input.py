@@ -19,7 +19,6 @@ import numpy as np
 import onnx
 import pytest
 
-from node.__main__ import main
 from node.infer import load_backend
 from node.infer.metadata import METADATA_KEY
 from node.node_config import load_node_config
@@ -29,25 +28,23 @@ from node.publish.publishers import BagPublisher, JsonlPublisher, VideoPublisher
 from node.sources.camera import LiveSource
 from node.types import Frame
 from tests.node.backend_doubles import META, FakeGpu, make_onnx, write_engine
-from tests.reliability.doubles import BLUE, YELLOW, CollectingPublisher, ScriptedCamera, cone_image
+from tests.reliability.doubles import (
+    BLUE,
+    YELLOW,
+    CollectingPublisher,
+    ScriptedCamera,
+    cone_folder,
+    cone_image,
+    run_cli,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    """Three good frames with a blue and a yellow cone each."""
-    root = tmp_path_factory.mktemp("frames")
-    for i in range(3):
-        cv2.imwrite(str(root / f"f{i}.png"),
-                    cone_image(60, 80, [(10, 10, 25, 50, BLUE), (50, 15, 62, 50, YELLOW)]))
-    return root
-
-
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    """Three good small frames with a blue and a yellow cone each."""
+    return cone_folder(tmp_path_factory.mktemp("frames"), 3)
 
 
 def one_line_error(err: str) -> str:

@@ -21,7 +21,6 @@ import cv2
 import numpy as np
 import pytest
 
-from node.__main__ import main
 from node.config import ConfigError
 from node.infer import load_backend
 from node.node_config import load_node_config
@@ -30,13 +29,12 @@ from node.propose import build_proposer
 from node.sources.camera import LiveSource, capture_factory
 from node.sources.files import SourceError
 from tests.reliability.doubles import (
-    BLUE,
-    YELLOW,
     CameraScript,
     CollectingPublisher,
     FaultyBackend,
     ScriptedCamera,
-    cone_image,
+    cone_folder,
+    run_cli,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,17 +44,7 @@ COLOUR = ["--set", "proposer.kind=colour", "--no-progress"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """Thirty small frames with a blue and a yellow cone each."""
-    root = tmp_path_factory.mktemp("frames")
-    for i in range(30):
-        cv2.imwrite(str(root / f"f{i:02d}.png"),
-                    cone_image(60, 80, [(10, 10, 25, 50, BLUE), (50, 15, 62, 50, YELLOW)]))
-    return root
-
-
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return cone_folder(tmp_path_factory.mktemp("frames"), 30)
 
 
 def one_line_error(err: str) -> str:
