@@ -97,15 +97,13 @@ class ProposerMetadata:
 
 def to_input_tensor(image: np.ndarray, meta: ProposerMetadata,
                     rows: tuple[int, int] | None = None) -> np.ndarray:
-    """BGR frame → (1, 3, S, S) float32 network input (squashed to the model's square
-    ``input_size``, area resize, normalisation); with ``rows`` = (top, bottom) in input
+    """BGR frame → (1, 3, S, S) float32 network input, squashed to the model's square
+    ``input_size`` (``heatmap_resize: square``); with ``rows`` = (top, bottom) in input
     pixels, only that band: (1, 3, bottom - top, S)."""
     s = meta.input_size
-    small = image if image.shape[:2] == (s, s) else cv2.resize(image, (s, s),
-                                                               interpolation=cv2.INTER_AREA)
-    if rows is not None:
-        small = small[rows[0]:rows[1]]
-    return normalise(small, meta)
+    geo = InputGeometry((s, s), (s, s), rows or (0, s),
+                        (image.shape[1] / s, image.shape[0] / s))
+    return frame_tensor(image, meta, geo)
 
 
 def normalise(small: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
@@ -233,10 +231,7 @@ def input_geometry(frame_w: int, frame_h: int, meta: ProposerMetadata, resize: s
         s = min(1.0, float(np.sqrt(max_pixels / float(frame_w * frame_h))))
         w, h = max(ROW_ALIGN, int(frame_w * s)), max(ROW_ALIGN, int(frame_h * s))
     pw, ph = (-(-w // ROW_ALIGN) * ROW_ALIGN, -(-h // ROW_ALIGN) * ROW_ALIGN)
-    top = int(np.floor(rows[0] * h / ROW_ALIGN)) * ROW_ALIGN
-    bottom = min(int(np.ceil(rows[1] * h / ROW_ALIGN)) * ROW_ALIGN, ph)
-    return InputGeometry((w, h), (pw, ph), (top, max(bottom, top + ROW_ALIGN)),
-                         (frame_w / w, frame_h / h))
+    return InputGeometry((w, h), (pw, ph), heatmap_band(rows, h, ph), (frame_w / w, frame_h / h))
 
 
 def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) -> np.ndarray:
@@ -254,11 +249,14 @@ def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) 
     return normalise(small[top:bottom], meta)
 
 
-def heatmap_band(rows: list[float], input_size: int) -> tuple[int, int]:
-    """``proposer.heatmap_rows`` ([top, bottom] frame fractions) → (top, bottom) input rows,
-    widened outwards to multiples of ``ROW_ALIGN`` (never empty, never past the input)."""
+def heatmap_band(rows: list[float], input_size: int, limit: int | None = None
+                 ) -> tuple[int, int]:
+    """``proposer.heatmap_rows`` ([top, bottom] frame fractions of an input ``input_size``
+    rows high) → (top, bottom) input rows, widened outwards to multiples of ``ROW_ALIGN``
+    (never empty, never past ``limit``: the padded input, by default ``input_size``)."""
+    limit = input_size if limit is None else limit
     top = int(np.floor(rows[0] * input_size / ROW_ALIGN)) * ROW_ALIGN
-    bottom = min(int(np.ceil(rows[1] * input_size / ROW_ALIGN)) * ROW_ALIGN, input_size)
+    bottom = min(int(np.ceil(rows[1] * input_size / ROW_ALIGN)) * ROW_ALIGN, limit)
     return top, max(bottom, top + ROW_ALIGN)
 
 
