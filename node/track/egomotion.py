@@ -63,6 +63,8 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
         ``(angle, translation, inliers)``; the prior with 0 inliers when nothing agrees.
     """
     angle0, t0 = prior
+    keep = compat.any(axis=1)  # a track no detection may be cannot vote or be an inlier
+    prev, prev_sd, compat = prev[keep], prev_sd[keep], compat[keep]
     if len(prev) == 0 or len(meas) == 0:
         return angle0, t0, 0
     gate = np.minimum(gate_m, 0.25 + 1.5 * np.hypot(prev_sd[:, None], meas_sd[None, :]))
@@ -106,22 +108,24 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     return angle, trans, len(rows)
 
 
-def warp_box(box: np.ndarray, old: np.ndarray, new: np.ndarray,
-             view: tuple[float, float, float, float, float]) -> np.ndarray:
-    """The box of a static cone at camera point ``new`` given its box at ``old``.
+def warp_boxes(boxes: np.ndarray, old: np.ndarray, new: np.ndarray,
+               view: tuple[float, float, float, float, float]) -> np.ndarray:
+    """The boxes of static cones at camera points ``new`` given their boxes at ``old``.
 
-    The box scales with ``old_z / new_z``; its centre column follows the projection of the
+    Each box scales with ``old_z / new_z``; its centre column follows the projection of the
     new position; its bottom row keeps its depth-scaled offset from the horizon row.
 
     Args:
-        box: (4,) xyxy; old, new: (3,) camera-frame positions; view: fx, fy, cx, cy, v_hor.
+        boxes: (N, 4) xyxy; old, new: (N, 3) camera-frame positions; view: fx, fy, cx, cy,
+            v_hor.
     """
     fx, _, cx, _, v_hor = view
-    s = max(old[2], 0.05) / max(new[2], 0.05)
-    w, h = (box[2] - box[0]) * s, (box[3] - box[1]) * s
-    u = cx + fx * new[0] / max(new[2], 0.05)
-    bottom = v_hor + (box[3] - v_hor) * s
-    return np.array([u - w / 2, bottom - h, u + w / 2, bottom])
+    new_z = np.maximum(new[:, 2], 0.05)
+    s = np.maximum(old[:, 2], 0.05) / new_z
+    w, h = (boxes[:, 2] - boxes[:, 0]) * s, (boxes[:, 3] - boxes[:, 1]) * s
+    u = cx + fx * new[:, 0] / new_z
+    bottom = v_hor + (boxes[:, 3] - v_hor) * s
+    return np.stack([u - w / 2, bottom - h, u + w / 2, bottom], axis=1)
 
 
 def median_shift(pred: np.ndarray, meas: np.ndarray) -> np.ndarray:

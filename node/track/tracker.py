@@ -101,13 +101,12 @@ class TrackerConfig:
 def greedy_assign(score: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """One-to-one pairs ``(row, col)`` taken in descending ``score``, each >= ``threshold``."""
     pairs: list[tuple[int, int]] = []
-    if score.size == 0:
+    flat = np.flatnonzero(score.ravel() >= threshold)
+    if not len(flat):
         return pairs
     used_r, used_c = set(), set()
-    for flat in np.argsort(-score, axis=None, kind="stable"):
-        r, c = divmod(int(flat), score.shape[1])
-        if not score[r, c] >= threshold:
-            break
+    for f in flat[np.argsort(-score.ravel()[flat], kind="stable")]:
+        r, c = divmod(int(f), score.shape[1])
         if r in used_r or c in used_c:
             continue
         pairs.append((r, c))
@@ -116,77 +115,118 @@ def greedy_assign(score: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     return pairs
 
 
-def _xyxy_to_state(box: np.ndarray) -> np.ndarray:
-    x1, y1, x2, y2 = box
-    return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], np.float64)
+def _xyxy_to_state(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) xyxy -> (N, 4) centre x, centre y, width, height."""
+    return np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]],
+                          axis=1)
 
 
 _DIAG = np.diag_indices(8)
+_F = np.eye(8)
+_F[:4, 4:] = np.eye(4)
+_H = np.eye(4, 8)
+POS_W, VEL_W = 1.0 / 20.0, 1.0 / 160.0  # ByteTrack's noise weights (times box height)
+_Q2 = np.array([POS_W] * 4 + [VEL_W] * 4) ** 2
 
 
-class _Track:
-    """One track: a constant-velocity Kalman filter on (cx, cy, w, h) and their rates."""
+class _Tracks:
+    """Every live track, one row each (arrays, so that a frame costs a few numpy calls).
 
-    _F = np.eye(8)
-    _F[:4, 4:] = np.eye(4)
-    _H = np.eye(4, 8)
-    POS_W, VEL_W = 1.0 / 20.0, 1.0 / 160.0  # ByteTrack's noise weights (times box height)
-    _Q2 = np.array([POS_W] * 4 + [VEL_W] * 4) ** 2
+    Each row is a constant-velocity Kalman filter on (cx, cy, w, h) and their rates, the
+    track's id, label, score, age (frames since its last match), last matched box, and in
+    ego-motion mode its camera-frame position (NaN until placed) with 1-sigma and the box
+    predicted through the ego-motion (``has_pred``).
+    """
 
-    def __init__(self, track_id: int, box: np.ndarray, label: str, score: float) -> None:
-        self.id = track_id
-        self.label = label
-        self.score = score
-        self.age = 0  # frames since the last match
-        self.hits = 1
-        z = _xyxy_to_state(box)
-        self.x = np.concatenate([z, np.zeros(4)])
-        h = max(z[3], 1.0)
-        std = np.array([2 * self.POS_W * h] * 4 + [10 * self.VEL_W * h] * 4)
-        self.P = np.diag(std ** 2)
-        self.last_box = np.asarray(box, np.float64)
-        self.pos: np.ndarray | None = None  # camera-frame position (ego-motion mode)
-        self.sd = 0.0
-        self.pred_box: np.ndarray | None = None
+    def __init__(self) -> None:
+        self.id = np.zeros(0, np.int64)
+        self.label: list[str] = []
+        self.score = np.zeros(0)
+        self.age = np.zeros(0, np.int64)
+        self.hits = np.zeros(0, np.int64)
+        self.x = np.zeros((0, 8))
+        self.P = np.zeros((0, 8, 8))
+        self.last_box = np.zeros((0, 4))
+        self.pos = np.zeros((0, 3))
+        self.sd = np.zeros(0)
+        self.pred_box = np.zeros((0, 4))
+        self.has_pred = np.zeros(0, bool)
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+    def add(self, ids: np.ndarray, boxes: np.ndarray, labels: list[str], scores: np.ndarray,
+            xyz: np.ndarray | None, sd: np.ndarray | None) -> None:
+        """Start one track per row of ``boxes``; ``xyz``/``sd`` place them (ego-motion)."""
+        n = len(boxes)
+        z = _xyxy_to_state(boxes)
+        h = np.maximum(z[:, 3], 1.0)
+        std = np.concatenate([np.outer(h, [2 * POS_W] * 4), np.outer(h, [10 * VEL_W] * 4)], 1)
+        P = np.zeros((n, 8, 8))
+        P[:, _DIAG[0], _DIAG[1]] = std ** 2
+        pos = np.full((n, 3), np.nan) if xyz is None else np.array(xyz, np.float64)
+        sd0 = np.zeros(n) if sd is None else np.array(sd, np.float64)
+        self.id = np.concatenate([self.id, ids])
+        self.label = self.label + list(labels)
+        self.score = np.concatenate([self.score, scores])
+        self.age = np.concatenate([self.age, np.zeros(n, np.int64)])
+        self.hits = np.concatenate([self.hits, np.ones(n, np.int64)])
+        self.x = np.concatenate([self.x, np.concatenate([z, np.zeros((n, 4))], 1)])
+        self.P = np.concatenate([self.P, P])
+        self.last_box = np.concatenate([self.last_box, boxes])
+        self.pos = np.concatenate([self.pos, pos])
+        self.sd = np.concatenate([self.sd, sd0])
+        self.pred_box = np.concatenate([self.pred_box, np.zeros((n, 4))])
+        self.has_pred = np.concatenate([self.has_pred, np.zeros(n, bool)])
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only ``rows`` (bool mask), in order."""
+        for name in ("id", "score", "age", "hits", "x", "P", "last_box", "pos", "sd",
+                     "pred_box", "has_pred"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.label = [lb for lb, k in zip(self.label, rows) if k]
 
     def predict(self) -> None:
-        h = max(self.x[3], 1.0)
-        self.x = self._F @ self.x
-        self.x[2:4] = np.maximum(self.x[2:4], 1.0)
-        self.P = self._F @ self.P @ self._F.T
-        self.P[_DIAG] += self._Q2 * (h * h)  # process noise, scaled by the box height
+        """One constant-velocity step of every filter; process noise scales with the box."""
+        h = np.maximum(self.x[:, 3], 1.0)
+        self.x = self.x @ _F.T
+        self.x[:, 2:4] = np.maximum(self.x[:, 2:4], 1.0)
+        self.P = _F @ self.P @ _F.T
+        self.P[:, _DIAG[0], _DIAG[1]] += _Q2 * (h * h)[:, None]
         self.age += 1
 
-    def update(self, box: np.ndarray, label: str, score: float) -> None:
-        z = _xyxy_to_state(box)
-        r = np.diag(np.full(4, self.POS_W * max(z[3], 1.0)) ** 2)
-        s = self._H @ self.P @ self._H.T + r
-        k = self.P @ self._H.T @ np.linalg.inv(s)
-        self.x = self.x + k @ (z - self._H @ self.x)
-        self.P = (np.eye(8) - k @ self._H) @ self.P
-        if self.label == UNKNOWN or GROUP.get(label) == self.label:
-            self.label = label
-        self.last_box = np.asarray(box, np.float64)
-        self.pred_box = None
-        self.score = score
-        self.age = 0
-        self.hits += 1
+    def update(self, rows: np.ndarray, boxes: np.ndarray, labels: list[str],
+               scores: np.ndarray) -> None:
+        """Kalman update of ``rows`` with their matched ``boxes`` (same order)."""
+        z = _xyxy_to_state(boxes)
+        P = self.P[rows]
+        s = P[:, :4, :4] + np.eye(4) * ((POS_W * np.maximum(z[:, 3], 1.0)) ** 2)[:, None, None]
+        k = P[:, :, :4] @ np.linalg.inv(s)
+        self.x[rows] += (k @ (z - self.x[rows, :4])[:, :, None])[:, :, 0]
+        self.P[rows] = (np.eye(8) - k @ _H) @ P
+        for r, label in zip(rows, labels):
+            if self.label[r] == UNKNOWN or GROUP.get(label) == self.label[r]:
+                self.label[r] = label
+        self.last_box[rows] = boxes
+        self.has_pred[rows] = False
+        self.score[rows] = scores
+        self.age[rows] = 0
+        self.hits[rows] += 1
 
-    def place(self, xyz: np.ndarray, sd: float) -> None:
-        """Fuse a measured position (inverse-variance) into the track's static position."""
-        if self.pos is None:
-            self.pos, self.sd = np.array(xyz, np.float64), sd
-            return
-        w0, w1 = 1.0 / max(self.sd, 1e-3) ** 2, 1.0 / max(sd, 1e-3) ** 2
-        self.pos = (self.pos * w0 + np.asarray(xyz) * w1) / (w0 + w1)
-        self.sd = 1.0 / math.sqrt(w0 + w1)
+    def place(self, rows: np.ndarray, xyz: np.ndarray, sd: np.ndarray) -> None:
+        """Fuse measured positions (inverse-variance) into the rows' static positions."""
+        first = np.isnan(self.pos[rows, 0])
+        w0 = 1.0 / np.maximum(self.sd[rows], 1e-3) ** 2
+        w1 = 1.0 / np.maximum(sd, 1e-3) ** 2
+        fused = (self.pos[rows] * w0[:, None] + xyz * w1[:, None]) / (w0 + w1)[:, None]
+        self.pos[rows] = np.where(first[:, None], xyz, fused)
+        self.sd[rows] = np.where(first, sd, 1.0 / np.sqrt(w0 + w1))
 
-    @property
-    def box(self) -> np.ndarray:
-        if self.pred_box is not None:
-            return self.pred_box
-        cx, cy, w, h = self.x[:4]
-        return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+    def boxes(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """(N, 4) xyxy: the ego-motion prediction where there is one, else the filter's."""
+        cx, cy, w, h = self.x[rows, :4].T
+        own = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+        return np.where(self.has_pred[rows, None], self.pred_box[rows], own)
 
 
 class ConeTracker:
@@ -194,7 +234,7 @@ class ConeTracker:
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
-        self.tracks: list[_Track] = []
+        self.tracks = _Tracks()
         self._next_id = 1
         self._ego: tuple[float, np.ndarray] | None = None  # last (angle, translation)
 
@@ -205,25 +245,23 @@ class ConeTracker:
 
     def reset(self) -> None:
         """Forget every track (a new clip); ids keep counting up."""
-        self.tracks = []
+        self.tracks = _Tracks()
         self._ego = None
 
     def _predict_ego(self, labels: list[str], xyz: np.ndarray, sigma: np.ndarray,
                      view: tuple[float, float, float, float, float]) -> None:
         """Move every positioned track through the ego-motion found from this frame's cones."""
-        cfg = self.config
-        placed = [t for t in self.tracks if t.pos is not None]
-        if not placed:
+        cfg, tr = self.config, self.tracks
+        placed = np.flatnonzero(~np.isnan(tr.pos[:, 0]))
+        if not len(placed):
             return
-        prev = np.array([t.pos[[0, 2]] for t in placed])
-        prev_sd = np.array([t.sd for t in placed])
-        recent = np.array([t.age <= 1 for t in placed])
-        compat = self._gate(placed, labels) & recent[:, None]
+        prev = tr.pos[placed][:, [0, 2]]
+        compat = self._gate(placed, labels) & (tr.age[placed] <= 1)[:, None]
         if self._ego is None:
             prior, step = (0.0, np.zeros(2)), cfg.max_step_m
         else:
             prior, step = self._ego, cfg.max_accel_m
-        angle, trans, inliers = egomotion.estimate(prev, prev_sd, xyz[:, [0, 2]], sigma,
+        angle, trans, inliers = egomotion.estimate(prev, tr.sd[placed], xyz[:, [0, 2]], sigma,
                                                    compat, prior, step)
         if inliers >= 3:  # the car's motion is smooth: blend with the previous estimate
             if self._ego is not None:
@@ -233,61 +271,64 @@ class ConeTracker:
             self._ego = (angle, trans)
         elif self._ego is not None:
             angle, trans = self._ego
-        rot = egomotion.rotation(angle)
-        for t, p in zip(placed, prev):
-            new = t.pos.copy()
-            new[[0, 2]] = rot @ p + trans
-            t.pred_box = egomotion.warp_box(t.last_box if t.pred_box is None else t.pred_box,
-                                            t.pos, new, view)
-            t.pos = new
-            t.sd = math.hypot(t.sd, 0.1)
+        new = tr.pos[placed].copy()
+        new[:, [0, 2]] = prev @ egomotion.rotation(angle).T + trans
+        base = np.where(tr.has_pred[placed, None], tr.pred_box[placed], tr.last_box[placed])
+        tr.pred_box[placed] = egomotion.warp_boxes(base, tr.pos[placed], new, view)
+        tr.has_pred[placed] = True
+        tr.pos[placed] = new
+        tr.sd[placed] = np.hypot(tr.sd[placed], 0.1)
 
     def _shift_predictions(self, boxes: np.ndarray, labels: list[str]) -> None:
         """Remove the common image shift of the predictions (yaw error, pitch jitter)."""
-        placed = [t for t in self.tracks if t.pred_box is not None]
+        tr = self.tracks
+        placed = np.flatnonzero(tr.has_pred)
         pairs = self._match(placed, boxes, labels, self.config.match_iou, True)
         if len(pairs) < 3:
             return
-        shift = egomotion.median_shift(np.array([placed[r].box for r, _ in pairs]),
-                                       boxes[[c for _, c in pairs]])
-        for t in placed:
-            t.pred_box = t.pred_box + np.tile(shift, 2)
+        rows, cols = (np.array(v) for v in zip(*pairs))
+        shift = egomotion.median_shift(tr.pred_box[placed[rows]], boxes[cols])
+        tr.pred_box[placed] += np.tile(shift, 2)
 
-    def _gate(self, tracks: list[_Track], labels: list[str]) -> np.ndarray:
-        """(tracks, labels) bool: may this track take a box of this label (same colour
+    def _gate(self, rows: np.ndarray, labels: list[str]) -> np.ndarray:
+        """(rows, labels) bool: may this track take a box of this label (same colour
         group, or either one unknown)."""
         if not self.config.class_gate:
-            return np.ones((len(tracks), len(labels)), bool)
-        track_labels = [t.label for t in tracks]
+            return np.ones((len(rows), len(labels)), bool)
+        track_labels = [self.tracks.label[r] for r in rows]
         track_group = np.array([GROUP.get(lb, lb) for lb in track_labels], object)
         box_group = np.array([GROUP.get(lb, lb) for lb in labels], object)
         track_unknown = np.array([lb == UNKNOWN for lb in track_labels], bool)
         box_unknown = np.array([lb == UNKNOWN for lb in labels], bool)
         return ((track_group[:, None] == box_group[None, :]) | track_unknown[:, None]
-                | box_unknown[None, :]).reshape(len(tracks), len(labels))
+                | box_unknown[None, :]).reshape(len(rows), len(labels))
 
-    def _match(self, tracks: list[_Track], boxes: np.ndarray, labels: list[str],
+    def _match(self, rows: np.ndarray, boxes: np.ndarray, labels: list[str],
                min_iou: float, use_distance: bool) -> list[tuple[int, int]]:
-        if not tracks or len(boxes) == 0:
+        """Pairs (index into ``rows``, index into ``boxes``): IoU first, then distance."""
+        if not len(rows) or len(boxes) == 0:
             return []
-        gate = self._gate(tracks, labels)
-        pred = np.array([t.box for t in tracks])
+        gate = self._gate(rows, labels)
+        pred = self.tracks.boxes(rows)
         iou = np.where(gate, iou_matrix(pred, boxes), -np.inf)
         pairs = greedy_assign(iou, max(min_iou, 1e-9))
         if not use_distance or self.config.max_centre_dist <= 0:
             return pairs
-        rows = [i for i in range(len(tracks)) if i not in {r for r, _ in pairs}]
-        cols = [j for j in range(len(boxes)) if j not in {c for _, c in pairs}]
-        if rows and cols:
-            pc = (pred[rows, :2] + pred[rows, 2:]) / 2
-            db = boxes[cols]
+        free_r = np.ones(len(rows), bool)
+        free_c = np.ones(len(boxes), bool)
+        for r, c in pairs:
+            free_r[r] = free_c[c] = False
+        left, right = np.flatnonzero(free_r), np.flatnonzero(free_c)
+        if len(left) and len(right):
+            pc = (pred[left, :2] + pred[left, 2:]) / 2
+            db = boxes[right]
             dc = (db[:, :2] + db[:, 2:]) / 2
-            scale = np.maximum(np.maximum(pred[rows, 3] - pred[rows, 1], 1.0)[:, None],
+            scale = np.maximum(np.maximum(pred[left, 3] - pred[left, 1], 1.0)[:, None],
                                np.maximum(db[:, 3] - db[:, 1], 1.0)[None, :])
             dist = np.linalg.norm(pc[:, None] - dc[None], axis=2) / scale
-            closeness = np.where(gate[np.ix_(rows, cols)], -dist, -np.inf)
+            closeness = np.where(gate[np.ix_(left, right)], -dist, -np.inf)
             for r, c in greedy_assign(closeness, -self.config.max_centre_dist):
-                pairs.append((rows[r], cols[c]))
+                pairs.append((int(left[r]), int(right[c])))
         return pairs
 
     def update(self, boxes: np.ndarray, labels: list[str], scores: np.ndarray,
@@ -302,44 +343,43 @@ class ConeTracker:
                 the camera's ``fx, fy, cx, cy, horizon row``; with them, tracks follow the
                 ego-motion instead of the constant-velocity filter.
         """
-        cfg = self.config
+        cfg, tr = self.config, self.tracks
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
-        for t in self.tracks:
-            t.predict()
+        labels = list(labels)
+        tr.predict()
         ego = xyz is not None and sigma is not None and view is not None
         if ego:
             xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
             sigma = np.asarray(sigma, np.float64).reshape(-1)
             self._predict_ego(labels, xyz, sigma, view)
-        ids: list[int | None] = [None] * len(boxes)
-        high = [j for j in range(len(boxes)) if scores[j] >= cfg.high_score]
-        low = [j for j in range(len(boxes)) if cfg.low_score <= scores[j] < cfg.high_score]
-        if ego and self.tracks and len(high):
+        ids = np.zeros(len(boxes), np.int64)  # 0: no track
+        high = np.flatnonzero(scores >= cfg.high_score)
+        low = np.flatnonzero((scores >= cfg.low_score) & (scores < cfg.high_score))
+        if ego and len(tr) and len(high):
             self._shift_predictions(boxes[high], [labels[j] for j in high])
-        free = list(self.tracks)
+        free = np.arange(len(tr))
         for group, min_iou, use_dist in ((high, cfg.match_iou, True),
                                          (low, cfg.low_match_iou, False)):
-            if not group:
+            if not len(group):
                 continue
             pairs = self._match(free, boxes[group], [labels[j] for j in group], min_iou,
                                 use_dist)
-            taken = set()
-            for r, c in pairs:
-                j = group[c]
-                free[r].update(boxes[j], labels[j], float(scores[j]))
-                if ego:
-                    free[r].place(xyz[j], float(sigma[j]))
-                ids[j] = free[r].id
-                taken.add(r)
-            free = [t for i, t in enumerate(free) if i not in taken]
-        for j in range(len(boxes)):
-            if ids[j] is None and scores[j] >= max(cfg.new_track_score, cfg.low_score):
-                track = _Track(self._next_id, boxes[j], labels[j], float(scores[j]))
-                if ego:
-                    track.place(xyz[j], float(sigma[j]))
-                self._next_id += 1
-                self.tracks.append(track)
-                ids[j] = track.id
-        self.tracks = [t for t in self.tracks if t.age <= cfg.max_age]
-        return ids
+            if not pairs:
+                continue
+            r_idx, c_idx = (np.array(v) for v in zip(*pairs))
+            rows, dets = free[r_idx], group[c_idx]
+            tr.update(rows, boxes[dets], [labels[j] for j in dets], scores[dets])
+            if ego:
+                tr.place(rows, xyz[dets], sigma[dets])
+            ids[dets] = tr.id[rows]
+            free = np.delete(free, r_idx)
+        new = np.flatnonzero((ids == 0) & (scores >= max(cfg.new_track_score, cfg.low_score)))
+        if len(new):
+            new_ids = np.arange(self._next_id, self._next_id + len(new))
+            self._next_id += len(new)
+            tr.add(new_ids, boxes[new], [labels[j] for j in new], scores[new],
+                   xyz[new] if ego else None, sigma[new] if ego else None)
+            ids[new] = new_ids
+        tr.keep(tr.age <= cfg.max_age)
+        return [int(i) if i else None for i in ids]
