@@ -140,3 +140,31 @@ def test_ego_motion_keeps_ids_of_static_cones_while_driving(step_m, yaw_rate):
 def test_bad_tracking_config_names_the_key(bad, key):
     with pytest.raises(ValueError, match=f"tracking.{key}"):
         TrackingStage.from_config({"tracking": bad})
+
+
+def test_ego_motion_estimate_keeps_the_prior_when_no_track_may_match():
+    from node.track import egomotion
+
+    prev = np.array([[0.0, 5.0], [1.0, 8.0], [-1.0, 12.0]])
+    meas = prev + np.array([0.0, -1.0])
+    prior = (0.01, np.array([0.0, -0.9]))
+    none = np.zeros((3, 3), bool)
+    angle, trans, inliers = egomotion.estimate(prev, np.full(3, 0.1), meas, np.full(3, 0.1),
+                                               none, prior, 2.5)
+    assert (angle, inliers) == (0.01, 0) and np.array_equal(trans, prior[1])
+    # the same cones, all compatible: the 1 m step is found from the three of them
+    angle, trans, inliers = egomotion.estimate(prev, np.full(3, 0.1), meas, np.full(3, 0.1),
+                                               np.eye(3, dtype=bool), prior, 2.5)
+    assert inliers == 3 and abs(angle) < 1e-6 and np.allclose(trans, [0.0, -1.0], atol=1e-6)
+
+
+def test_many_tracks_are_dropped_in_order_and_ids_stay_unique():
+    tr = ConeTracker(TrackerConfig(max_age=1))
+    seen: set[int] = set()
+    for k in range(6):  # each frame's boxes far from the last frame's: every box is new
+        xy = np.stack([k * 1000 + np.arange(20) * 40.0, np.full(20, 300.0)], axis=1)
+        boxes = np.concatenate([xy, xy + 20], axis=1)
+        ids = tr.update(boxes, ["blue_cone"] * 20, np.full(20, 0.9))
+        assert len(set(ids)) == 20 and not seen & set(ids)
+        seen |= set(ids)
+        assert len(tr.tracks) <= 40  # this frame's tracks and the last frame's, no older
