@@ -42,20 +42,37 @@ IMAGE_TYPE = "sensor_msgs/msg/Image"
 DIAG_OK, DIAG_WARN, DIAG_ERROR, DIAG_STALE = 0, 1, 2, 3
 """``diagnostic_msgs/DiagnosticStatus`` levels."""
 
-# vision_msgs 4.x (ROS 2 Humble and later) message definitions, field by field; needed because
-# the stock rosbags Humble typestore has no vision_msgs. Relative names resolve in vision_msgs.
+# vision_msgs 4.x (ROS 2 Humble to Jazzy) message definitions, field by field: the whole
+# package. The stock rosbags typestores have no vision_msgs, and the package is not in the
+# Python package registry, so these texts are both what ``build_typestore`` registers and the
+# .msg files from which ``ros/build_vision_msgs.py`` generates the real rosidl package for
+# rclpy. Relative names resolve in vision_msgs.
 VISION_MSGS_DEFINITIONS: dict[str, str] = {
     "vision_msgs/msg/Point2D": "float64 x\nfloat64 y\n",
     "vision_msgs/msg/Pose2D": "vision_msgs/Point2D position\nfloat64 theta\n",
     "vision_msgs/msg/BoundingBox2D": (
         "vision_msgs/Pose2D center\nfloat64 size_x\nfloat64 size_y\n"),
+    "vision_msgs/msg/BoundingBox2DArray": "std_msgs/Header header\nBoundingBox2D[] boxes\n",
+    "vision_msgs/msg/BoundingBox3D": "geometry_msgs/Pose center\ngeometry_msgs/Vector3 size\n",
+    "vision_msgs/msg/BoundingBox3DArray": "std_msgs/Header header\nBoundingBox3D[] boxes\n",
     "vision_msgs/msg/ObjectHypothesis": "string class_id\nfloat64 score\n",
     "vision_msgs/msg/ObjectHypothesisWithPose": (
         "ObjectHypothesis hypothesis\ngeometry_msgs/PoseWithCovariance pose\n"),
+    "vision_msgs/msg/Classification": "std_msgs/Header header\nObjectHypothesis[] results\n",
     "vision_msgs/msg/Detection2D": (
         "std_msgs/Header header\nObjectHypothesisWithPose[] results\nBoundingBox2D bbox\n"
         "string id\n"),
     "vision_msgs/msg/Detection2DArray": "std_msgs/Header header\nDetection2D[] detections\n",
+    "vision_msgs/msg/Detection3D": (
+        "std_msgs/Header header\nObjectHypothesisWithPose[] results\nBoundingBox3D bbox\n"
+        "string id\n"),
+    "vision_msgs/msg/Detection3DArray": "std_msgs/Header header\nDetection3D[] detections\n",
+    "vision_msgs/msg/VisionClass": "uint16 class_id\nstring class_name\n",
+    "vision_msgs/msg/LabelInfo": (
+        "std_msgs/Header header\nVisionClass[] class_map\nfloat32 threshold\n"),
+    "vision_msgs/msg/VisionInfo": (
+        "std_msgs/Header header\nstring method\nstring database_location\n"
+        "int32 database_version\n"),
 }
 
 
