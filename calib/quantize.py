@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,7 @@ __all__ = [
     "QuantizeConfig",
     "main",
     "quantize_qdq",
+    "quantize_with_config",
     "verify_qdq",
 ]
 
@@ -302,6 +304,31 @@ def _modelopt_available() -> bool:
     return importlib.util.find_spec("modelopt") is not None
 
 
+def quantize_with_config(model: str | Path, output: str | Path, data: str | Iterable[Any],
+                         config: str | Path | None = None, method: str | None = None,
+                         cache: str | Path | None = None, keep_float: str | None = None,
+                         engine: str = "onnxruntime", note: str | None = None) -> QdqReport:
+    """What ``python -m calib.quantize`` does: ``configs/export.yaml``'s calibration feed of
+    ``data`` (a data spec, or labelled samples such as ``export.finetune``'s training frames;
+    ``note`` names them in the output's metadata) and quantize settings, with the command
+    line's overrides."""
+    cfg = load_config(_FileConfig, config)
+    method = method or cfg.quantize.method
+    keep = (cfg.quantize.keep_float if keep_float is None
+            else [k for k in keep_float.split(",") if k.strip()])
+    if engine == "modelopt" and not _modelopt_available():
+        raise QuantizationError("--engine modelopt: ModelOpt is not installed "
+                                "(pip install nvidia-modelopt[onnx])")
+    meta = _read_metadata(Path(model))
+    c = cfg.calibration
+    batches = calibration_batches(data, meta, c.count, c.batch_size, c.seed,
+                                  c.background_share, synth_frames=c.synth_frames,
+                                  synth_size=(c.synth_width, c.synth_height))
+    return quantize_qdq(model, output, batches, method, cache, keep, cfg.quantize.percentile,
+                        calibration_note={"data": note or str(data), "count": c.count,
+                                          "seed": c.seed}, tool=engine)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m calib.quantize", description=__doc__.split(
         "\n\n")[0])
@@ -316,22 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("onnxruntime", "modelopt"), default="onnxruntime")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(_FileConfig, args.config)
-        method = args.method or cfg.quantize.method
-        keep = (cfg.quantize.keep_float if args.keep_float is None
-                else [k for k in args.keep_float.split(",") if k.strip()])
-        if args.engine == "modelopt" and not _modelopt_available():
-            raise QuantizationError("--engine modelopt: ModelOpt is not installed "
-                                    "(pip install nvidia-modelopt[onnx])")
-        meta = _read_metadata(Path(args.model))
-        c = cfg.calibration
-        batches = calibration_batches(args.data, meta, c.count, c.batch_size, c.seed,
-                                      c.background_share, synth_frames=c.synth_frames,
-                                      synth_size=(c.synth_width, c.synth_height))
-        report = quantize_qdq(args.model, args.output, batches, method, args.cache, keep,
-                              cfg.quantize.percentile,
-                              calibration_note={"data": args.data, "count": c.count,
-                                                "seed": c.seed}, tool=args.engine)
+        report = quantize_with_config(args.model, args.output, args.data, args.config,
+                                      args.method, args.cache, args.keep_float, args.engine)
     except (QuantizationError, FeedError, ConfigError, MetadataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Classifier checkpoints: load one back into a model, and read its preprocessing contract.
+"""Classifier checkpoints: load one back into a model, and read its preprocessing contract;
+``import_classifier`` does the same for an exported ONNX (the bundled model, to fine-tune it).
 
 Checkpoints hold only tensors and primitives (``export.train`` writes them), so
 ``torch.load(weights_only=True)`` reads them; a pickle with code in it is refused.
@@ -53,3 +54,26 @@ def metadata_from_checkpoint(ckpt: dict) -> ModelMetadata:
                          channel_order=ckpt.get("channel_order", "RGB"),
                          mean=list(ckpt["mean"]), std=list(ckpt["std"]), crop=dict(ckpt["crop"]),
                          arch=ckpt["arch"], precision="fp32", extra=extra)
+
+
+def import_classifier(path: str | Path) -> tuple[nn.Module, ModelMetadata]:
+    """The classifier of an exported FP32 ONNX (e.g. ``models/cone_classifier.onnx``) as a
+    torch module in eval mode, and its metadata. Its BatchNorms hold the biases the export
+    folded into the convolutions (``export.onnx_import``): train it with them frozen.
+
+    Raises:
+        CheckpointError: the file is missing, has no classifier metadata, or does not hold
+            the architecture its metadata names; the message names the file.
+    """
+    from export.onnx_import import import_weights
+    from node.infer.metadata import MetadataError, read_onnx_metadata
+
+    path = Path(path)
+    try:
+        meta = read_onnx_metadata(path)
+        model = create_model(meta.arch, len(meta.classes))
+        import_weights(model, path)
+    except (MetadataError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot load as a classifier "
+                              f"({str(exc).splitlines()[0]})") from None
+    return model.eval(), meta

@@ -58,11 +58,13 @@ def parse_heldout(rules: list[str]) -> list[tuple[str, int | None, int | None]]:
 
 def clip_and_frame(path: str | Path) -> tuple[str, int | None]:
     """Clip name and frame number of a BGRacing frame; the frame is ``None`` for the few
-    single frames named ``<clip>_<n>_jpg.rf.<hash>.jpg`` (not part of the clip's video)."""
-    from node.evaluate.datasets import bgracing_clip, frame_index
+    single frames named ``<clip>_<n>_jpg.rf.<hash>.jpg`` (not part of the clip's video). Frames
+    of other YOLO folders belong to the clip of their folder (``frame_clip``), without a frame
+    number."""
+    from node.evaluate.datasets import frame_clip, frame_index
 
     name = Path(path).name
-    return bgracing_clip(name), (frame_index(name) if "_mp4-" in name else None)
+    return frame_clip(path), (frame_index(name) if "_mp4-" in name else None)
 
 
 def is_heldout(clip: str, frame: int | None, rules: list[str]) -> bool:

@@ -224,20 +224,20 @@ def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[
     return predict, meta, close
 
 
-def crops_for_evaluation(data_spec: str, meta, clips: Sequence[str] | None, seed: int,
+def crops_for_evaluation(data_spec: str | list, meta, clips: Sequence[str] | None, seed: int,
                          background_cfg=None, box_heights: list[float] | None = None
                          ) -> tuple[np.ndarray, list[str]]:
-    """Ground-truth crops (no jitter) and safely mined background crops of a YOLO dataset,
-    cropped by the model's own policy. ``clips`` keeps frames matching BGRacing clip rules
-    (``CLIP`` or ``CLIP:FIRST-LAST``). A ``box_heights`` list receives every crop's box height in
-    frame pixels."""
+    """Ground-truth crops (no jitter) and safely mined background crops of a YOLO dataset
+    (a data spec, or its samples already read), cropped by the model's own policy. ``clips``
+    keeps frames matching clip rules (``CLIP`` or ``CLIP:FIRST-LAST``). A ``box_heights`` list
+    receives every crop's box height in frame pixels."""
     from export.background import HeightByRow, mine_background
     from export.data import clip_and_frame, is_heldout
     from export.train_config import BackgroundConfig
     from node.evaluate.datasets import load_samples
     from node.infer.crop import crop_batch
 
-    samples = load_samples(data_spec)
+    samples = load_samples(data_spec) if isinstance(data_spec, str) else list(data_spec)
     if clips:
         samples = [s for s in samples if is_heldout(*clip_and_frame(s.image_path), list(clips))]
     if not samples:

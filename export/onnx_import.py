@@ -38,11 +38,21 @@ def onnx_initialisers(path: str | Path) -> tuple[list, dict]:
 
 
 def module_path(node_name: str) -> str:
-    """``/stage8/stage8.0/stage8.0.0/Conv`` → ``stage8.0.0``; ``/heads/Conv`` → ``heads``."""
+    """The torch module path of a node: ``/stage8/stage8.0/stage8.0.0/Conv`` → ``stage8.0.0``,
+    ``/stages/stages.1/downsample/downsample.0/Conv`` → ``stages.1.downsample.0``,
+    ``/heads/Conv`` → ``heads``. Each scope is the attribute name of a module in its parent,
+    written ``<parent's name>.<index>`` for the children of an ``nn.Sequential``."""
     parts = [p for p in node_name.split("/") if p]
     if len(parts) < 2:
         raise ValueError(f"node {node_name!r} has no module path")
-    return parts[-2]
+    path, previous = "", ""
+    for scope in parts[:-1]:
+        if previous and scope.startswith(previous + "."):
+            path += scope[len(previous):]
+        else:
+            path = f"{path}.{scope}" if path else scope
+        previous = scope
+    return path
 
 
 def batchnorm_after(root: nn.Module, path: str) -> nn.BatchNorm2d | None:
@@ -102,6 +112,55 @@ def load_conv_weights(root: nn.Module, path: str | Path, skip: tuple[str, ...] =
                                       f"neither a bias nor a BatchNorm in the module")
             loaded.append(where)
     return loaded
+
+
+def load_linear_weights(root: nn.Module, path: str | Path) -> list[str]:
+    """Copy every ``Gemm`` node's weight and bias of the ONNX file into the ``nn.Linear`` at
+    its module path (``/fc/Gemm`` → ``fc``); returns the loaded module paths.
+
+    Raises:
+        OnnxImportError: a node names a module ``root`` lacks, or a shape differs.
+    """
+    nodes, init = onnx_initialisers(path)
+    loaded = []
+    with torch.no_grad():
+        for node in nodes:
+            if node.op_type != "Gemm":
+                continue
+            where = module_path(node.name)
+            try:
+                linear = root.get_submodule(where)
+            except AttributeError:
+                raise OnnxImportError(f"{path}: layer {where} is not in the "
+                                      f"{type(root).__name__}") from None
+            weight = init[node.input[1]]
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            weight = torch.from_numpy((weight if trans_b else weight.T).copy())
+            if not isinstance(linear, nn.Linear) or linear.weight.shape != weight.shape:
+                raise OnnxImportError(f"{path}: layer {where}: weights {tuple(weight.shape)} "
+                                      f"in the file do not fit the module")
+            linear.weight.copy_(weight)
+            if linear.bias is not None:
+                linear.bias.copy_(torch.from_numpy(init[node.input[2]].copy()))
+            loaded.append(where)
+    return loaded
+
+
+def import_weights(root: nn.Module, path: str | Path) -> nn.Module:
+    """Every convolution and linear layer of ``root`` from the ONNX file at ``path``
+    (``load_conv_weights`` and ``load_linear_weights``); returns ``root`` in eval mode.
+
+    Raises:
+        OnnxImportError: the file is not an export of this architecture (a layer missing on
+            either side, or a shape that differs); the message names the file and the layer.
+    """
+    loaded = set(load_conv_weights(root, path)) | set(load_linear_weights(root, path))
+    wanted = {name for name, m in root.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    missing = sorted(wanted - loaded)
+    if missing:
+        raise OnnxImportError(f"{path}: layer {missing[0]} of the {type(root).__name__} is not "
+                              f"in the file")
+    return root.eval()
 
 
 def freeze_batchnorm(root: nn.Module) -> None:

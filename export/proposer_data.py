@@ -69,10 +69,16 @@ class ProposerFrames:
 
 
 def _pack(images: list, boxes: list, clips: list, names: list, info: dict) -> ProposerFrames:
+    """Frames of one size as one (N, H, W, 3) array; of several sizes as an object array."""
     starts = np.concatenate([[0], np.cumsum([len(b) for b in boxes])]).astype(np.int64)
     flat = np.concatenate(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32)
-    return ProposerFrames(np.stack(images), flat.reshape(-1, 4), starts,
-                          np.array(clips, dtype="U16"), np.array(names, dtype="U80"), info)
+    if len({im.shape for im in images}) <= 1:
+        stacked = np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    else:
+        stacked = np.empty(len(images), dtype=object)
+        stacked[:] = images
+    return ProposerFrames(stacked, flat.reshape(-1, 4), starts, np.array(clips, dtype="U64"),
+                          np.array(names, dtype="U200"), info)
 
 
 def resize_frame(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,6 +87,42 @@ def resize_frame(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.nd
     small = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
     scale = np.array([size / w, size / h, size / w, size / h], np.float32)
     return small, np.asarray(boxes, np.float32).reshape(-1, 4) * scale
+
+
+def native_frame(image: np.ndarray, boxes: np.ndarray, max_pixels: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A frame and its pixel boxes at the scale the node's ``keep_aspect`` input has: as they
+    are, or shrunk by one factor to ``max_pixels`` (``node.propose.heatmap.input_geometry``)."""
+    from node.propose.heatmap import ProposerMetadata, input_geometry
+
+    h, w = image.shape[:2]
+    geo = input_geometry(w, h, ProposerMetadata(), "keep_aspect", max_pixels, [0.0, 1.0])
+    if geo.size == (w, h):
+        return image, np.asarray(boxes, np.float32).reshape(-1, 4)
+    small = cv2.resize(image, geo.size, interpolation=cv2.INTER_AREA)
+    scale = np.array([1 / geo.scale[0], 1 / geo.scale[1]] * 2, np.float32)
+    return small, np.asarray(boxes, np.float32).reshape(-1, 4) * scale
+
+
+def sample_frames(samples: list, clips: list[str], size: int | None = None,
+                  max_pixels: int = 2_000_000, progress: bool = False) -> ProposerFrames:
+    """Labelled frames of any YOLO folder (``node.evaluate.datasets`` samples, class ids
+    already mapped by name) with their clip names: squashed to the ``size`` square, or with
+    ``size`` None at their own aspect and scale (``native_frame``), any size each; train on
+    windows of them (``augment_frame(..., out_size=...)``)."""
+    from tqdm import tqdm
+
+    images, boxes, names = [], [], []
+    for s in tqdm(samples, desc="frames", unit="frame", disable=not progress, file=sys.stderr,
+                  leave=False):
+        image = s.load()
+        small, b = (resize_frame(image, s.boxes, size) if size
+                    else native_frame(image, s.boxes, max_pixels))
+        images.append(small)
+        boxes.append(b)
+        names.append(s.image_path.name)
+    info = {"size": size, "max_pixels": max_pixels, "clips": sorted(set(clips))}
+    return _pack(images, boxes, list(clips), names, info)
 
 
 def build_proposer_frames(root: str | Path, heldout: list[str], size: int, synth_frames: int,
@@ -97,14 +139,10 @@ def build_proposer_frames(root: str | Path, heldout: list[str], size: int, synth
         train = [s for s in samples if not is_heldout(*clip_and_frame(s.image_path), heldout)]
         dropped = near_duplicates(train, held, duplicate_threshold)
         drop = {d[0] for d in dropped}
-        for s in train:
-            if s.image_path.name in drop:
-                continue
-            small, b = resize_frame(s.load(), s.boxes, size)
-            images.append(small)
-            boxes.append(b)
-            clips.append(clip_and_frame(s.image_path)[0])
-            names.append(s.image_path.name)
+        train = [s for s in train if s.image_path.name not in drop]
+        real = sample_frames(train, [clip_and_frame(s.image_path)[0] for s in train], size)
+        images, boxes = list(real.images), [real.frame_boxes(i) for i in range(len(real))]
+        clips, names = real.clips.tolist(), real.names.tolist()
     elif synth_frames == 0:
         raise DataError(f"{root}: no images/ folder and no synthetic frames requested")
     else:
@@ -154,7 +192,8 @@ def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
                   aspect_range: tuple[float, float] | None = (0.8, 2.0),
                   camera: CameraRandomisation | None = DEFAULT_CAMERA
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Another camera's view of a training frame: scale jitter, a horizontal stretch (cones
+    """Another camera's view of a training frame (square, or any size at its native scale
+    when ``out_size`` is given): scale jitter, a horizontal stretch (cones
     as wide as on a camera whose frames were not squashed to a square, or narrower), a random
     window of ``out_size`` (default: the whole frame), horizontal flip, and the camera's
     look (``export.camera_aug.random_camera``: exposure, white balance, blur, noise, lens
@@ -165,14 +204,14 @@ def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
         the augmented uint8 image (``out_size`` square) and its boxes (cones mostly outside
         the window are dropped; the others are clipped to it).
     """
-    s = image.shape[0]
-    out = out_size or s
+    h, w = image.shape[:2]
+    out = out_size or h
     zoom = float(np.exp(rng.uniform(*np.log(scale_range))))
     stretch = random_aspect(rng, *aspect_range) if aspect_range else 1.0
     zx = zoom * stretch
     window_x, window_y = out / zx, out / zoom
-    ox = rng.uniform(-0.1 * window_x, max(s - 0.9 * window_x, -0.1 * window_x + 1e-3))
-    oy = rng.uniform(-0.1 * window_y, max(s - 0.9 * window_y, -0.1 * window_y + 1e-3))
+    ox = rng.uniform(-0.1 * window_x, max(w - 0.9 * window_x, -0.1 * window_x + 1e-3))
+    oy = rng.uniform(-0.1 * window_y, max(h - 0.9 * window_y, -0.1 * window_y + 1e-3))
     mirror = flip and rng.random() < 0.5
     # x' = zx * (x - ox), mirrored as out - zx * (x - ox); y' = zoom * (y - oy).
     sx, tx = (-zx, out + zx * ox) if mirror else (zx, -zx * ox)

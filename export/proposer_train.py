@@ -24,7 +24,6 @@ import export.train_extra  # noqa: F401 (before torch: a one-line hint when it i
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -36,7 +35,7 @@ from torch import nn
 
 from export.data import DataError
 from export.proposer_data import ProposerFrames, augment_frame, centre_targets
-from export.train import optimizer_step
+from export.train import Schedule, optimizer_step
 from node.propose.heatmap import OUTPUTS, ProposerMetadata
 
 STRIDE = 4
@@ -330,11 +329,13 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
           batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
           seed: int = 0, log: Path | None = None, max_steps: int | None = None,
           crop: int | None = None, augmentation: dict | None = None,
-          freeze_bn: bool = False) -> list[float]:
+          freeze_bn: bool = False, budget_s: float | None = None) -> list[float]:
     """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames;
     ``augmentation``: ``augment_frame`` keyword arguments); returns the mean loss of every
     epoch (or of every step when ``max_steps`` is set). ``freeze_bn`` keeps the BatchNorms in
-    eval mode (a net imported from ONNX, whose BatchNorms hold the folded biases)."""
+    eval mode (a net imported from ONNX, whose BatchNorms hold the folded biases).
+    ``budget_s`` ends training after that many seconds (the decay follows the clock,
+    ``export.train.Schedule``), after one step at least."""
     from export.onnx_import import freeze_batchnorm
 
     device = torch.device(device)
@@ -345,17 +346,16 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
     steps_per_epoch = max(1, len(frames) // batch_size)
     total = max_steps or epochs * steps_per_epoch
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total))))
+    schedule = Schedule(opt, total, max(1, total // 20) if budget_s is None else 10, budget_s)
+    sched = schedule.sched
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history, step, t0 = [], 0, time.perf_counter()
-    while step < total:
+    while step < total and not (step and schedule.over):
         order = rng.permutation(len(frames))
         losses = []
         for k in range(steps_per_epoch):
-            if step >= total:
+            if step >= total or (step and schedule.over):
                 break
             x, t = make_batch(frames, order[k * batch_size:(k + 1) * batch_size], meta, rng,
                               device, crop, augmentation)

@@ -29,7 +29,6 @@ import export.train_extra  # noqa: F401 (before torch: a one-line hint when it i
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ from export.proposer_train import (
     start_run,
     trainer_parser,
 )
-from export.train import optimizer_step
+from export.train import Schedule, optimizer_step
 from node.evaluate.score import iou_matrix
 from node.propose.refiner import INPUT, OUTPUT, RefinerMetadata, box_targets, refiner_crops
 
@@ -87,6 +86,23 @@ class BoxRefinerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x * (1.0 / 255.0) - 0.5))
+
+
+def import_refiner(path: str | Path) -> tuple[BoxRefinerNet, RefinerMetadata]:
+    """The net of an exported refiner ONNX (e.g. the bundled ``models/cone_refiner.onnx``) and
+    its metadata, to train further with its BatchNorms frozen (``export.onnx_import``).
+    Raises ``DataError`` naming the file when it is not such a net."""
+    from export.onnx_import import import_weights
+    from node.propose.refiner import RefinerModelError, open_refiner
+
+    try:
+        meta = open_refiner(path)[1]
+        net = BoxRefinerNet(meta.input_size, tuple(meta.extra.get("channels", CHANNELS)))
+        import_weights(net, path)
+    except (RefinerModelError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{path}: cannot load as a box refiner "
+                        f"({str(exc).splitlines()[0]})") from None
+    return net, meta
 
 
 def jitter_boxes(gt: np.ndarray, rng: np.random.Generator, copies: int, shift: float = 0.12,
@@ -180,12 +196,18 @@ def refine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
           epochs: int, copies: int = 4, batch_size: int = 256, lr: float = 3e-3,
-          device: torch.device | str = "cpu", seed: int = 0, log: Path | None = None
-          ) -> list[float]:
+          device: torch.device | str = "cpu", seed: int = 0, log: Path | None = None,
+          freeze_bn: bool = False, budget_s: float | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay; fresh jitter every epoch. Returns the mean
-    loss of each epoch."""
+    loss of each epoch. ``freeze_bn`` keeps the BatchNorms in eval mode (a net imported from
+    ONNX); ``budget_s`` ends training after that many seconds (``export.train.Schedule``),
+    after one step at least."""
+    from export.onnx_import import freeze_batchnorm
+
     device = torch.device(device)
     net.to(device).train()
+    if freeze_bn:
+        freeze_batchnorm(net)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -195,17 +217,18 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
     crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
     # The schedule is set from the first epoch's size (the jitter changes it a little).
     total = epochs * max(1, len(crops) // batch_size)
-    warm = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / total))))
+    schedule = Schedule(opt, total, max(1, total // 20) if budget_s is None else 10, budget_s)
+    sched = schedule.sched
     for epoch in range(epochs):
+        if step and schedule.over:
+            break
         if epoch:
             crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
         steps = max(1, len(crops) // batch_size)
         order = rng.permutation(len(crops))
         losses = []
         for k in range(steps):
-            if step >= total:
+            if step >= total or (step and schedule.over):
                 break
             idx = order[k * batch_size:(k + 1) * batch_size]
             x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float()

@@ -153,7 +153,36 @@ def epoch_indices(labels: torch.Tensor, cfg: TrainConfig, epoch: int, dist: Dist
     return idx[list(sampler)]
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
+class Schedule:
+    """Linear warm-up over ``warm`` steps, then cosine decay to zero over ``total`` steps or,
+    with ``budget_s``, over whichever ends first: the steps or that many wall-clock seconds
+    from now. ``sched`` is the ``LambdaLR`` to step; a deadline-aware loop stops when
+    ``over`` turns true. Shared by the three trainers and ``export.finetune``."""
+
+    def __init__(self, opt, total: int, warm: int, budget_s: float | None = None) -> None:
+        self.t0, self.total, self.warm, self.budget_s = time.perf_counter(), total, warm, budget_s
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, self.factor)
+
+    def progress(self, step: int) -> float:
+        done = step / max(1, self.total)
+        if self.budget_s is not None:
+            done = max(done, (time.perf_counter() - self.t0) / max(self.budget_s, 1e-9))
+        return min(1.0, done)
+
+    def factor(self, step: int) -> float:
+        return min(1.0, (step + 1) / max(1, self.warm)) * 0.5 * (
+            1 + math.cos(math.pi * self.progress(step)))
+
+    @property
+    def over(self) -> bool:
+        return self.progress(self.sched.last_epoch) >= 1.0
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int,
+                    budget_s: float | None = None):
+    """AdamW or SGD (no weight decay on BatchNorms and biases) and its schedule: warm-up then
+    cosine to zero over the configured epochs or, with ``budget_s``, over that many seconds
+    (``Schedule``)."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN and biases
@@ -165,6 +194,8 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, steps_per_epoch: int):
         opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
     total = max(1, o.epochs * steps_per_epoch)
     warm = int(o.warmup_epochs * steps_per_epoch)
+    if budget_s is not None:
+        return opt, Schedule(opt, total, warm, budget_s).sched
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
         if step < warm:
@@ -219,10 +250,17 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, sched) -> None:
 
 
 def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, epoch, dist,
-                    device) -> float:
+                    device, freeze_bn: bool = False, stop=None) -> float:
+    """One epoch's draw of crops; ``freeze_bn`` keeps the BatchNorms in eval mode (a model
+    imported from ONNX, ``export.checkpoint.import_classifier``); ``stop()`` true ends the
+    epoch early (after one step at least: a deadline)."""
     from tqdm import tqdm
 
     model.train()
+    if freeze_bn:
+        from export.onnx_import import freeze_batchnorm
+
+        freeze_batchnorm(model)
     idx = epoch_indices(data["y"], cfg, epoch, dist).to(device)
     bs = cfg.optim.batch_size
     steps = range(0, len(idx) - bs + 1, bs) if len(idx) >= bs else range(1)
@@ -239,6 +277,8 @@ def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, ep
         total += loss.item()
         count += 1
         bar.set_postfix(loss=f"{total / count:.3f}")
+        if stop is not None and stop():
+            break
     return total / max(count, 1)
 
 

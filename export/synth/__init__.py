@@ -294,10 +294,15 @@ def yolo_lines(frame: SynthFrame) -> list[str]:
 
 
 def write_dataset(out_dir: str | Path, frames: Iterable[SynthFrame],
-                  video: str | Path | None = None, fps: float = 10.0) -> int:
+                  video: str | Path | None = None, fps: float = 10.0,
+                  comment: str = "Synthetic Formula Student scenes written by "
+                                 "python -m export.synth") -> int:
     """Write frames as a YOLO dataset (``images/``, ``labels/``, ``data.yaml``).
 
-    With ``video``, also write an MP4 (``mp4v``) whose frame *i* is image *i*.
+    With ``video``, also write an MP4 (``mp4v``) whose frame *i* is image *i*. Any object with
+    ``image``, ``boxes`` and ``labels`` is a frame (``export.finetune`` writes pseudo-labels
+    with it, named by an optional ``name``; else frame *i* is ``0000i``); ``comment`` heads
+    ``data.yaml``.
 
     Returns:
         The number of frames written.
@@ -312,7 +317,7 @@ def write_dataset(out_dir: str | Path, frames: Iterable[SynthFrame],
     count = 0
     try:
         for i, frame in enumerate(frames):
-            name = f"{i:05d}"
+            name = getattr(frame, "name", None) or f"{i:05d}"
             cv2.imwrite(str(out / "images" / f"{name}.jpg"), frame.image,
                         [cv2.IMWRITE_JPEG_QUALITY, 95])
             text = "\n".join(yolo_lines(frame))
@@ -332,7 +337,7 @@ def write_dataset(out_dir: str | Path, frames: Iterable[SynthFrame],
             writer.release()
     names = "".join(f"  {i}: {n}\n" for i, n in enumerate(CONE_CLASSES))
     (out / "data.yaml").write_text(
-        "# Synthetic Formula Student scenes written by python -m export.synth\n"
+        f"# {comment}\n"
         f"path: .\ntrain: images\nval: images\nnc: {len(CONE_CLASSES)}\nnames:\n{names}")
     return count
 

@@ -411,3 +411,15 @@ def bgracing_clip(path: str | Path) -> str:
 def frame_index(path: str | Path) -> int:
     """The frame number encoded in a BGRacing file name."""
     return int(_bgracing_match(path)["frame"])
+
+
+def frame_clip(path: str | Path) -> str:
+    """The clip a labelled frame belongs to, for any YOLO folder: the BGRacing clip when the
+    file is named like one (``bgracing_clip``), else the folder the image lies in
+    (``images/run3/0001.jpg`` is clip ``run3``), or the dataset folder's name for images
+    directly under ``images/``."""
+    path = Path(path)
+    if _BGRACING_NAME.match(path.stem):
+        return bgracing_clip(path)
+    parent = path.parent
+    return parent.parent.name if parent.name == "images" else parent.name
