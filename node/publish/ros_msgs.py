@@ -172,6 +172,50 @@ def diagnostics_fields(result: FrameResult, *, name: str = "cone_node: latency",
     return {"header": header_fields(result.frame.stamp, frame_id), "status": [status]}
 
 
+def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
+                               name: str = "cone_node: latency", hardware_id: str = "",
+                               frame_id: str = "", warn_total_ms: float | None = None,
+                               last_error: str | None = None, idle_s: float | None = None,
+                               stale_after_s: float = 2.0) -> dict:
+    """``diagnostic_msgs/DiagnosticArray`` of a live node's recent frames, as
+    diagnostic_updater sends it: one status, sent periodically (the live node: about 1 Hz).
+
+    Args:
+        rolling: ``LatencyTracker.rolling()``: ``{"fps", "latency_ms": {stage: {p50, p90, p99}}}``.
+        counts: counters shown as they are (frames, received, dropped, errors, ...).
+        stamp: the header stamp (now), seconds since the epoch.
+        last_error: the newest frame's error, if it had one.
+        idle_s: seconds since the newest frame (``None``: no frame yet).
+
+    Keys: ``fps``, then ``<stage>_ms_p50|p90|p99`` per stage (``%.3f``), then the counters.
+    Level: ERROR when the newest frame failed (the message is its error); WARN when no frame
+    came for ``stale_after_s`` (or none yet), or when the p90 of ``total`` exceeds
+    ``warn_total_ms``; else OK.
+    """
+    latency = rolling.get("latency_ms", {})
+    values = [{"key": "fps", "value": f"{float(rolling.get('fps', 0.0)):.3f}"}]
+    for stage in [s for s in (*STAGES, "infer_gpu", "total") if s in latency] + \
+            sorted(s for s in latency if s not in (*STAGES, "infer_gpu", "total")):
+        for q in ("p50", "p90", "p99"):
+            values.append({"key": f"{stage}_ms_{q}", "value": _value_text(
+                float(latency[stage][q]))})
+    values += [{"key": str(k), "value": _value_text(v)} for k, v in counts.items()]
+    p90 = latency.get("total", {}).get("p90")
+    if last_error:
+        level, message = DIAG_ERROR, last_error
+    elif idle_s is None:
+        level, message = DIAG_WARN, "no frames yet"
+    elif idle_s > stale_after_s:
+        level, message = DIAG_WARN, f"no frames for {idle_s:.1f} s"
+    elif warn_total_ms is not None and p90 is not None and p90 > warn_total_ms:
+        level, message = DIAG_WARN, f"total p90 {p90:.1f} ms over budget {warn_total_ms:g} ms"
+    else:
+        level, message = DIAG_OK, "ok"
+    status = {"level": level, "name": name, "message": message, "hardware_id": hardware_id,
+              "values": values}
+    return {"header": header_fields(stamp, frame_id), "status": [status]}
+
+
 def health_fields(health: dict, stamp: float, *, name: str = "cone_node: camera",
                   hardware_id: str = "", frame_id: str = "camera") -> dict:
     """``diagnostic_msgs/DiagnosticArray`` for a source's health (see ``Source.health``).

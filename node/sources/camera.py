@@ -60,11 +60,34 @@ def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: 
             f"appsink drop=true max-buffers=1 sync=false")
 
 
+_PIPELINE_UNSAFE = frozenset('!"\'\\`')
+
+
+def check_camera_uri(uri: str) -> str:
+    """``uri`` if it is safe to put into a GStreamer pipeline description, else ``SourceError``.
+
+    A camera URI becomes a property of a pipeline element, so characters that end a quoted
+    value or start a new element (``!``, quotes, backslash, backtick), whitespace and
+    control characters are refused, whatever the scheme.
+    """
+    bad = sorted({c for c in uri if c in _PIPELINE_UNSAFE or c.isspace() or not c.isprintable()})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise SourceError(f"camera URI {uri!r} contains {shown}: not allowed in a camera URI")
+    return uri
+
+
 def rtsp_pipeline(url: str, latency_ms: int = 0, timeout_s: float = OPEN_TIMEOUT_S) -> str:
     """Low-latency GStreamer pipeline for an RTSP stream, ending in a BGR appsink; the
-    connection times out after ``timeout_s`` instead of hanging."""
+    connection times out after ``timeout_s`` instead of hanging. The URL is checked
+    (``check_camera_uri``) and quoted, so it cannot add elements to the pipeline.
+
+    Raises:
+        SourceError: the URL holds a character that could change the pipeline.
+    """
+    check_camera_uri(url)
     timeout_us = int(timeout_s * 1e6)
-    return (f"rtspsrc location={url} latency={int(latency_ms)} timeout={timeout_us} "
+    return (f'rtspsrc location="{url}" latency={int(latency_ms)} timeout={timeout_us} '
             f"tcp-timeout={timeout_us} ! decodebin ! videoconvert ! "
             f"video/x-raw, format=(string)BGR ! appsink drop=true max-buffers=1 sync=false")
 
@@ -113,6 +136,7 @@ def capture_factory(uri: str, **opts: Any) -> Callable[[], Any]:
         return open_v4l2
     if scheme in ("rtsp", "rtsps"):
         _take(opts, uri)
+        check_camera_uri(uri)
         if opencv_has_gstreamer():
             pipeline = rtsp_pipeline(uri)
             return lambda: cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)

@@ -121,7 +121,7 @@ class FakeNode:
         self._overrides = {**CLI_PARAMETERS, **(parameter_overrides or {})}
         self.destroyed = False
         self.params, self.descriptors = {}, {}
-        self.publishers, self.subscriptions, self.logs = [], [], []
+        self.publishers, self.subscriptions, self.logs, self.timers = [], [], [], []
 
     def declare_parameter(self, name, value, descriptor=None):
         self.params[name] = self._overrides.get(name, value)
@@ -145,8 +145,22 @@ class FakeNode:
     def destroy_subscription(self, subscription):
         self.subscriptions.remove(subscription)
 
+    def create_timer(self, period, callback):
+        self.timers.append(types.SimpleNamespace(period=period, callback=callback))
+        return self.timers[-1]
+
+    def destroy_timer(self, timer):
+        self.timers.remove(timer)
+
+    def get_clock(self):
+        import time
+
+        return types.SimpleNamespace(now=lambda: types.SimpleNamespace(
+            nanoseconds=time.time_ns()))
+
     def get_logger(self):
-        return types.SimpleNamespace(info=self.logs.append, error=self.logs.append)
+        return types.SimpleNamespace(info=self.logs.append, error=self.logs.append,
+                                     warning=self.logs.append)
 
     def destroy_node(self):
         self.destroyed = True

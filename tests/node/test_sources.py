@@ -41,9 +41,32 @@ def test_csi_pipeline_string():
 
 def test_rtsp_pipeline_string():
     p = rtsp_pipeline("rtsp://10.0.0.2:8554/cam")
-    assert p.startswith("rtspsrc location=rtsp://10.0.0.2:8554/cam latency=0 timeout=5000000 "
+    assert p.startswith('rtspsrc location="rtsp://10.0.0.2:8554/cam" latency=0 timeout=5000000 '
                         "tcp-timeout=5000000 ! decodebin ! videoconvert")
     assert p.endswith("appsink drop=true max-buffers=1 sync=false")
+
+
+@pytest.mark.parametrize("uri", [
+    "rtsp://cam/x ! filesink location=/etc/passwd",   # a second element after the source
+    'rtsp://cam/x" ! fakesink name="y',               # breaks out of the quoted location
+    "rtsp://cam/x'",
+    "rtsp://cam/x\\",
+    "rtsp://cam/`id`",
+    "rtsp://cam/x\nlatency=9",
+])
+def test_rtsp_urls_that_would_change_the_pipeline_are_refused(uri):
+    from node.sources.camera import check_camera_uri
+    from node.sources.files import SourceError
+
+    with pytest.raises(SourceError, match="not allowed in a camera URI"):
+        rtsp_pipeline(uri)
+    with pytest.raises(SourceError, match="not allowed in a camera URI"):
+        capture_factory(uri)
+    with pytest.raises(SourceError):
+        check_camera_uri(uri)
+    # An ordinary URL with credentials, a query and a port is accepted as it is.
+    ok = "rtsp://user:pa%40ss@10.0.0.2:8554/stream?channel=1&subtype=0"
+    assert check_camera_uri(ok) == ok and f'location="{ok}"' in rtsp_pipeline(ok)
 
 
 class _RecordingCapture:
