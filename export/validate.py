@@ -15,6 +15,9 @@ Written to ``OUT/variants.md`` (a table), ``OUT/variants.json`` and ``OUT/varian
 (recall by variant, when matplotlib is installed).
 
     python -m export.validate variants --data yolo:DATA --out runs/variants
+
+``python -m export.validate loco`` (``export.loco``) is leave-one-clip-out: a classifier
+trained without each clip, scored on it, and the score threshold calibrated out of fold.
 """
 
 from __future__ import annotations
@@ -223,10 +226,14 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_arguments(sub.add_parser("variants", help="the node on camera variants"))
+    from export import loco
+
+    loco.add_arguments(sub.add_parser("loco", help="leave-one-clip-out: train without each "
+                                      "clip, score on it, calibrate the score threshold"))
     args = parser.parse_args(argv)
     try:
-        return run_variants(args)
-    except ValueError as exc:
+        return loco.run_loco(args) if args.command == "loco" else run_variants(args)
+    except (ValueError, RuntimeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
 

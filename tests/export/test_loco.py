@@ -1,0 +1,107 @@
+"""Leave-one-clip-out (``python -m export.validate loco``) on rendered clips, with fold models
+supplied (``--reuse``) so that no training runs here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from node.node_config import REPO_ROOT
+
+MODEL = REPO_ROOT / "models" / "cone_classifier.onnx"
+
+
+def two_clip_folder(root: Path) -> Path:
+    """Six rendered frames as two clips, ``images/a`` and ``images/b`` (YOLO layout)."""
+    from export.synth import main as synth_main
+
+    data = root / "data"
+    assert synth_main(["--out", str(data), "--frames", "6", "--seed", "31"]) == 0
+    images = sorted((data / "images").glob("*.jpg"))
+    for i, image in enumerate(images):
+        clip = "a" if i < 3 else "b"
+        for sub, path in (("images", image), ("labels", data / "labels" / f"{image.stem}.txt")):
+            (data / sub / clip).mkdir(exist_ok=True)
+            path.rename(data / sub / clip / path.name)
+    return data
+
+
+@pytest.mark.slow
+def test_loco_scores_each_clip_with_its_fold_model_and_calibrates(tmp_path):
+    pytest.importorskip("onnx")
+    from export.validate import main
+
+    data = two_clip_folder(tmp_path)
+    out = tmp_path / "loco"
+    for clip in ("a", "b"):
+        (out / clip).mkdir(parents=True)
+        shutil.copy(MODEL, out / clip / "cone_classifier.onnx")
+    rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
+               "--thresholds", "0.3", "0.9", "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "loco.json").read_text())
+    assert list(result["folds"]) == ["a", "b"]
+    for fold in result["folds"].values():
+        node = fold["node"]
+        assert set(node) == {"0.3", "0.5", "0.9"}  # the config's threshold is always scored
+        assert node["0.5"]["frames"] == 3 and node["0.5"]["labelled_cones"] > 20
+        assert node["0.5"]["recall_ge12"] >= 0.6  # the bundled node on rendered cones
+        # a higher threshold keeps a subset: recall cannot rise
+        assert node["0.9"]["recall_ge12"] <= node["0.3"]["recall_ge12"]
+        assert fold["crops"]["cone_accuracy"] >= 0.8
+        assert fold["crops"]["by_size"]["12-24"]["cones"] > 0
+    assert result["calibration"]["threshold"] in (0.3, 0.5, 0.9)
+    best = result["calibration"]["by_threshold"][f"{result['calibration']['threshold']:g}"]
+    assert best["worst_f1"] == max(r["worst_f1"]
+                                   for r in result["calibration"]["by_threshold"].values())
+    table = (out / "loco.md").read_text()
+    assert "| a | 3 |" in table and "Worst clip: recall" in table
+
+
+def test_filtering_after_the_run_equals_running_with_the_threshold(tmp_path):
+    """The sweep's shortcut: cones kept by filtering a low-threshold run are exactly the cones
+    a run at the higher threshold publishes (suppression keeps the higher score)."""
+    from export.loco import filter_results
+    from export.synth import main as synth_main
+    from export.validate import run_node
+    from node.infer import load_backend
+    from node.node_config import load_node_config
+    from node.propose import build_proposer
+    from node.types import Frame
+
+    data = tmp_path / "d"
+    assert synth_main(["--out", str(data), "--frames", "3", "--seed", "7"]) == 0
+    import cv2
+
+    images = [cv2.imread(str(p)) for p in sorted((data / "images").glob("*.jpg"))]
+
+    def run(threshold: float) -> list:
+        config = load_node_config(None, [f"model.score_threshold={threshold}",
+                                         "pipeline.sync=true", "tracking.enabled=false"])
+        frames = [Frame(i, float(i), im, f"{i}.jpg") for i, im in enumerate(images)]
+        proposer = build_proposer(config.proposer)
+        try:
+            with load_backend(MODEL, max_batch=config.model.max_batch) as backend:
+                return run_node(config, backend, proposer, frames)[0]
+        finally:
+            proposer.close()
+
+    low, high = run(0.2), run(0.8)
+    kept = filter_results(low, 0.8)
+    assert sum(len(r.cones) for r in low) > sum(len(r.cones) for r in high) > 5
+    for a, b in zip(kept, high, strict=True):
+        assert [(c.label, tuple(np.round(c.box, 3))) for c in a.cones] == \
+               [(c.label, tuple(np.round(c.box, 3))) for c in b.cones]
+
+
+def test_unknown_clip_is_named(tmp_path):
+    from export.validate import main
+
+    data = two_clip_folder(tmp_path)
+    rc = main(["loco", "--data", f"yolo:{data}", "--out", str(tmp_path / "o"),
+               "--clips", "zzz", "--no-progress"])
+    assert rc == 1
