@@ -8,10 +8,12 @@ same meaning when they are given, and leave the YAML's values alone when they ar
     ros2 launch launch/cone_node.launch.py
     ros2 launch launch/cone_node.launch.py camera:=csi://0 model:=models/cone_classifier.int8.engine
     ros2 launch launch/cone_node.launch.py image_topic:=/zed/left/image_rect_color
+    ros2 launch cone_perception_node cone_node.launch.py    # after colcon build (package.xml)
 
-The project is a plain Python package, not an ament package, so the node runs as
-``<python> -m node.ros2``; ``python`` must be an interpreter that has the project installed
-(the venv made by ``launch/jetson_setup.sh``, active in the systemd unit).
+The node runs as ``<python> -m node.ros2``; ``python`` must be an interpreter that has the
+project installed with pip (the venv made by ``launch/jetson_setup.sh`` or ``make
+install-ros``, active in the systemd unit). Installed by colcon, this file and its params YAML
+lie in the package's ``share/cone_perception_node/launch``.
 """
 
 from __future__ import annotations

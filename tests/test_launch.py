@@ -186,3 +186,32 @@ def test_jetson_setup_maps_l4t_to_jetpack_and_refuses_what_cannot_work(tmp_path)
     (tmp_path / "none").mkdir()
     absent = _setup(tmp_path / "none", None)
     assert absent.returncode == 1 and "this is not a Jetson (use --force" in absent.stderr
+
+
+# ---- the ROS package ----------------------------------------------------------------------------
+
+def test_package_xml_is_a_format_3_ament_package_with_the_node_dependencies():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(REPO_ROOT / "package.xml").getroot()
+    assert root.tag == "package" and root.get("format") == "3"
+    assert root.findtext("name") == "cone_perception_node"
+    assert root.find("export").findtext("build_type") == "ament_cmake"
+    exec_depends = {e.text for e in root.findall("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "vision_msgs", "diagnostic_msgs", "lifecycle_msgs",
+            "std_msgs", "launch_ros"} <= exec_depends
+    catkin_pkg = pytest.importorskip("catkin_pkg.package")  # in the ros extra
+    package = catkin_pkg.parse_package(str(REPO_ROOT / "package.xml"))
+    package.validate()
+    assert package.get_build_type() == "ament_cmake"
+
+
+def test_the_package_installs_the_launch_file_and_an_executable_node():
+    cmake = (REPO_ROOT / "CMakeLists.txt").read_text()
+    assert "project(cone_perception_node NONE)" in cmake and "ament_package()" in cmake
+    assert "install(FILES launch/cone_node.launch.py launch/cone_node.params.yaml" in cmake
+    assert "install(PROGRAMS ros/cone_node DESTINATION lib/${PROJECT_NAME})" in cmake
+    executable = REPO_ROOT / "ros" / "cone_node"
+    assert os.access(executable, os.X_OK)
+    assert executable.read_text().startswith("#!/usr/bin/env python3\n")
+    assert "from node.ros2.lifecycle import main" in executable.read_text()
