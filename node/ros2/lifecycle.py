@@ -264,7 +264,7 @@ def build_node_class() -> type:
                     self._source = open_source(name, live=True,
                                                **config.source.camera_options())
                     frame_id: Any = default_id
-                    health, stamp = None, None
+                    stamp = None
                 else:
                     topic_source = TopicSource(name)
                     self._source = topic_source
@@ -278,7 +278,6 @@ def build_node_class() -> type:
 
                     def stamp(result: Any) -> dict | None:
                         return topic_source.stamp_of(result.frame.index)
-                    health = self._health
                 if isinstance(self._proposer, TopicBoxProposer):
                     self._input_subscriptions.append(self.create_subscription(
                         Detection2DArray, str(params["proposals_topic"]).strip(),
@@ -288,7 +287,7 @@ def build_node_class() -> type:
                                                  self._outputs["diagnostics"],
                                                  self._outputs.get("annotated"),
                                                  frame_id=frame_id, warn_total_ms=warn,
-                                                 health=health, stamp=stamp)
+                                                 health=self._health, stamp=stamp)
                 pipeline = Pipeline(config, self._backend, self._proposer,
                                     [self._topics, *file_publishers(config)])
             except Exception as exc:  # noqa: BLE001 (rclpy would turn it into a silent ERROR)

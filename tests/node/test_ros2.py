@@ -413,3 +413,67 @@ def test_pipeline_thread_reports_a_lost_camera_in_one_line():
     message = "SourceError: csi://0: camera lost, gave up after 3 reconnect attempts"
     assert ended == [(None, message)]
     assert runner.stop() is None and not runner.alive
+
+
+# ---- parameter checks and guards, boxes from a topic (no ROS) -------------------------------
+
+def test_parameter_values_are_checked_with_the_parameter_named():
+    from node.ros2.bridge import check_parameters
+
+    defaults = {name: value for name, value, _ in PARAMETERS}
+    check_parameters(defaults)
+    for name, value, allowed in (("image_transport", "h264", "raw or compressed"),
+                                 ("input_qos", "fast", "sensor_data, reliable or best_effort"),
+                                 ("diagnostics_period", 0.0, "0.05 to 60"),
+                                 ("proposals_tolerance_ms", -1.0, "0 to 10000")):
+        with pytest.raises(RosNodeError, match=f"^parameter {name}: .*{allowed}"):
+            check_parameters({**defaults, name: value})
+    with pytest.raises(RosNodeError, match="^parameter camera: .*not allowed in a camera URI"):
+        check_parameters({**defaults, "camera": 'rtsp://cam/x" ! fakesink'})
+
+
+def test_changes_to_files_binds_ports_and_cameras_are_guarded():
+    from node.ros2.bridge import guarded_change, transport_topic
+
+    for name in ("config_file", "model", "camera"):
+        assert guarded_change(name, "a", "b").startswith(f"parameter {name} ")
+        assert guarded_change(name, "a", "a") is None
+    base = "model.score_threshold=0.5"
+    for item in ("publishers.jsonl=x.jsonl", "publishers.zmq=tcp://0.0.0.0:1",
+                 "metrics.prometheus_port=9100", "metrics.prometheus_host=0.0.0.0",
+                 "model.path=m.onnx", "source.uri=csi://0", "proposer.heatmap_model=p.onnx",
+                 "publishers={jsonl: x}", "metrics={}"):
+        reason = guarded_change("overrides", base, f"{base}; {item}")
+        assert reason and reason.startswith("parameter overrides: " + item.split("=")[0])
+        # Taking such an override away is guarded as well.
+        assert guarded_change("overrides", [base, item], [base])
+    assert guarded_change("overrides", base, "model.score_threshold=0.7") is None
+    assert guarded_change("image_topic", "/a", "/b") is None
+    assert transport_topic("/cam/image/", "compressed") == "/cam/image/compressed"
+    assert transport_topic("/cam/image", "raw") == "/cam/image"
+
+
+def test_topic_boxes_are_matched_to_frames_by_the_nearest_stamp_within_the_tolerance():
+    from node.ros2.bridge import TopicBoxProposer
+
+    proposer = TopicBoxProposer(max_candidates=2, tolerance_s=0.05)
+    assert proposer.suppress_overlaps is False  # boxes are one object each, as given
+    image = np.zeros((100, 200, 3), np.uint8)
+    small, big, other = [10, 10, 20, 30], [50, 20, 90, 80], [0, 0, 5, 5]
+    proposer.put(10.00, np.array([small, big, other], np.float32))
+    proposer.put(10.10, np.array([other], np.float32))
+    # Nearest within 50 ms: the first message; the cap keeps the two largest, largest first.
+    boxes = proposer.propose(Frame(0, 10.03, image))
+    assert boxes.tolist() == [big, small]
+    assert proposer.propose(Frame(1, 10.09, image)).tolist() == [other]
+    # 70 ms from both: no candidates, after waiting at most the tolerance for late boxes.
+    t0 = time.monotonic()
+    assert len(proposer.propose(Frame(2, 10.17, image))) == 0
+    assert time.monotonic() - t0 < 1.0
+    # Boxes arriving while a frame waits are used.
+    later = threading.Timer(0.01, proposer.put, (10.30, np.array([small], np.float32)))
+    later.start()
+    assert proposer.propose(Frame(3, 10.30, image)).tolist() == [small]
+    later.join()
+    assert proposer.health == {"proposals_received": 3, "proposals_matched": 3,
+                               "proposals_unmatched": 1}
