@@ -277,6 +277,8 @@ def test_diagnostics_come_about_once_a_second_with_percentiles_and_drops(harness
     (status,) = last.status
     values = {kv.key: kv.value for kv in status.values}
     received, frames, dropped = (int(values[k]) for k in ("received", "frames", "dropped"))
+    print(f"last diagnostics: received {received}, processed {frames}, dropped {dropped}, "
+          f"fps {values['fps']}")
     # Every received frame was processed or dropped (at most two were still in flight).
     assert received >= 0.9 * published
     assert 0 <= received - frames - dropped <= 2
