@@ -266,22 +266,29 @@ def test_diagnostics_come_about_once_a_second_with_percentiles_and_drops(harness
         published += 1
         time.sleep(0.05)
     elapsed = time.monotonic() - t_start
-    time.sleep(1.5)  # the last diagnostics of the run
+    # Then a burst, far faster than the node: only the newest frame waits, the rest are dropped.
+    for _ in range(40):
+        h.image_pub.publish(h.image_message(clip[published % len(clip)].image, published))
+        published += 1
+    time.sleep(2.5)  # the last diagnostics of the run
     with h.lock:
         during = [m for t, m in h.diagnostics if t_start <= t <= t_start + elapsed]
         last = h.diagnostics[-1][1]
-    print(f"{published} frames in {elapsed:.1f} s, {len(during)} diagnostics messages")
-    assert published >= 40
+    print(f"{published - 40} frames in {elapsed:.1f} s, {len(during)} diagnostics messages")
+    assert published - 40 >= 40
     # About 1 Hz: at least one per 2 s of the run, and far fewer than one per frame.
-    assert elapsed / 2 <= len(during) <= published / 5
+    assert elapsed / 2 <= len(during) <= (published - 40) / 5
     (status,) = last.status
     values = {kv.key: kv.value for kv in status.values}
     received, frames, dropped = (int(values[k]) for k in ("received", "frames", "dropped"))
     print(f"last diagnostics: received {received}, processed {frames}, dropped {dropped}, "
           f"fps {values['fps']}")
-    # Every received frame was processed or dropped (at most two were still in flight).
-    assert received >= 0.9 * published
+    # Every received frame was processed or dropped (at most two were still in flight), and
+    # the burst was dropped rather than queued (DDS itself drops part of it with sensor QoS;
+    # measured here: 107 of 138 received, 101 processed, 6 dropped by the node).
+    assert received >= 0.9 * (published - 40)
     assert 0 <= received - frames - dropped <= 2
+    assert dropped >= 2
     p50, p90, p99 = (float(values[f"total_ms_{q}"]) for q in ("p50", "p90", "p99"))
     assert 0 < p50 <= p90 <= p99
     assert float(values["fps"]) > 0 and status.name == "cone_node: latency"
