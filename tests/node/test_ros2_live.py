@@ -327,6 +327,21 @@ def test_lidar_boxes_on_a_topic_are_the_candidates_matched_by_stamp(harness, cli
 
 # ---- lifecycle ----------------------------------------------------------------------------
 
+def _eventually(check, timeout=10.0) -> bool:
+    """``check()`` turned true within ``timeout`` s (the ROS graph is updated asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _published_topics(h) -> set:
+    return {name for name, _ in h.node.get_publisher_names_and_types_by_node(
+        h.node.get_name(), "/")}
+
+
 def _state(h) -> str:
     """The node's state, asked through its lifecycle get_state service."""
     from lifecycle_msgs.srv import GetState
@@ -350,12 +365,11 @@ def test_configure_and_cleanup(harness):
     assert _state(h) == "unconfigured" and h.node.config is None
     assert h.node.trigger_configure() == R.SUCCESS
     assert _state(h) == "inactive" and h.node.config is not None
-    topics = dict(h.node.get_publisher_names_and_types_by_node(h.node.get_name(), "/"))
-    assert f"{h.prefix}/cones" in topics and f"{h.prefix}/diagnostics" in topics
+    assert _eventually(lambda: {f"{h.prefix}/cones", f"{h.prefix}/diagnostics"}
+                       <= _published_topics(h))
     assert h.node.trigger_cleanup() == R.SUCCESS
     assert _state(h) == "unconfigured" and h.node.config is None
-    topics = dict(h.node.get_publisher_names_and_types_by_node(h.node.get_name(), "/"))
-    assert f"{h.prefix}/cones" not in topics
+    assert _eventually(lambda: f"{h.prefix}/cones" not in _published_topics(h))
 
 
 def test_configure_fails_in_one_line_on_a_bad_parameter(harness):
@@ -375,7 +389,8 @@ def test_activate_and_deactivate(harness, clip):
     assert h.cones_for(0) is not None
     assert h.node.trigger_deactivate() == R.SUCCESS
     assert _state(h) == "inactive" and not h.node.active
-    assert h.image_pub.get_subscription_count() == 0  # the image subscription is gone
+    # The image subscription is gone.
+    assert _eventually(lambda: h.image_pub.get_subscription_count() == 0)
     h.image_pub.publish(h.image_message(clip[1].image, 1))
     assert h.cones_for(1, timeout=1.5) is None
     # Active again: frames flow again.
