@@ -114,7 +114,7 @@ def filter_results(results: list, threshold: float) -> list:
 def score_node(model: Path, samples: list, clip: str, args: argparse.Namespace,
                progress: Any = None) -> dict[str, dict]:
     """The whole node with the fold classifier on the clip: ``{threshold: report}``."""
-    from export.validate import run_node, score_variant
+    from export.node_run import run_node, score_variant
     from node.infer import load_backend
     from node.node_config import load_node_config
     from node.propose import build_proposer

@@ -31,29 +31,11 @@ from typing import Any
 
 import numpy as np
 
+from export.node_run import run_node, score_variant
 from export.variants import build_variants, estimate_horizon
 from node.evaluate.datasets import bgracing_clip
-from node.evaluate.score import Tally
 from node.evaluate.splits import select_samples
 from node.types import Frame
-
-
-class FrameList:
-    """A replay source over frames held in memory (``Pipeline.run`` closes it)."""
-
-    dropped = 0
-
-    def __init__(self, frames: list[Frame], progress: Any = None) -> None:
-        self.frames, self.progress = frames, progress
-
-    def __iter__(self):
-        for frame in self.frames:
-            yield frame
-            if self.progress is not None:
-                self.progress.update(1)
-
-    def close(self) -> None:
-        pass
 
 
 def clip_of(sample: Any) -> str:
@@ -70,40 +52,6 @@ def _is_bgracing(sample: Any) -> bool:
     except ValueError:
         return False
     return True
-
-
-def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],
-             progress: Any = None) -> tuple[list[Any], dict]:
-    """Every frame's ``FrameResult`` (in order) and the pipeline's summary."""
-    from node.pipeline import Pipeline
-    from node.publish.publishers import Publisher
-
-    class Keep(Publisher):
-        name = "validation collector"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.results: list[Any] = []
-
-        def _publish(self, result: Any, image: Any) -> None:
-            self.results.append(result)
-
-    keep = Keep()
-    summary = Pipeline(config, backend, proposer, [keep]).run(FrameList(frames, progress))
-    return keep.results, summary
-
-
-def score_variant(results: list[Any], truth: list[tuple[np.ndarray, list[str]]],
-                  clips: list[str]) -> dict[str, dict]:
-    """Tallies per clip and over all (``"all"``) of one variant's results."""
-    tallies: dict[str, Tally] = defaultdict(Tally)
-    for result, (boxes, labels), clip in zip(results, truth, clips, strict=True):
-        pred = np.array([c.box for c in result.cones], np.float64).reshape(-1, 4)
-        scores = np.array([c.score for c in result.cones])
-        names = [c.label for c in result.cones]
-        for key in (clip, "all"):
-            tallies[key].add(pred, scores, names, boxes, labels)
-    return {k: t.report() for k, t in tallies.items()}
 
 
 def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,

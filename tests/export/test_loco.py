@@ -66,8 +66,8 @@ def test_filtering_after_the_run_equals_running_with_the_threshold(tmp_path):
     """The sweep's shortcut: cones kept by filtering a low-threshold run are exactly the cones
     a run at the higher threshold publishes (suppression keeps the higher score)."""
     from export.loco import filter_results
+    from export.node_run import run_node
     from export.synth import main as synth_main
-    from export.validate import run_node
     from node.infer import load_backend
     from node.node_config import load_node_config
     from node.propose import build_proposer
