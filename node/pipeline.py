@@ -40,7 +40,7 @@ CAMERA_POLL_S = 0.25
 """How long a live read waits before the loop checks for a stop and publishes health."""
 MAX_FRAME_AGE_S = 2.0
 """A live frame older than this (or stamped in the future) carries a stamp from another clock;
-its capture latency is then the time the node waited for it."""
+its capture latency is then the time since it reached the source (``arrived``)."""
 
 
 @dataclass
@@ -152,7 +152,8 @@ class Pipeline:
         taken = time.perf_counter()
         age_s = time.time() - frame.stamp
         if not 0.0 <= age_s <= MAX_FRAME_AGE_S:  # a stamp from another clock (bag playback)
-            age_s = taken - started
+            arrived = getattr(self._source, "arrived", None)  # not the time spent waiting
+            age_s = taken - arrived if arrived is not None and arrived <= taken else 0.0
         return _InFlight(frame, taken - age_s, {"capture": age_s * 1e3})
 
     def _camera_waiting(self) -> None:

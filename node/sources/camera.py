@@ -188,12 +188,16 @@ class NewestFrameSource(Source):
         super().__init__(name)
         self._cond = threading.Condition()
         self._slot: Frame | None = None
+        self._slot_arrived = 0.0
+        self.arrived: float | None = None
+        """``time.perf_counter()`` when the frame last returned by ``read`` arrived."""
 
     def _offer(self, frame: Frame) -> None:
         """Put a frame in the slot (caller holds ``self._cond``), replacing an untaken one."""
         if self._slot is not None:
             self.dropped += 1
         self._slot = frame
+        self._slot_arrived = time.perf_counter()
         self._cond.notify_all()
 
     def _check_end(self) -> None:
@@ -219,6 +223,7 @@ class NewestFrameSource(Source):
                     return None
                 self._cond.wait(remaining)
             frame, self._slot = self._slot, None
+            self.arrived = self._slot_arrived
             return frame
 
     def _generate(self) -> Iterator[Frame]:

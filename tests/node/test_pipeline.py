@@ -619,3 +619,34 @@ def test_bundled_model_detects_and_labels_synthetic_cones():
     # randomisation gave 228/249 = 0.916 and 222/228 = 0.974). Most misses are cones that
     # overlap other cones.
     assert recall >= 0.85 and accuracy >= 0.95
+
+
+def test_capture_latency_of_frames_stamped_by_another_clock_excludes_the_wait(tiny_model):
+    """Frames of a bag replayed to the topic carry old stamps: their capture latency is the
+    time since they reached the source, not the time the node sat waiting for them."""
+    import threading
+
+    from node.ros2.bridge import TopicSource
+
+    source = TopicSource("/camera")
+    gap_s, count = 0.15, 6
+    image = cone_frame(0, [(40, 60, 70, 120, BLUE)]).image
+
+    def feed():
+        for _ in range(count):
+            time.sleep(gap_s)
+            source.put(image.copy(), stamp=1000.0 + source.received)  # a 1970 clock
+        time.sleep(gap_s)
+        source.close()
+
+    config = load_node_config(None, {"pipeline": {"sync": True}})
+    publisher = ListPublisher()
+    feeder = threading.Thread(target=feed)
+    with load_backend(tiny_model, threads=1) as backend:
+        feeder.start()
+        Pipeline(config, backend, build_proposer(config.proposer), [publisher]).run(source)
+    feeder.join()
+    capture = [r["latency_ms"]["capture"] for r in publisher.records]
+    assert len(capture) == count
+    # The loop waited about gap_s for each frame; the frames themselves were taken at once.
+    assert max(capture) < 0.5 * gap_s * 1e3, capture
