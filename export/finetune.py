@@ -48,6 +48,7 @@ import json
 import math
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -87,6 +88,13 @@ class Budget:
         self.bar = tqdm(total=round(self.total), unit="s", desc="finetune", disable=not show,
                         file=sys.stderr, bar_format="{desc} {percentage:3.0f}%|{bar}| "
                         "{n:.0f}/{total:.0f} s of the budget {postfix}")
+        self._done = threading.Event()
+        if show:  # the bar moves with the clock, not only between stages
+            threading.Thread(target=self._follow, daemon=True).start()
+
+    def _follow(self) -> None:
+        while not self._done.wait(2.0):
+            self.tick()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -109,6 +117,7 @@ class Budget:
             self.tick()
 
     def close(self) -> None:
+        self._done.set()
         self.tick()
         self.bar.close()
 
@@ -443,6 +452,29 @@ PSEUDO_RISK = (
     "threshold high, and judge the result only on hand-labelled validation frames (as above).")
 
 
+VERDICT = (("whole-node recall", "node", "recall_ge12"),
+           ("whole-node precision", "node", "precision_ge20"),
+           ("label accuracy", "node", "label_accuracy"),
+           ("crop cone top-1", "crops", "cone_accuracy"),
+           ("background rejection", "crops", "background_rejection"))
+
+
+def verdict(before: dict, after: dict) -> str:
+    """One line: what changed by a point or more, and whether to keep the bundled models."""
+    moves = []
+    for name, part, key in VERDICT:
+        b, a = before[part][key], after[part][key]
+        if a is not None and b is not None and abs(a - b) >= 0.01:
+            moves.append((name, 100 * (a - b)))
+    if not moves:
+        return "No figure moved by a point or more."
+    text = "After − before: " + ", ".join(f"{n} {d:+.1f} points" for n, d in moves) + "."
+    if any(d < 0 for _, d in moves):
+        text += (" Keep the bundled models where the fine-tuned ones are worse on what "
+                 "matters to you (the report does not choose).")
+    return text
+
+
 def format_report(report: dict) -> str:
     """``report.md``: the before/after table, then what was trained on and how long."""
     b, a = report["before"], report["after"]
@@ -472,6 +504,7 @@ def format_report(report: dict) -> str:
                                                                           ">=48"))
               for r in (b, a)]
     lines += [f"| cones ≥ 12 px called background | {called[0]} | {called[1]} |", "",
+              verdict(b, a), "",
               "Cones per size bucket on the true boxes: " + ", ".join(
                   f"{k} px {b['crops']['by_size'][k]['cones']}" for k in ("12-24", "24-48",
                                                                           ">=48")) + ".", ""]

@@ -139,6 +139,7 @@ def test_report_scores_the_validation_clip_before_and_after(finetuned):
     assert "| | before (bundled) | after (fine-tuned) |" in text
     assert f"{100 * report['before']['node']['recall_ge12']:.1f} %" in text
     assert "confirmation bias" in text
+    assert "After − before:" in text or "No figure moved by a point or more." in text
 
 
 @needs_models
@@ -306,3 +307,21 @@ def test_a_time_budget_stops_training_after_one_step():
     history = train(net, frames, stem_metadata("patch4", 64), 3, batch_size=2, lr=1e-3,
                     crop=32)
     assert len(history) == 3  # without a budget, every epoch
+
+
+def test_the_verdict_names_what_moved_by_a_point():
+    from export.finetune import verdict
+
+    def scores(recall, precision, top1):
+        return {"node": {"recall_ge12": recall, "precision_ge20": precision,
+                         "label_accuracy": 0.99},
+                "crops": {"cone_accuracy": top1, "background_rejection": None}}
+
+    text = verdict(scores(0.856, 0.783, 0.996), scores(0.852, 0.722, 0.996))
+    assert text.startswith("After − before: whole-node precision -6.1 points.")
+    assert "recall" not in text and "Keep the bundled models" in text
+    text = verdict(scores(0.80, 0.80, 0.90), scores(0.85, 0.80, 0.95))
+    assert text == ("After − before: whole-node recall +5.0 points, crop cone top-1 +5.0 "
+                    "points.")
+    assert verdict(scores(0.8, 0.8, 0.9), scores(0.805, 0.8, 0.9)) == (
+        "No figure moved by a point or more.")
