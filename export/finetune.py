@@ -23,7 +23,7 @@ share is used (``export.train.Schedule``). The classifier's INT8 twin is calibra
 The validation split is a separate folder (``--val``), named clips (``--val-clips``: a frame's
 clip is its BGRacing clip name, else the folder under ``images/`` it lies in), or the last
 ``--val-fraction`` of every clip's frames in name order. ``--train-clips`` limits training to
-some clips. The whole node (``export.validate.run_node``, scored by ``node.evaluate``) and the
+some clips. The whole node (``export.node_run.run_node``, scored by ``node.evaluate``) and the
 classifier on the true boxes (``export.evaluate``) are scored on it before (bundled models) and
 after (fine-tuned); ``RUN/report.md`` and ``RUN/report.json`` hold both. ``RUN/models/`` holds
 the new models with the bundled models' metadata; ``--install`` copies them over ``--models``.
@@ -255,8 +255,8 @@ def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarr
 def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[list, dict]:
     """Pseudo-labelled frames of ``--pseudo-label`` sources (see the module docstring), written
     as one YOLO folder per source under ``out``; returns their samples and the counts."""
+    from export.node_run import run_node
     from export.synth import write_dataset
-    from export.validate import run_node
     from node.classes import CONE_CLASSES
     from node.evaluate.datasets import load_samples
     from node.infer.postprocess import iou_matrix
