@@ -20,6 +20,9 @@ scored, what is left after a reserve for the closing steps is shared among the t
 share is used (``export.train.Schedule``). The classifier's INT8 twin is calibrated again
 (``calib.quantize``) when the budget leaves time for it.
 
+``--nets`` retrains only the networks it names (the others are copied from ``--models``, and
+their share of the time goes to the named ones).
+
 The validation split is a separate folder (``--val``), named clips (``--val-clips``: a frame's
 clip is its BGRacing clip name, else the folder under ``images/`` it lies in), or the last
 ``--val-fraction`` of every clip's frames in name order. ``--train-clips`` limits training to
@@ -72,6 +75,7 @@ CLOSING_S = 20.0
 """Reserve for exporting three ONNX files with the classifier's parity check."""
 INT8_S = 30.0
 """Reserve for the INT8 calibration; skipped when less than this is left."""
+NETS = ("proposer", "refiner", "classifier")
 MODEL_FILES = {"proposer": "cone_proposer.onnx", "refiner": "cone_refiner.onnx",
                "classifier": "cone_classifier.onnx"}
 INT8_FILE, INT8_CACHE = "cone_classifier.int8.onnx", "cone_classifier.int8.calib.json"
@@ -514,15 +518,18 @@ def format_report(report: dict) -> str:
                f"{_load(t['load_average']['start'])} at the start, "
                f"{_load(t['load_average']['end'])} at the end). Seconds per stage: "
                + ", ".join(f"{k} {v:.0f}" for k, v in t["stages"].items()) + "."), ""]
-    for net in ("proposer", "refiner", "classifier"):
+    for net in NETS:
         n = report["nets"][net]
+        if not n["retrained"]:
+            lines.append(f"- {net}: not retrained (`--nets`); the file of `--models` is copied")
+            continue
         lines.append(f"- {net}: {n['epochs']} epochs in {n['seconds']:.0f} s at lr "
                      f"{LR[net]:g}, loss {n['first_loss']} → {n['last_loss']}")
     lines += [f"- INT8 twin: {report['int8']}", "",
               "The models are in `models/` here, with the bundled models' metadata; the "
               "proposer's score threshold is the node config's, not re-tuned. "
-              + ("They were copied over the bundled models (`--install`)."
-                 if report.get("installed") else
+              + ("They were copied over the bundled models (`--install`). "
+                 + report.get("install_note", "") if report.get("installed") else
                  "Copy them over the bundled ones, or run again with `--install`."), ""]
     if report.get("pseudo"):
         p = report["pseudo"]
@@ -558,6 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-clips", nargs="+", metavar="CLIP",
                         help="train only on these clips of --data (default: all but validation)")
     parser.add_argument("--minutes", type=float, default=30.0, help="time budget (default 30)")
+    parser.add_argument("--nets", nargs="+", choices=NETS, default=list(NETS),
+                        help="the networks to retrain (default all three); the others are "
+                             "copied from --models and their share of the time goes to these")
     parser.add_argument("--models", default="models",
                         help="folder of the models to start from (default: the bundled ones)")
     parser.add_argument("--install", action="store_true",
@@ -657,6 +667,12 @@ def run(args: argparse.Namespace) -> int:
             if (models_out / name).is_file():
                 shutil.copyfile(models_out / name, models_in / name)
         report["installed"] = True
+        if report["nets"]["classifier"]["retrained"] and not (models_out / INT8_FILE).is_file():
+            report["install_note"] = (
+                f"{models_in / INT8_FILE} is still the INT8 twin of the classifier before; "
+                f"recalibrate it: python -m calib.quantize {models_in / MODEL_FILES['classifier']}"
+                f" --data {args.data} -o {models_in / INT8_FILE}")
+            print(f"warning: {report['install_note']}", file=sys.stderr)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = format_report(report)
     (out / "report.md").write_text(text)
@@ -686,11 +702,15 @@ def train_nets(args, train: list, val_clips: list[str], budget: Budget, reserve:
         frames = sample_frames(train, clips_of(train), None, proposer_cfg.heatmap_max_pixels,
                                not args.no_progress)
     nets: dict[str, dict] = {}
-    shares_left = sum(SHARES.values())
-    for name in ("proposer", "refiner", "classifier"):
+    shares_left = sum(SHARES[name] for name in args.nets)
+    for name in NETS:
+        src, dst = models_in / MODEL_FILES[name], models_out / MODEL_FILES[name]
+        if name not in args.nets:
+            shutil.copyfile(src, dst)
+            nets[name] = {"retrained": False}
+            continue
         share = max(1.0, (budget.left() - reserve) * SHARES[name] / shares_left)
         shares_left -= SHARES[name]
-        src, dst = models_in / MODEL_FILES[name], models_out / MODEL_FILES[name]
         with budget.stage(name):
             if name == "proposer":
                 nets[name] = finetune_proposer(src, frames, share, dst, device,
@@ -703,7 +723,7 @@ def train_nets(args, train: list, val_clips: list[str], budget: Budget, reserve:
             else:
                 nets[name] = finetune_classifier(src, train, share, work, dst, device,
                                                  args.train_config, val_clips)
-        nets[name]["budget_s"] = round(share, 1)
+        nets[name].update(retrained=True, budget_s=round(share, 1))
     return nets
 
 
@@ -714,6 +734,11 @@ def calibrate_int8(args, budget: Budget, after_s: float, train: list, models_out
 
     if args.no_int8:
         return "skipped (--no-int8)"
+    if "classifier" not in args.nets:
+        for name in (INT8_FILE, INT8_CACHE):
+            if (Path(args.models) / name).is_file():
+                shutil.copyfile(Path(args.models) / name, models_out / name)
+        return "not recalibrated: the classifier was not retrained (the bundled twin is copied)"
     left = budget.left() - after_s
     if left < INT8_S:
         return (f"skipped: {max(0.0, left):.0f} s of the budget left, the calibration needs "

@@ -325,3 +325,34 @@ def test_the_verdict_names_what_moved_by_a_point():
                     "points.")
     assert verdict(scores(0.8, 0.8, 0.9), scores(0.805, 0.8, 0.9)) == (
         "No figure moved by a point or more.")
+
+
+@needs_models
+@pytest.mark.slow
+def test_only_the_named_nets_are_retrained_and_install_copies_them(tmp_path, capsys):
+    """``--nets classifier`` copies the proposer and refiner unchanged; ``--install`` puts the
+    new classifier over the one in ``--models`` (here a copy of the bundled folder)."""
+    import shutil
+
+    from export.finetune import main
+
+    models = tmp_path / "models"
+    shutil.copytree(MODELS, models)
+    write_team_folder(tmp_path / "team", {"lapA": 3, "lapB": 4}, 3)
+    run = tmp_path / "run"
+    assert main(["--data", f"yolo:{tmp_path / 'team'}", "--out", str(run), "--minutes", "0.1",
+                 "--val-clips", "lapB", "--nets", "classifier", "--models", str(models),
+                 "--install", "--no-progress"]) == 0
+    for name in ("cone_proposer.onnx", "cone_refiner.onnx"):
+        assert (run / "models" / name).read_bytes() == (MODELS / name).read_bytes()
+        assert (models / name).read_bytes() == (MODELS / name).read_bytes()
+    new = (run / "models" / "cone_classifier.onnx").read_bytes()
+    assert new != (MODELS / "cone_classifier.onnx").read_bytes()
+    assert (models / "cone_classifier.onnx").read_bytes() == new
+    report = json.loads((run / "report.json").read_text())
+    assert report["nets"]["proposer"] == {"retrained": False}
+    assert report["nets"]["classifier"]["retrained"] is True and report["installed"] is True
+    assert "- proposer: not retrained" in (run / "report.md").read_text()
+    # No time was left for the INT8 calibration: the stale twin in --models is named.
+    assert report["install_note"].startswith(f"{models / 'cone_classifier.int8.onnx'} is still")
+    assert "recalibrate it" in capsys.readouterr().err
