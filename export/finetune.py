@@ -185,23 +185,6 @@ def node_config(args: argparse.Namespace, models: Path):
         f"proposer.refiner_model={models / MODEL_FILES['refiner']}"])
 
 
-@contextmanager
-def open_node(config):
-    """The proposer and the classifier backend of ``config``, closed afterwards."""
-    from node.infer import load_backend
-    from node.node_config import resolve_path
-    from node.propose import build_proposer
-
-    proposer = build_proposer(config.proposer)
-    try:
-        backend = load_backend(resolve_path(config.model.path), providers=config.model.providers,
-                               threads=config.model.threads, max_batch=config.model.max_batch)
-        with backend:
-            yield backend, proposer
-    finally:
-        proposer.close()
-
-
 def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
     """The whole node on the validation frames (``export.validate``'s in-process run and
     ``node.evaluate`` scoring) and the classifier on their true boxes by box height
@@ -212,6 +195,7 @@ def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
         evaluate_crops,
         load_predictor,
     )
+    from export.node_run import open_node
     from export.validate import validate_variants
 
     config = node_config(args, models)
@@ -259,7 +243,7 @@ def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarr
 def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[list, dict]:
     """Pseudo-labelled frames of ``--pseudo-label`` sources (see the module docstring), written
     as one YOLO folder per source under ``out``; returns their samples and the counts."""
-    from export.node_run import run_node
+    from export.node_run import open_node, run_node
     from export.synth import write_dataset
     from node.classes import CONE_CLASSES
     from node.evaluate.datasets import load_samples

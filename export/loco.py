@@ -114,24 +114,16 @@ def filter_results(results: list, threshold: float) -> list:
 def score_node(model: Path, samples: list, clip: str, args: argparse.Namespace,
                progress: Any = None) -> dict[str, dict]:
     """The whole node with the fold classifier on the clip: ``{threshold: report}``."""
-    from export.node_run import run_node, score_variant
-    from node.infer import load_backend
+    from export.node_run import open_node, run_node, score_variant
     from node.node_config import load_node_config
-    from node.propose import build_proposer
     from node.types import Frame
 
     overrides = [*args.set, f"model.path={model}", f"model.score_threshold={RUN_THRESHOLD}"]
     config = load_node_config(args.config, overrides)
     frames = [Frame(i, float(i), s.load(), s.image_path.name) for i, s in enumerate(samples)]
     truth = [(np.asarray(s.boxes, np.float64).reshape(-1, 4), list(s.labels)) for s in samples]
-    proposer = build_proposer(config.proposer)
-    try:
-        backend = load_backend(model, providers=config.model.providers,
-                               threads=config.model.threads, max_batch=config.model.max_batch)
-        with backend:
-            results, _ = run_node(config, backend, proposer, frames, progress)
-    finally:
-        proposer.close()
+    with open_node(config) as (backend, proposer):
+        results, _ = run_node(config, backend, proposer, frames, progress)
     clips = [clip] * len(samples)
     return {f"{t:g}": score_variant(filter_results(results, t), truth, clips)["all"]
             for t in args.thresholds}

@@ -10,6 +10,7 @@ over all clips.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,24 @@ class FrameList:
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def open_node(config: Any):
+    """The proposer and the started classifier backend (``model.path``) of a node config, as
+    ``(backend, proposer)``; both are closed afterwards."""
+    from node.infer import load_backend
+    from node.node_config import resolve_path
+    from node.propose import build_proposer
+
+    proposer = build_proposer(config.proposer)
+    try:
+        backend = load_backend(resolve_path(config.model.path), providers=config.model.providers,
+                               threads=config.model.threads, max_batch=config.model.max_batch)
+        with backend:
+            yield backend, proposer
+    finally:
+        proposer.close()
 
 
 def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],

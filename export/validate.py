@@ -187,10 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_variants(args: argparse.Namespace) -> int:
+    from export.node_run import open_node
     from node.evaluate.datasets import load_samples
-    from node.infer import load_backend
-    from node.node_config import load_node_config, resolve_path
-    from node.propose import build_proposer
+    from node.node_config import load_node_config
 
     if args.data.partition(":")[0] != "yolo":
         raise ValueError(f"--data {args.data}: only yolo:DIR is supported")
@@ -207,15 +206,9 @@ def run_variants(args: argparse.Namespace) -> int:
     config = load_node_config(args.config, overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    proposer = build_proposer(config.proposer)
-    try:
-        backend = load_backend(resolve_path(config.model.path), providers=config.model.providers,
-                               threads=config.model.threads, max_batch=config.model.max_batch)
-        with backend:
-            results = validate_variants(samples, config, backend, proposer, args.variants,
-                                        not args.no_progress)
-    finally:
-        proposer.close()
+    with open_node(config) as (backend, proposer):
+        results = validate_variants(samples, config, backend, proposer, args.variants,
+                                    not args.no_progress)
     clips = ", ".join(sorted(set(map(clip_of, samples))))
     title = args.title or f"{len(samples)} frames of {clips}; {' '.join(args.set) or 'defaults'}"
     table = format_markdown(results, title)
