@@ -156,15 +156,13 @@ def proposer_heldout(config_path: str, overrides: list[str]) -> list[str]:
         return []
     import onnx
 
+    from node.propose.heatmap import METADATA_KEY, ProposerMetadata
+
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    for value in props.values():
-        try:
-            extra = json.loads(value).get("extra", {})
-        except (ValueError, AttributeError):
-            continue
-        if isinstance(extra, dict) and "heldout" in extra:
-            return list(extra["heldout"])
-    return []
+    if METADATA_KEY not in props:
+        return []
+    meta = ProposerMetadata.from_json(props[METADATA_KEY], str(path))
+    return list(meta.extra.get("heldout", []))
 
 
 def format_markdown(result: dict) -> str:

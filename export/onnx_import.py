@@ -70,6 +70,15 @@ def batchnorm_after(root: nn.Module, path: str) -> nn.BatchNorm2d | None:
     return None
 
 
+def _layer(root: nn.Module, where: str, path: str | Path) -> nn.Module:
+    """The module at ``where`` in ``root``; ``OnnxImportError`` naming the file if absent."""
+    try:
+        return root.get_submodule(where)
+    except AttributeError:
+        raise OnnxImportError(f"{path}: layer {where} is not in the "
+                              f"{type(root).__name__}") from None
+
+
 def load_conv_weights(root: nn.Module, path: str | Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy every ``Conv`` node's weights of the ONNX file at ``path`` into ``root`` (module
     paths in ``skip`` are left to the caller); returns the loaded module paths.
@@ -86,11 +95,7 @@ def load_conv_weights(root: nn.Module, path: str | Path, skip: tuple[str, ...] =
             where = module_path(node.name)
             if where in skip:
                 continue
-            try:
-                conv = root.get_submodule(where)
-            except AttributeError:
-                raise OnnxImportError(f"{path}: layer {where} is not in the "
-                                   f"{type(root).__name__}") from None
+            conv = _layer(root, where, path)
             weight = torch.from_numpy(init[node.input[1]].copy())
             bias = torch.from_numpy(init[node.input[2]].copy()) if len(node.input) > 2 else None
             if not isinstance(conv, nn.Conv2d) or conv.weight.shape != weight.shape:
@@ -128,11 +133,7 @@ def load_linear_weights(root: nn.Module, path: str | Path) -> list[str]:
             if node.op_type != "Gemm":
                 continue
             where = module_path(node.name)
-            try:
-                linear = root.get_submodule(where)
-            except AttributeError:
-                raise OnnxImportError(f"{path}: layer {where} is not in the "
-                                      f"{type(root).__name__}") from None
+            linear = _layer(root, where, path)
             weight = init[node.input[1]]
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             weight = torch.from_numpy((weight if trans_b else weight.T).copy())

@@ -167,9 +167,16 @@ def diagnostics_fields(result: FrameResult, *, name: str = "cone_node: latency",
         level, message = DIAG_WARN, f"total {total:.1f} ms over budget {warn_total_ms:g} ms"
     else:
         level, message = DIAG_OK, "ok"
+    return _diagnostic_array(level, message, name, hardware_id, values, result.frame.stamp,
+                             frame_id)
+
+
+def _diagnostic_array(level: int, message: str, name: str, hardware_id: str, values: list,
+                      stamp: float, frame_id: str) -> dict:
+    """A ``DiagnosticArray``'s fields holding one status."""
     status = {"level": level, "name": name, "message": message, "hardware_id": hardware_id,
               "values": values}
-    return {"header": header_fields(result.frame.stamp, frame_id), "status": [status]}
+    return {"header": header_fields(stamp, frame_id), "status": [status]}
 
 
 def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
@@ -211,9 +218,7 @@ def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
         level, message = DIAG_WARN, f"total p90 {p90:.1f} ms over budget {warn_total_ms:g} ms"
     else:
         level, message = DIAG_OK, "ok"
-    status = {"level": level, "name": name, "message": message, "hardware_id": hardware_id,
-              "values": values}
-    return {"header": header_fields(stamp, frame_id), "status": [status]}
+    return _diagnostic_array(level, message, name, hardware_id, values, stamp, frame_id)
 
 
 def health_fields(health: dict, stamp: float, *, name: str = "cone_node: camera",
