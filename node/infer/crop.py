@@ -15,6 +15,7 @@ import numpy as np
 PAD_MODES = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
 _MAX_REMAP_ROWS = 32000  # cv2.remap's destination is limited to SHRT_MAX rows
 _MAX_LEVEL = 4
+_REGION_MARGIN = 8  # pixels of the pyramid level kept around the squares (_pyramid_region)
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,49 @@ def crop_batch(
     scale = (squares[:, 2] - squares[:, 0]) / size
     levels = np.clip(np.floor(np.log2(np.maximum(scale, 1.0))), 0, _MAX_LEVEL).astype(int)
     per_call = max(1, _MAX_REMAP_ROWS // size)
-    src = frame
-    for level in range(int(levels.max()) + 1):
-        if level > 0:
-            src = cv2.pyrDown(src)
+    for level in np.unique(levels).tolist():
         idx = np.flatnonzero(levels == level)
+        src, origin = _pyramid_region(frame, squares[idx], level)
         for start in range(0, idx.size, per_call):
             part = idx[start : start + per_call]
-            sq = squares[part] / float(2**level)
-            map_x, map_y = sampling_grid(sq, size)
+            map_x, map_y = sampling_grid(squares[part] / float(2**level), size)
+            # Shifting by whole pixels after the grid is built keeps every coordinate exact,
+            # so a crop does not depend on which other crops set the region.
+            map_x -= origin[0]
+            map_y -= origin[1]
             crops = cv2.remap(src, map_x, map_y, cv2.INTER_LINEAR, borderMode=border,
                               borderValue=value)
             out[part] = crops.reshape(len(part), size, size, 3)
     return out[:n]
+
+
+def _pyramid_region(frame: np.ndarray, squares: np.ndarray, level: int
+                    ) -> tuple[np.ndarray, tuple[int, int]]:
+    """The part of pyramid level ``level`` of ``frame`` that ``squares`` (frame pixels) sample,
+    and its origin (x, y) in that level's pixels (whole numbers).
+
+    Only the region around the squares is shrunk: bit for bit the pixels that ``cv2.pyrDown``
+    of the whole frame gives there, at a fraction of its cost (a whole 640×640 frame takes
+    about 1 ms). The region starts on a multiple of ``2**level`` so that each halving samples
+    the same pixels as on the whole frame, and keeps a margin of ``_REGION_MARGIN`` level
+    pixels, wider than the band that the 5×5 kernel's border handling changes at the
+    region's inner edges (at most 2 pixels per halving). Where the region meets the frame's
+    edge it is the frame's edge, so padding is the same too.
+    """
+    if level == 0:
+        return frame, (0, 0)
+    h, w = frame.shape[:2]
+    step = 2**level
+    margin = _REGION_MARGIN * step
+    lo = np.floor(squares[:, :2].min(axis=0)) - margin
+    hi = np.ceil(squares[:, 2:].max(axis=0)) + margin
+    x0 = int(np.clip(lo[0], 0, w)) // step * step
+    y0 = int(np.clip(lo[1], 0, h)) // step * step
+    x1, y1 = int(np.clip(hi[0], 0, w)), int(np.clip(hi[1], 0, h))
+    if x1 - x0 < step or y1 - y0 < step:  # every square lies wholly outside the frame
+        x0 = y0 = 0
+        x1, y1 = w, h
+    src = frame[y0:y1, x0:x1]
+    for _ in range(level):
+        src = cv2.pyrDown(src)
+    return src, (x0 // step, y0 // step)

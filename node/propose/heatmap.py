@@ -109,10 +109,15 @@ def to_input_tensor(image: np.ndarray, meta: ProposerMetadata,
 def normalise(small: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
     """A BGR image already at the network's input size → (1, 3, H, W) float32 input."""
     if meta.raw_pixels:
-        # The model normalises the pixels itself: one transposing copy.
+        # The model normalises the pixels itself: each channel is copied into its plane
+        # (about two thirds of the time of numpy's transposing copy at 640x640).
+        planes = cv2.split(small)
         if meta.channel_order == "RGB":
-            small = small[..., ::-1]
-        return np.ascontiguousarray(small.transpose(2, 0, 1)[None], dtype=np.float32)
+            planes = planes[::-1]
+        x = np.empty((1, 3, *small.shape[:2]), np.float32)
+        for i, plane in enumerate(planes):
+            x[0, i] = plane
+        return x
     if len(set(meta.std)) == 1:
         # One C++ pass (channel swap, mean, scale, HWC -> NCHW); the mean is given in the
         # output channel order. Several times cheaper than the numpy arithmetic below.

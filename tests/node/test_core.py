@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 
@@ -75,6 +76,38 @@ def test_crop_is_independent_of_batch_company():
     alone = crop_batch(frame, small, 32)
     together = crop_batch(frame, np.concatenate([big, small]), 32)
     np.testing.assert_array_equal(alone[0], together[1])
+
+
+@pytest.mark.parametrize("pad", ["constant", "replicate"])
+def test_crop_shrinks_only_the_region_it_samples_exactly(pad):
+    # Large boxes sample a pyramid level; only the region around them is shrunk. The crops
+    # must equal, bit for bit, crops sampled from the whole frame's pyramid, for boxes inside
+    # the frame, across its edges and wholly outside it, on a frame of odd size.
+    from node.infer.crop import sampling_grid
+
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 256, (479, 601, 3), dtype=np.uint8)
+    frame = cv2.GaussianBlur(frame, (0, 0), 2.0)  # structure at every scale, not only noise
+    centres = rng.uniform(-60, 660, (40, 2))
+    sides = np.exp(rng.uniform(np.log(6), np.log(420), (40, 1)))
+    boxes = np.hstack([centres - sides / 2, centres + sides / 2]).astype(np.float32)
+    boxes = np.vstack([boxes, [[-900, -900, -700, -700], [560, 430, 700, 560]]]).astype(np.float32)
+    policy = CropPolicy(pad=pad)
+    crops = crop_batch(frame, boxes, 32, policy)
+
+    squares = policy.square_boxes(boxes)
+    levels = np.clip(np.floor(np.log2(np.maximum((squares[:, 2] - squares[:, 0]) / 32, 1))),
+                     0, 4).astype(int)
+    assert set(levels.tolist()) >= {0, 1, 2, 3}
+    pyramid = [frame]
+    for _ in range(4):
+        pyramid.append(cv2.pyrDown(pyramid[-1]))
+    border = cv2.BORDER_CONSTANT if pad == "constant" else cv2.BORDER_REPLICATE
+    for i, level in enumerate(levels):
+        map_x, map_y = sampling_grid(squares[i:i + 1] / float(2**level), 32)
+        want = cv2.remap(pyramid[level], map_x, map_y, cv2.INTER_LINEAR, borderMode=border,
+                         borderValue=(114, 114, 114))
+        np.testing.assert_array_equal(crops[i], want, err_msg=f"box {i}, level {level}")
 
 
 def test_crop_rejects_bad_frames_and_handles_degenerate_boxes():
