@@ -119,8 +119,9 @@ class Pipeline:
     def _capture(self, frames: Any, idle: Any = None) -> _InFlight | None:
         """The next frame, or None at the end of the source or when stopped.
 
-        Replay: the time spent in the source (reading, decoding). Live sources: the frame's
-        age when the node takes it (its wall-clock stamp is the capture instant), so that
+        Replay: the time the loop waits for the source (reading, decoding; an image folder
+        decodes ahead on its own thread, so this is mostly less than decoding takes). Live
+        sources: the frame's age when the node takes it (its wall-clock stamp is the capture instant), so that
         ``total`` is the true capture-to-publish latency; while a camera is away the loop
         polls, so that health is published and a stop request is honoured. ``idle`` is
         called when a live source has no frame ready (the pipelined loop publishes the frame

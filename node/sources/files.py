@@ -13,7 +13,9 @@ import glob as globlib
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -181,32 +183,67 @@ class ImageFilesSource(Source):
     Zero-byte, non-image and undecodable files become error frames (``image=None``,
     ``error="<file>: unreadable image"``) and count in ``errors``; so do broken and looping
     symbolic links (``"<file>: broken symbolic link"``, ``"... symbolic link loop"``).
+
+    The next ``read_ahead`` files are read and decoded on a background thread while the
+    node works on the current frame (``cv2.imdecode`` releases the GIL), so decoding
+    overlaps with the rest of the loop; 0 reads each file when it is asked for. The frames,
+    their order and their errors are the same either way.
     """
 
-    def __init__(self, paths: list[Path], name: str) -> None:
+    def __init__(self, paths: list[Path], name: str, *, read_ahead: int = 2) -> None:
         super().__init__(name)
         self.paths = paths
+        self.read_ahead = max(0, int(read_ahead))
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _generate(self) -> Iterator[Frame]:
-        for index, path in enumerate(self.paths):
-            t0 = time.perf_counter()
-            image = None
+        if self.read_ahead == 0:
+            for index, path in enumerate(self.paths):
+                yield self._frame(index, path, *_read_image(path))
+            return
+        todo = iter(enumerate(self.paths))
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+
+            def start_next() -> None:
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append((*nxt, pool.submit(_read_image, nxt[1])))
+
             try:
-                if path.stat().st_size > 0:
-                    data = np.fromfile(path, dtype=np.uint8)
-                    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-            except OSError:
-                image = None
-            capture_ms = (time.perf_counter() - t0) * 1e3
-            if image is None:
-                self.errors += 1
-                yield Frame(index, time.time(), None, path.name, capture_ms,
-                            error=f"{path.name}: {_link_problem(path) or 'unreadable image'}")
-            else:
-                yield Frame(index, time.time(), image, path.name, capture_ms)
+                for _ in range(self.read_ahead + 1):
+                    start_next()
+                while pending:
+                    index, path, job = pending.popleft()
+                    image, decode_ms = job.result()
+                    start_next()
+                    yield self._frame(index, path, image, decode_ms)
+            finally:  # stopped early: files not yet started are not read
+                for *_, job in pending:
+                    job.cancel()
+
+    def _frame(self, index: int, path: Path, image: np.ndarray | None,
+               capture_ms: float) -> Frame:
+        if image is None:
+            self.errors += 1
+            return Frame(index, time.time(), None, path.name, capture_ms,
+                         error=f"{path.name}: {_link_problem(path) or 'unreadable image'}")
+        return Frame(index, time.time(), image, path.name, capture_ms)
+
+
+def _read_image(path: Path) -> tuple[np.ndarray | None, float]:
+    """The decoded BGR image (None where it cannot be read) and the ms reading took."""
+    t0 = time.perf_counter()
+    image = None
+    try:
+        if path.stat().st_size > 0:
+            data = np.fromfile(path, dtype=np.uint8)
+            image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except OSError:
+        image = None
+    return image, (time.perf_counter() - t0) * 1e3
 
 
 def _link_problem(path: Path) -> str | None:

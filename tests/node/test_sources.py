@@ -196,6 +196,32 @@ def test_folder_natural_order_and_unreadable_files_are_error_frames(tmp_path):
     assert src.errors == 2
 
 
+@pytest.mark.parametrize("read_ahead", [0, 1, 3])
+def test_folder_read_ahead_gives_the_same_frames_and_stops_cleanly(tmp_path, read_ahead):
+    from node.sources import ImageFilesSource
+
+    folder = _image_folder(tmp_path)
+    paths = open_source(str(folder)).paths  # the files a folder source reads, in its order
+    src = ImageFilesSource(paths, str(folder), read_ahead=read_ahead)
+    frames = list(src)
+    assert [f.source_name for f in frames] == ["empty.png", "f1.png", "f2.png", "f10.png",
+                                               "notes.txt"]
+    assert [f.index for f in frames] == list(range(5))
+    assert [f.error for f in frames] == ["empty.png: unreadable image", None, None, None,
+                                         "notes.txt: unreadable image"]
+    assert [int(f.image[0, 0, 0]) for f in frames[1:4]] == [10, 20, 100]
+    assert src.errors == 2
+    # Stopped after two frames: the reader thread ends and nothing more is counted.
+    before = {t.name for t in threading.enumerate()}
+    early = ImageFilesSource(paths, str(folder), read_ahead=read_ahead)
+    taken = [next(early), next(early)]
+    early.close()
+    assert [f.source_name for f in taken] == ["empty.png", "f1.png"]
+    assert early.errors == 1 and list(early) == []
+    assert not [t for t in threading.enumerate()
+                if t.name.startswith("read-ahead") and t.name not in before]
+
+
 def test_glob_natural_order(tmp_path):
     folder = _image_folder(tmp_path)
     frames = list(open_source(str(folder / "f*.png")))
