@@ -123,7 +123,8 @@ class BatchAugmenter:
                              f"{tuple(images.shape)}")
         camera = getattr(self.cfg, "camera", None)
         if camera is not None and camera.enabled:
-            images = other_cameras(images, camera.prob, tuple(camera.aspect), self.pad_value)
+            images = other_cameras(images, camera.prob, tuple(camera.aspect), self.pad_value,
+                                   getattr(camera, "profile", "crop"))
         if self.cfg.hflip:  # cones are left-right symmetric
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
@@ -140,16 +141,20 @@ class BatchAugmenter:
 
 
 def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float],
-                  pad_value: int = 114) -> torch.Tensor:
+                  pad_value: int = 114, profile: str = "crop") -> torch.Tensor:
     """Each uint8 RGB crop, with probability ``prob``, as another camera would have seen it:
     a horizontal stretch drawn from ``aspect`` (centre-cropped, or padded with ``pad_value``
     where it narrows) and ``export.camera_aug.random_camera`` (exposure, white balance, blur,
-    noise, lens drops, JPEG). The random draws come from torch's generator, so a seeded run
-    repeats."""
+    noise, lens drops, JPEG). ``profile`` ``crop`` sizes blur and drops to the crop
+    (``export.camera_aug.CROP``), ``frame`` as on a whole frame (``DEFAULT``, so a 32 px crop
+    gets at most half the frame's blur). The random draws come from torch's generator, so a
+    seeded run repeats."""
     import cv2
     import numpy as np
 
-    from .camera_aug import random_aspect, random_camera
+    from .camera_aug import CROP, DEFAULT, random_aspect, random_camera
+
+    look = CROP if profile == "crop" else DEFAULT
 
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     rng = np.random.default_rng(seed)
@@ -168,7 +173,7 @@ def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float]
                 crop = np.full_like(crop, pad_value)
                 x0 = (w - new_w) // 2
                 crop[:, x0:x0 + new_w] = wide
-        arr[i] = random_camera(np.ascontiguousarray(crop), rng)
+        arr[i] = random_camera(np.ascontiguousarray(crop), rng, look)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 

@@ -35,8 +35,13 @@ class CameraRandomisation:
         exposure: global gain range (log-uniform).
         white_balance: largest per-channel gain deviation.
         p_blur, p_noise, p_drops, p_jpeg: probability of each effect per image.
-        max_blur_px: longest motion-blur kernel / largest Gaussian sigma x 3.
+        max_blur_px: longest motion-blur kernel / largest Gaussian sigma x 3, reached on an
+            image whose shorter side is at least ``blur_full_side`` (smaller images get
+            proportionally less, as a frame-sized blur would shrink with the frame).
+        blur_full_side: see ``max_blur_px``.
         max_noise: largest noise sigma (grey levels) at full exposure.
+        drop_radius: lens drops' radius range, as a fraction of the image's shorter side.
+        drop_count: fewest and most lens drops.
         jpeg_quality: lowest and highest JPEG quality.
     """
 
@@ -46,14 +51,34 @@ class CameraRandomisation:
     gamma: tuple[float, float] = (0.75, 1.35)
     p_blur: float = 0.3
     max_blur_px: int = 11
+    blur_full_side: int = 64
     p_noise: float = 0.35
     max_noise: float = 16.0
     p_drops: float = 0.12
+    drop_radius: tuple[float, float] = (0.02, 0.09)
+    drop_count: tuple[int, int] = (2, 12)
     p_jpeg: float = 0.3
     jpeg_quality: tuple[int, int] = (12, 70)
 
 
 DEFAULT = CameraRandomisation()
+
+# Stronger, for a whole frame or a proposer's training window: darker exposures, longer
+# blur, more and larger drops, more noise. The default profile leaves the proposer short of
+# the cones on strongly blurred, wet or dark frames (docs/validation.md).
+STRONG = CameraRandomisation(exposure=(0.15, 1.5), p_blur=0.4, max_blur_px=19,
+                             p_noise=0.4, max_noise=22.0, p_drops=0.2,
+                             drop_radius=(0.02, 0.12), drop_count=(2, 24))
+
+PROFILES = {"default": DEFAULT, "strong": STRONG}
+"""Frame profiles by name (``python -m export.proposer_train --camera``)."""
+
+# A classifier crop is a cone and its context resized to the model's input (32 px): a blur or
+# a drop of a given size on the lens covers a far larger part of a small cone's crop than of
+# the frame. On the held-out clips' camera variants, a 9 or 15 px motion blur of the frame is
+# 5-30 px in the crop of a 12-48 px cone, and one drop can cover a whole distant cone.
+CROP = CameraRandomisation(max_blur_px=20, blur_full_side=32, p_blur=0.4, p_drops=0.2,
+                           drop_radius=(0.1, 0.6), drop_count=(1, 3))
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -80,9 +105,9 @@ def random_camera(image: np.ndarray, rng: np.random.Generator,
     out = np.clip(f * 255.0, 0, 255)
     h, w = image.shape[:2]
     if rng.random() < cfg.p_blur and min(h, w) >= 8:
-        out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / 64.0))
+        out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / cfg.blur_full_side))
     if rng.random() < cfg.p_drops and min(h, w) >= 32:
-        out = lens_drops(out, rng)
+        out = lens_drops(out, rng, cfg.drop_count, cfg.drop_radius)
     if rng.random() < cfg.p_noise:
         # Shot noise grows as exposure falls (the sensor's gain amplifies it).
         sigma = rng.uniform(1.0, cfg.max_noise) * min(2.0, 1.0 / max(exposure, 0.25)) ** 0.5
@@ -110,14 +135,14 @@ def blur(f: np.ndarray, rng: np.random.Generator, max_px: float) -> np.ndarray:
     return cv2.filter2D(f, -1, kernel / max(float(kernel.sum()), 1e-6))
 
 
-def lens_drops(f: np.ndarray, rng: np.random.Generator, count: tuple[int, int] = (2, 12)
-               ) -> np.ndarray:
+def lens_drops(f: np.ndarray, rng: np.random.Generator, count: tuple[int, int] = (2, 12),
+               radius: tuple[float, float] = (0.02, 0.09)) -> np.ndarray:
     """Water drops: soft round patches showing a blurred, inverted view of what is behind."""
     h, w = f.shape[:2]
     out = f.astype(np.float32, copy=True)
     side = min(h, w)
     for _ in range(int(rng.integers(count[0], count[1] + 1))):
-        r = max(3, int(rng.uniform(0.02, 0.09) * side))
+        r = max(3, int(rng.uniform(*radius) * side))
         cx, cy = int(rng.uniform(0, w)), int(rng.uniform(0, h))
         x0, y0, x1, y1 = max(cx - r, 0), max(cy - r, 0), min(cx + r, w), min(cy + r, h)
         if x1 - x0 < 3 or y1 - y0 < 3:

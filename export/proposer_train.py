@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.camera_aug import PROFILES
 from export.data import DataError
 from export.proposer_data import ProposerFrames, augment_frame, centre_targets
 from export.train import Schedule, optimizer_step
@@ -547,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                         "an exported proposer .onnx such as models/cone_proposer.onnx, e.g. "
                         "to train it longer at a lower --lr or on a team's own frames")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--camera", default="default", choices=("default", "strong", "none"),
+                        help="camera randomisation of the training windows "
+                             "(export.camera_aug: default, strong, or none)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="per-frame cap while tuning the threshold (default: the node's "
                         "proposer.max_candidates in configs/node.yaml)")
@@ -589,12 +593,14 @@ def run(args: argparse.Namespace) -> int:
     # Each run is one stage (warm-up and cosine decay); a model trained further with --init
     # carries the stages before it, so its metadata tells the whole schedule.
     stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
-                   "init": args.init})
+                   "init": args.init, "camera": args.camera})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
+    camera = None if args.camera == "none" else PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
-          log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported)
+          log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
+          augmentation={"camera": camera})
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
                 "stages": stages}, out / "best.pt")

@@ -108,8 +108,11 @@ class CameraAugConfig:
     enabled: bool = True
     prob: float = spec(0.8, min=0.0, max=1.0)
     aspect: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    profile: str = "crop"
 
     def __post_init__(self) -> None:
+        if self.profile not in ("crop", "frame"):
+            raise ValueError(f"profile {self.profile!r} must be 'crop' or 'frame'")
         a = self.aspect
         if len(a) != 2 or not 0.2 <= a[0] <= a[1] <= 5.0:
             raise ValueError(f"aspect {a} must be [low, high] with 0.2 <= low <= high <= 5")

@@ -89,8 +89,8 @@ def test_unknown_variant_is_named():
 @pytest.mark.slow
 def test_validation_scores_the_node_on_rendered_frames(tmp_path):
     """Four rendered frames through the whole node, base and two variants: the base recall
-    matches a replay of the same frames scored by ``node.evaluate``, and the table, JSON and
-    plot are written."""
+    matches a replay of the same frames scored by ``node.evaluate``, the proposals' recall
+    bounds the node's, and the table, JSON and plot are written."""
     pytest.importorskip("export.synth")
     from export.synth import main as synth_main
     from export.validate import main
@@ -109,3 +109,7 @@ def test_validation_scores_the_node_on_rendered_frames(tmp_path):
     assert report["base"]["recall_vs_base"] == 1.0
     assert report["unstretch"]["size"] == [1138, 640]
     assert "| unstretch | 1138×640 |" in (out / "variants.md").read_text()
+    # The node's cones are a subset of the proposals, so the proposals find at least as many.
+    for row in report.values():
+        assert row["all"]["recall_ge12"] <= row["proposal_recall_ge12"] <= 1.0
+    assert "proposals' recall %" in (out / "variants.md").read_text()
