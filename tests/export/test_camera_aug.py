@@ -4,10 +4,14 @@ they say (blur lowers detail, noise adds variance, drops change only round patch
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 
 from export.camera_aug import (
+    CROP,
+    PROFILES,
     CameraRandomisation,
     blur,
     lens_drops,
@@ -44,15 +48,40 @@ def test_shape_dtype_and_seed():
 def test_no_draw_turns_a_cone_colour_into_another():
     """White balance is bounded so that hue survives; noise and JPEG are off here because
     they act on single pixels, not on a patch's colour."""
-    cfg = CameraRandomisation(p_noise=0.0, p_jpeg=0.0, p_drops=0.0)
-    for name, bgr in PATCHES.items():
-        patch = np.full((32, 32, 3), bgr, np.uint8)
-        for seed in range(200):
-            out = random_camera(patch, np.random.default_rng(seed), cfg)
-            mean = out[8:24, 8:24].reshape(-1, 3).mean(0)
-            if mean.max() < 25:  # too dark to have a hue at all
-                continue
-            assert hue_class(mean) == name, (name, seed, mean)
+    for profile in (*PROFILES.values(), CROP):
+        cfg = replace(profile, p_noise=0.0, p_jpeg=0.0, p_drops=0.0)
+        for name, bgr in PATCHES.items():
+            patch = np.full((32, 32, 3), bgr, np.uint8)
+            for seed in range(200):
+                out = random_camera(patch, np.random.default_rng(seed), cfg)
+                mean = out[8:24, 8:24].reshape(-1, 3).mean(0)
+                if mean.max() < 25:  # too dark to have a hue at all
+                    continue
+                assert hue_class(mean) == name, (profile, name, seed, mean)
+
+
+def test_crop_profile_blurs_and_covers_a_crop_as_a_frame_blur_covers_a_small_cone():
+    """On a 32 px crop the frame profile's blur is halved (it is sized for 64 px and more);
+    the crop profile's is not, and its drops cover far more of the crop."""
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    only = {"exposure": (1.0, 1.0), "white_balance": 0.0, "contrast": (1.0, 1.0),
+            "gamma": (1.0, 1.0), "p_noise": 0.0, "p_jpeg": 0.0}
+
+    def detail(cfg: CameraRandomisation) -> float:
+        outs = [random_camera(img, np.random.default_rng(s), cfg) for s in range(100)]
+        return float(np.mean([np.abs(np.diff(o.astype(float), axis=1)).mean() for o in outs]))
+
+    frame_blur = replace(PROFILES["default"], p_blur=1.0, p_drops=0.0, **only)
+    crop_blur = replace(CROP, p_blur=1.0, p_drops=0.0, **only)
+    assert detail(crop_blur) < 0.8 * detail(frame_blur)
+
+    def covered(cfg: CameraRandomisation) -> float:
+        outs = [random_camera(img, np.random.default_rng(s), cfg) for s in range(100)]
+        return float(np.mean([(np.abs(o.astype(int) - img).max(2) > 1).mean() for o in outs]))
+
+    frame_drops = replace(PROFILES["default"], p_blur=0.0, p_drops=1.0, **only)
+    crop_drops = replace(CROP, p_blur=0.0, p_drops=1.0, **only)
+    assert covered(crop_drops) > 2 * covered(frame_drops)
 
 
 def test_blur_lowers_detail_and_drops_stay_local():

@@ -54,6 +54,7 @@ def test_yaml_matches_dataclass_defaults() -> None:
     (["model.arch=resnet50"], "model.arch"),
     (["augment.randaugment.magnitude=12"], "augment.randaugment.magnitude"),
     (["data.synth.per_class={purple_cone: 3}"], "data.synth.per_class"),
+    (["augment.camera.profile=fisheye"], "augment.camera"),
 ])
 def test_config_errors_name_the_key_and_file(override, key) -> None:
     with pytest.raises(ConfigError) as err:
