@@ -304,18 +304,25 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
 
 def finetune_proposer(bundled: Path, frames, budget_s: float, out: Path, device, log: Path,
                       val_clips: list[str]) -> dict:
+    from export.camera_aug import PROFILES
     from export.proposer_train import export_proposer, import_proposer, train
     from node.propose.heatmap import open_session
 
     meta = open_session(bundled)[1]
     net = import_proposer(bundled, meta.extra.get("stem", "patch4"))
+    # The camera randomisation the bundled proposer was last trained with, so that the
+    # fine-tune keeps what it learnt about other cameras.
+    camera = (meta.extra.get("stages") or [{}])[-1].get("camera", "default")
+    if camera not in PROFILES:
+        camera = "default"
     t0 = time.perf_counter()
     history = train(net, frames, meta, 10**6, batch_size=16, lr=LR["proposer"], device=device,
-                    log=log, crop=PROPOSER_WINDOW, freeze_bn=True, budget_s=budget_s)
+                    log=log, crop=PROPOSER_WINDOW, freeze_bn=True, budget_s=budget_s,
+                    augmentation={"camera": PROFILES[camera]})
     seconds = round(time.perf_counter() - t0, 1)
     clips = sorted(set(frames.clips.tolist()))
     stage = {"finetune": True, "init": bundled.name, "lr": LR["proposer"], "seconds": seconds,
-             "window": PROPOSER_WINDOW, "frames": len(frames)}
+             "window": PROPOSER_WINDOW, "frames": len(frames), "camera": camera}
     meta.extra = dict(meta.extra, training_clips=clips, validation_clips=val_clips,
                       stages=list(meta.extra.get("stages", [])) + [stage])
     export_proposer(net, meta, out)
