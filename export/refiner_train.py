@@ -14,7 +14,9 @@ clips at 640 px plus synthetic scenes; the held-out clips are never in it) in tw
   height by ~20 % in log scale), so the refiner also learns errors the proposer does not make
   on frames it was trained on.
 
-Crops get random white balance, brightness, contrast, noise and horizontal flips. The
+Crops get random white balance, brightness, contrast, noise and horizontal flips; with
+``--camera`` the frames are first randomised as another camera would record them
+(``export.camera_aug``: exposure, blur, lens drops, noise, JPEG). The
 validation clip (``--val-clips``, default ``autox4``, also kept out of the proposer's
 training) is scored through the node's own proposer before and after refinement. Writes
 ``<out>/best.pt``, ``<out>/history.jsonl``, ``<out>/cone_refiner.onnx`` (opset 17, dynamic
@@ -37,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.camera_aug import PROFILES, CameraRandomisation, random_camera
 from export.data import DataError
 from export.proposer_data import SYNTH_CLIP, ProposerFrames
 from export.proposer_train import (
@@ -137,10 +140,13 @@ def proposer_pairs(frames: ProposerFrames, proposer, min_iou: float = 0.3) -> li
 
 
 def epoch_samples(frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
-                  rng: np.random.Generator, copies: int, min_height: float = 6.0
+                  rng: np.random.Generator, copies: int, min_height: float = 6.0,
+                  camera: CameraRandomisation | None = None, camera_prob: float = 0.8
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One epoch's crops (N, S, S, 3) uint8, their boxes' offsets to the cone (N, 4), and the
-    boxes themselves (N, 4)."""
+    boxes themselves (N, 4). With ``camera``, ``camera_prob`` of the frames are first seen as
+    another camera would (``export.camera_aug.random_camera`` on the whole frame, so blur and
+    lens drops have a frame's size around every cone)."""
     crops, deltas, inputs = [], [], []
     for i in range(len(frames)):
         gt = frames.frame_boxes(i)
@@ -158,7 +164,10 @@ def epoch_samples(frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
             boxes, target = np.concatenate([boxes, pb]), np.concatenate([target, full[pg]])
         if len(boxes) == 0:
             continue
-        crops.append(refiner_crops(frames.images[i], boxes, meta))
+        image = frames.images[i]
+        if camera is not None and rng.random() < camera_prob:
+            image = random_camera(image, rng, camera)
+        crops.append(refiner_crops(image, boxes, meta))
         deltas.append(box_targets(boxes, target, meta))
         inputs.append(boxes)
     return np.concatenate(crops), np.concatenate(deltas), np.concatenate(inputs)
@@ -197,8 +206,10 @@ def refine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: RefinerMetadata,
           epochs: int, copies: int = 4, batch_size: int = 256, lr: float = 3e-3,
           device: torch.device | str = "cpu", seed: int = 0, log: Path | None = None,
-          freeze_bn: bool = False, budget_s: float | None = None) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; fresh jitter every epoch. Returns the mean
+          freeze_bn: bool = False, budget_s: float | None = None,
+          camera: CameraRandomisation | None = None) -> list[float]:
+    """AdamW with linear warm-up and cosine decay; fresh jitter (and, with ``camera``, fresh
+    camera randomisation, ``epoch_samples``) every epoch. Returns the mean
     loss of each epoch. ``freeze_bn`` keeps the BatchNorms in eval mode (a net imported from
     ONNX); ``budget_s`` ends training after that many seconds (``export.train.Schedule``),
     after one step at least."""
@@ -214,7 +225,7 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history, t0, step = [], time.perf_counter(), 0
-    crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
+    crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies, camera=camera)
     # The schedule is set from the first epoch's size (the jitter changes it a little).
     total = epochs * max(1, len(crops) // batch_size)
     schedule = Schedule(opt, total, max(1, total // 20) if budget_s is None else 10, budget_s)
@@ -223,7 +234,7 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
         if step and schedule.over:
             break
         if epoch:
-            crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies)
+            crops, deltas, _ = epoch_samples(frames, pairs, meta, rng, copies, camera=camera)
         steps = max(1, len(crops) // batch_size)
         order = rng.permutation(len(crops))
         losses = []
@@ -295,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
                         help="one stride-2 convolution per entry")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--proposer", default=None,
+                        help="proposer .onnx whose candidates are trained and scored on "
+                             "(default: the one --node-config names)")
+    parser.add_argument("--camera", default="none", choices=("none", "default", "strong"),
+                        help="camera randomisation of the training frames (export.camera_aug)")
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -320,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
     train_frames = frames.subset(keep)
     proposer_cfg = replace(load_node_config(args.node_config).proposer, refiner_model=None,
                            body_mask=[])
+    if args.proposer:
+        proposer_cfg = replace(proposer_cfg, heatmap_model=args.proposer)
     t0 = time.perf_counter()
     pairs = proposer_pairs(train_frames, build_proposer(proposer_cfg))
     print(f"{sum(len(p[0]) for p in pairs)} proposer boxes on labelled cones in "
@@ -328,14 +346,15 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     net = BoxRefinerNet(args.input_size, tuple(args.channels))
     (out / "history.jsonl").write_text("")
+    camera = None if args.camera == "none" else PROFILES[args.camera]
     train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,
-          device, log=out / "history.jsonl")
+          device, log=out / "history.jsonl", camera=camera)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(args.channels),
                 "input_size": args.input_size}, out / "best.pt")
     meta.extra = {"arch": "box_refiner_net", "channels": list(args.channels),
                   "training_clips": sorted(set(train_frames.clips.tolist())),
                   "validation_clips": list(args.val_clips), "heldout": list(heldout),
-                  "epochs": args.epochs, "copies": args.copies,
+                  "epochs": args.epochs, "copies": args.copies, "camera": args.camera,
                   "proposer": proposer_cfg.heatmap_model}
     onnx_path = export_refiner(net, meta, out / "cone_refiner.onnx")
     val = validation_samples(root, list(args.val_clips))

@@ -76,6 +76,21 @@ def test_epoch_samples_lead_back_to_the_labels():
     assert np.allclose(iou.max(1), 1.0, atol=1e-4)
 
 
+def test_camera_randomisation_changes_the_crops_not_the_targets():
+    from export.camera_aug import STRONG
+
+    frames = tiny_frames(1)
+    meta = RefinerMetadata(input_size=16, context=0.5, min_side=8.0)
+    plain = epoch_samples(frames, no_pairs(frames), meta, np.random.default_rng(1), copies=5)
+    other = epoch_samples(frames, no_pairs(frames), meta, np.random.default_rng(1), copies=5,
+                          camera=STRONG, camera_prob=1.0)
+    # The camera's draws come after the frame's jitter: the same boxes, with the same
+    # targets, seen through another camera.
+    np.testing.assert_array_equal(plain[2], other[2])
+    np.testing.assert_array_equal(plain[1], other[1])
+    assert np.abs(plain[0].astype(int) - other[0]).mean() > 3
+
+
 def test_flip_mirrors_the_crop_and_its_offsets_alike():
     frames = tiny_frames(1)
     meta = RefinerMetadata(input_size=16, context=0.5, min_side=8.0)
