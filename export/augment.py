@@ -145,16 +145,16 @@ def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float]
     """Each uint8 RGB crop, with probability ``prob``, as another camera would have seen it:
     a horizontal stretch drawn from ``aspect`` (centre-cropped, or padded with ``pad_value``
     where it narrows) and ``export.camera_aug.random_camera`` (exposure, white balance, blur,
-    noise, lens drops, JPEG). ``profile`` ``crop`` sizes blur and drops to the crop
-    (``export.camera_aug.CROP``), ``frame`` as on a whole frame (``DEFAULT``, so a 32 px crop
-    gets at most half the frame's blur). The random draws come from torch's generator, so a
-    seeded run repeats."""
+    noise, lens drops, JPEG) with the named ``export.camera_aug.PROFILES`` entry: ``crop``
+    sizes blur and drops to the crop, ``default`` as on a whole frame (so a 32 px crop gets at
+    most half the frame's blur). The random draws come from torch's generator, so a seeded
+    run repeats."""
     import cv2
     import numpy as np
 
-    from .camera_aug import CROP, DEFAULT, random_aspect, random_camera
+    from .camera_aug import PROFILES, random_aspect, random_camera
 
-    look = CROP if profile == "crop" else DEFAULT
+    look = PROFILES[profile]
 
     seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
     rng = np.random.default_rng(seed)

@@ -70,15 +70,16 @@ STRONG = CameraRandomisation(exposure=(0.15, 1.5), p_blur=0.4, max_blur_px=19,
                              p_noise=0.4, max_noise=22.0, p_drops=0.2,
                              drop_radius=(0.02, 0.12), drop_count=(2, 24))
 
-PROFILES = {"default": DEFAULT, "strong": STRONG}
-"""Frame profiles by name (``python -m export.proposer_train --camera``)."""
-
 # A classifier crop is a cone and its context resized to the model's input (32 px): a blur or
 # a drop of a given size on the lens covers a far larger part of a small cone's crop than of
 # the frame. On the held-out clips' camera variants, a 9 or 15 px motion blur of the frame is
 # 5-30 px in the crop of a 12-48 px cone, and one drop can cover a whole distant cone.
 CROP = CameraRandomisation(max_blur_px=20, blur_full_side=32, p_blur=0.4, p_drops=0.2,
                            drop_radius=(0.1, 0.6), drop_count=(1, 3))
+
+PROFILES: dict[str, CameraRandomisation | None] = {
+    "none": None, "default": DEFAULT, "strong": STRONG, "crop": CROP}
+"""Profiles by name: the trainers' ``--camera`` and ``augment.camera.profile``."""
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:

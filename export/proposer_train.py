@@ -548,9 +548,9 @@ def main(argv: list[str] | None = None) -> int:
                         "an exported proposer .onnx such as models/cone_proposer.onnx, e.g. "
                         "to train it longer at a lower --lr or on a team's own frames")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--camera", default="default", choices=("default", "strong", "none"),
-                        help="camera randomisation of the training windows "
-                             "(export.camera_aug: default, strong, or none)")
+    parser.add_argument("--camera", default="default", choices=list(PROFILES),
+                        help="camera randomisation profile of the training windows "
+                             "(export.camera_aug.PROFILES)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="per-frame cap while tuning the threshold (default: the node's "
                         "proposer.max_candidates in configs/node.yaml)")
@@ -597,7 +597,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
-    camera = None if args.camera == "none" else PROFILES[args.camera]
+    camera = PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
           augmentation={"camera": camera})

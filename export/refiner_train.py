@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proposer", default=None,
                         help="proposer .onnx whose candidates are trained and scored on "
                              "(default: the one --node-config names)")
-    parser.add_argument("--camera", default="none", choices=("none", "default", "strong"),
-                        help="camera randomisation of the training frames (export.camera_aug)")
+    parser.add_argument("--camera", default="none", choices=list(PROFILES),
+                        help="camera randomisation profile of the training frames "
+                             "(export.camera_aug.PROFILES)")
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -346,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     net = BoxRefinerNet(args.input_size, tuple(args.channels))
     (out / "history.jsonl").write_text("")
-    camera = None if args.camera == "none" else PROFILES[args.camera]
+    camera = PROFILES[args.camera]
     train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,
           device, log=out / "history.jsonl", camera=camera)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(args.channels),

@@ -111,8 +111,11 @@ class CameraAugConfig:
     profile: str = "crop"
 
     def __post_init__(self) -> None:
-        if self.profile not in ("crop", "frame"):
-            raise ValueError(f"profile {self.profile!r} must be 'crop' or 'frame'")
+        from export.camera_aug import PROFILES
+
+        names = [n for n, p in PROFILES.items() if p is not None]
+        if self.profile not in names:
+            raise ValueError(f"profile {self.profile!r} must be one of {names}")
         a = self.aspect
         if len(a) != 2 or not 0.2 <= a[0] <= a[1] <= 5.0:
             raise ValueError(f"aspect {a} must be [low, high] with 0.2 <= low <= high <= 5")

@@ -80,9 +80,10 @@ def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,
                 frames.append(Frame(i, float(i), img, s.image_path.name))
                 truth.append((boxes, labels))
             bar.set_postfix_str(variant.name)
-            results, summary = run_node(config, backend, proposer, frames, bar)
+            recorder = ProposalRecorder(proposer)
+            results, summary = run_node(config, backend, recorder, frames, bar)
             reports = score_variant(results, truth, clips)
-            proposals = proposal_recall(proposer, frames, truth)
+            proposals = proposal_recall(recorder.boxes, frames, truth)
             lat = [r.latency_ms for r in results]
             out[variant.name] = {
                 "kind": variant.kind,
@@ -103,14 +104,31 @@ def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,
     return out
 
 
-def proposal_recall(proposer: Any, frames: list[Frame],
+class ProposalRecorder:
+    """The node's proposer, keeping the boxes it proposes for each frame (by frame index),
+    so that the proposals are scored without running the proposer twice."""
+
+    def __init__(self, proposer: Any) -> None:
+        self.proposer = proposer
+        self.boxes: dict[int, np.ndarray] = {}
+
+    def propose(self, frame: Frame) -> np.ndarray:
+        boxes = self.proposer.propose(frame)
+        self.boxes[frame.index] = boxes
+        return boxes
+
+    def __getattr__(self, name: str) -> Any:  # max_candidates, suppress_overlaps, close
+        return getattr(self.proposer, name)
+
+
+def proposal_recall(proposals: dict[int, np.ndarray], frames: list[Frame],
                     truth: list[tuple[np.ndarray, list[str]]]) -> float | None:
     """Recall of cones >= 12 px by the proposer's boxes alone (IoU >= 0.5): the most the
     classifier could find. Below the node's recall by much, the classifier loses the cones;
     close to it, the proposer does."""
     tally = Tally()
     for frame, (boxes, labels) in zip(frames, truth, strict=True):
-        found = proposer.propose(frame)  # best first: the rank is the score
+        found = proposals.get(frame.index, np.zeros((0, 4), np.float32))
         tally.add(found, -np.arange(len(found), dtype=np.float64), None, boxes, labels)
     return tally.report()["recall_ge12"]
 
