@@ -1,10 +1,15 @@
-"""Q/DQ graph rules for TensorRT: which nodes stay float, and whether a Q/DQ ONNX is legal.
+"""Q/DQ graph rules: which nodes stay float, and whether a Q/DQ ONNX is legal for its target.
 
 TensorRT's explicit quantization (TensorRT developer guide, "Explicit Quantization") accepts
 only symmetric INT8: every zero point is 0 and signed, weights are quantized per output channel
 (axis 0 of a Conv kernel or of a transposed Gemm weight) within [-127, 127]. ``verify_qdq``
 checks exactly that on an ONNX file, so a model that TensorRT would reject, or would run with
 silently shifted values, never leaves ``calib.quantize``.
+
+The ``cpu`` target is ONNX Runtime's CPU kernels instead: activations are unsigned with a zero
+point (so that a ReLU folds into the convolution before it, and the whole Conv runs as one
+integer kernel), weights stay signed, symmetric and per output channel. ``verify_qdq(path,
+"cpu")`` checks those rules; such a model is refused for TensorRT.
 
 Keep-float groups are found by graph structure, not by layer names, so they work for any
 exporter's naming: ``first_conv`` (Conv nodes reading the network input), ``se`` (the
@@ -26,8 +31,12 @@ _POOLS = ("GlobalAveragePool", "ReduceMean")
 _SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Add", "Transpose")
 
 
+TARGETS = ("tensorrt", "cpu")
+"""What a Q/DQ model is made for: TensorRT's symmetric INT8, or ONNX Runtime's CPU kernels."""
+
+
 class QuantizationError(ValueError):
-    """Quantization cannot proceed or produced a model TensorRT would not accept."""
+    """Quantization cannot proceed or produced a model its target would not accept."""
 
 
 @dataclass
@@ -39,16 +48,20 @@ class QdqReport:
         dequantize_nodes: number of DequantizeLinear nodes.
         per_channel_weights: weight name → number of channels of its per-channel scale.
         float_ops: op types of compute nodes (Conv, Gemm, MatMul) left unquantized, by name.
+        target: ``tensorrt`` or ``cpu`` (``TARGETS``), whose rules the model passed.
     """
 
     quantize_nodes: int = 0
     dequantize_nodes: int = 0
     per_channel_weights: dict[str, int] = field(default_factory=dict)
     float_ops: list[str] = field(default_factory=list)
+    target: str = "tensorrt"
 
     def summary(self) -> str:
+        points = ("all zero points 0" if self.target == "tensorrt"
+                  else "uint8 activations, weight zero points 0")
         return (f"{self.quantize_nodes} Q / {self.dequantize_nodes} DQ nodes, "
-                f"{len(self.per_channel_weights)} per-channel weights, all zero points 0, "
+                f"{len(self.per_channel_weights)} per-channel weights, {points}, "
                 f"{len(self.float_ops)} compute nodes kept float")
 
 
@@ -133,29 +146,37 @@ def _classifier_nodes(model, producer) -> set[str]:
     return found
 
 
-def verify_qdq(path: str | Path) -> QdqReport:
-    """Check that a Q/DQ ONNX follows TensorRT's explicit-quantization rules and runs in ORT.
+def verify_qdq(path: str | Path, target: str = "tensorrt") -> QdqReport:
+    """Check that a Q/DQ ONNX follows its target's rules and runs in ONNX Runtime.
+
+    ``tensorrt``: every zero point INT8 and 0, no uint8 tensor. ``cpu``: weights' zero points
+    INT8 and 0, activations' UINT8. Both: weights per output channel, some Q/DQ at all.
 
     Raises:
-        QuantizationError: a non-zero or missing or unsigned zero point, a uint8 tensor, a
-            per-tensor weight scale, a per-channel scale on the wrong axis, no Q/DQ at all, or
-            a model ONNX Runtime cannot run.
+        QuantizationError: a zero point of the wrong type or value, a missing zero point, a
+            uint8 tensor (``tensorrt``), a per-tensor weight scale, a per-channel scale on the
+            wrong axis, no Q/DQ at all, or a model ONNX Runtime cannot run.
     """
     import onnx
     from onnx import TensorProto, numpy_helper
 
+    if target not in TARGETS:
+        raise QuantizationError(f"unknown quantization target {target!r}; expected one of "
+                                f"{list(TARGETS)}")
     path = Path(path)
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     consts = {n.output[0]: n.attribute[0].t for n in model.graph.node
               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
     tensors = {**consts, **inits}
-    report = QdqReport()
-    uint8 = [t.name for t in tensors.values() if t.data_type == TensorProto.UINT8]
-    uint8 += [v.name for v in list(model.graph.value_info) + list(model.graph.output)
-              if v.type.tensor_type.elem_type == TensorProto.UINT8]
-    if uint8:
-        raise QuantizationError(f"{path}: uint8 tensors {uint8[:3]}; TensorRT needs signed INT8")
+    report = QdqReport(target=target)
+    if target == "tensorrt":
+        uint8 = [t.name for t in tensors.values() if t.data_type == TensorProto.UINT8]
+        uint8 += [v.name for v in list(model.graph.value_info) + list(model.graph.output)
+                  if v.type.tensor_type.elem_type == TensorProto.UINT8]
+        if uint8:
+            raise QuantizationError(f"{path}: uint8 tensors {uint8[:3]}; TensorRT needs signed "
+                                    f"INT8 (a model quantized for the cpu target?)")
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -173,10 +194,13 @@ def verify_qdq(path: str | Path) -> QdqReport:
             raise QuantizationError(f"{path}: {n.name} has no constant zero point (it would "
                                     f"default to uint8)")
         zp = tensors[n.input[2]]
-        if zp.data_type != TensorProto.INT8:
+        want = _zero_point_type(n, target, inits, quant_input)
+        signed = want != TensorProto.UINT8
+        if zp.data_type != want:
             raise QuantizationError(f"{path}: {n.name} zero point is "
-                                    f"{TensorProto.DataType.Name(zp.data_type)}, not INT8")
-        if np.any(numpy_helper.to_array(zp) != 0):
+                                    f"{TensorProto.DataType.Name(zp.data_type)}, not "
+                                    f"{TensorProto.DataType.Name(want)}")
+        if signed and np.any(numpy_helper.to_array(zp) != 0):
             raise QuantizationError(f"{path}: {n.name} has a non-zero zero point (asymmetric)")
         _check_weight_scale(n, inits, tensors, consumers, quant_input, report, path)
     if report.quantize_nodes == 0 or report.dequantize_nodes == 0:
@@ -188,6 +212,23 @@ def verify_qdq(path: str | Path) -> QdqReport:
                 report.float_ops.append(n.name)
     _check_runs(path)
     return report
+
+
+def _zero_point_type(n, target: str, inits, quant_input: dict[str, str]) -> int:
+    """The zero point's type that ``target`` wants for this Q or DQ node: INT8 throughout for
+    TensorRT; for the CPU, a quantized constant's own type (INT8 weights, INT32 biases), INT8
+    for a float weight's Q/DQ pair, and UINT8 for activations."""
+    from onnx import TensorProto
+
+    src = inits.get(n.input[0])
+    if target == "tensorrt":
+        return TensorProto.INT8
+    if src is not None and src.data_type != TensorProto.FLOAT:
+        return src.data_type
+    if src is not None or (n.op_type == "DequantizeLinear"
+                           and _weight_source(n, inits, quant_input)):
+        return TensorProto.INT8
+    return TensorProto.UINT8
 
 
 def _check_weight_scale(n, inits, tensors, consumers, quant_input, report, path) -> None:

@@ -1,4 +1,4 @@
-"""INT8 explicit quantization: FP32 ONNX → symmetric Q/DQ ONNX that TensorRT accepts.
+"""INT8 explicit quantization: FP32 ONNX → Q/DQ ONNX for TensorRT, or for ONNX Runtime's CPU.
 
 Follows ONNX Runtime's static quantization tools (``onnxruntime.quantization``): the model is
 pre-processed with ``quant_pre_process``, activation ranges are measured by ORT's calibrator
@@ -9,8 +9,15 @@ per-channel symmetric weights, symmetric activations). TensorRT's explicit-quant
 by ``verify_qdq``. NVIDIA ModelOpt's ONNX PTQ is used instead when importable (``--engine
 modelopt``); it is not installed on the development machines.
 
+``--target cpu`` makes the model for ONNX Runtime's CPU kernels instead (a node without a GPU):
+activations are calibrated asymmetric and stored as uint8, so that each Conv with its ReLU runs
+as one integer kernel, and weights keep 7 of their 8 bits (``reduce_range``: x86 CPUs without
+VNNI multiply uint8 by int8 in pairs summed into 16 bits, which full-range weights can
+overflow). TensorRT refuses such a model.
+
     python -m calib.quantize model.onnx --data yolo:DIR|synth -o model.int8.onnx \
-        [--method minmax|entropy|percentile] [--cache calib.json] [--keep-float first_conv,se]
+        [--method minmax|entropy|percentile] [--cache calib.json] [--keep-float first_conv,se] \
+        [--target tensorrt|cpu]
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import numpy as np
 from calib.feed import CalibrationConfig, FeedError, calibration_batches
 from calib.qdq import (
     KEEP_FLOAT_GROUPS,
+    TARGETS,
     QdqReport,
     QuantizationError,
     resolve_keep_float,
@@ -51,10 +59,17 @@ QDQ_OPTIONS = {
     # INT32 DequantizeLinear.
     "QuantizeBias": False,
 }
+CPU_QDQ_OPTIONS = {
+    "ActivationSymmetric": False,  # uint8 with a zero point: a ReLU folds into its Conv
+    "WeightSymmetric": True,
+    # INT32 biases: ONNX Runtime fuses DQ -> Conv -> Q into one QLinearConv only with them.
+    "QuantizeBias": True,
+}
 
 __all__ = [
     "KEEP_FLOAT_GROUPS",
     "METHODS",
+    "TARGETS",
     "QdqReport",
     "QuantizationError",
     "QuantizeConfig",
@@ -89,8 +104,8 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path,
                  batches: Iterable[np.ndarray] | None, method: str = "minmax",
                  cache_path: str | Path | None = None, keep_float: Iterable[str] = (),
                  percentile: float = 99.999, calibration_note: dict | None = None,
-                 tool: str = "onnxruntime") -> QdqReport:
-    """Quantize an FP32 ONNX to a symmetric INT8 Q/DQ ONNX and verify it.
+                 tool: str = "onnxruntime", target: str = "tensorrt") -> QdqReport:
+    """Quantize an FP32 ONNX to an INT8 Q/DQ ONNX for ``target`` and verify it.
 
     Args:
         fp32_path: the FP32 ONNX (with ``cone_node`` metadata).
@@ -106,6 +121,8 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path,
         calibration_note: what the calibration data was (recorded in the metadata).
         tool: ``onnxruntime`` or ``modelopt`` (NVIDIA ModelOpt's ONNX PTQ, only where
             installed; it takes minmax or entropy, and no ``cache_path``).
+        target: ``tensorrt`` (symmetric INT8, zero points 0) or ``cpu`` (uint8 activations
+            with zero points, 7-bit int8 weights, for ONNX Runtime's CPU kernels).
 
     Returns:
         The verification report of the written model.
@@ -116,6 +133,11 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path,
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     if method not in METHODS:
         raise QuantizationError(f"--method must be one of {list(METHODS)}, got {method!r}")
+    if target not in TARGETS:
+        raise QuantizationError(f"--target must be one of {list(TARGETS)}, got {target!r}")
+    if tool == "modelopt" and target != "tensorrt":
+        raise QuantizationError("ModelOpt quantizes for TensorRT only; use --engine "
+                                "onnxruntime for --target cpu")
     meta = _read_metadata(fp32_path)
     if meta.precision != "fp32":
         raise QuantizationError(f"{fp32_path}: is already {meta.precision}; quantize the FP32 "
@@ -133,17 +155,18 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path,
             model = _quantize_modelopt(pre_path, Path(tmp), input_name, batches, method,
                                        exclude, cache_path)
         else:
-            ranges = _load_cache(cache_path, source_sha, method, percentile)
+            ranges = _load_cache(cache_path, source_sha, method, percentile, target)
             if ranges is None:
                 if batches is None:
                     raise QuantizationError("no calibration data and no matching --cache file")
-                ranges = _calibrate(pre_path, Path(tmp), input_name, batches, method, percentile)
+                ranges = _calibrate(pre_path, Path(tmp), input_name, batches, method, percentile,
+                                    symmetric=target == "tensorrt")
                 if cache_path is not None:
-                    _save_cache(cache_path, source_sha, method, percentile, ranges)
-            model = _quantize_with_ranges(pre_path, Path(tmp), ranges, method, exclude)
+                    _save_cache(cache_path, source_sha, method, percentile, ranges, target)
+            model = _quantize_with_ranges(pre_path, Path(tmp), ranges, method, exclude, target)
 
     extra = dict(meta.extra)
-    extra["quantization"] = {"tool": tool, "format": "QDQ", "method": method,
+    extra["quantization"] = {"tool": tool, "format": "QDQ", "target": target, "method": method,
                              "keep_float": sorted(exclude),
                              **({"percentile": percentile} if method == "percentile" else {}),
                              **({"calibration": calibration_note} if calibration_note else {})}
@@ -155,7 +178,7 @@ def quantize_qdq(fp32_path: str | Path, out_path: str | Path,
     onnx.checker.check_model(model)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_path))
-    return verify_qdq(out_path)
+    return verify_qdq(out_path, target)
 
 
 def _ort_method(method: str):
@@ -166,7 +189,7 @@ def _ort_method(method: str):
 
 
 def _quantize_with_ranges(pre_path: Path, tmp: Path, ranges: dict[str, tuple[float, float]],
-                          method: str, exclude: list[str]):
+                          method: str, exclude: list[str], target: str = "tensorrt"):
     """ORT's ``quantize_static`` over precomputed ranges (handed in as its calibration cache,
     so no data is run again: the same ranges give the same model, byte for byte)."""
     import onnx
@@ -178,17 +201,22 @@ def _quantize_with_ranges(pre_path: Path, tmp: Path, ranges: dict[str, tuple[flo
         name: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
         for name, (lo, hi) in ranges.items()}), ort_ranges)
     raw_out = tmp / "int8.onnx"
+    cpu = target == "cpu"
     quantize_static(str(pre_path), str(raw_out), calibration_data_reader=None,
-                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=False,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method=_ort_method(method),
-                    extra_options=QDQ_OPTIONS, calibration_cache_path=str(ort_ranges))
+                    quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=cpu,
+                    activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                    calibrate_method=_ort_method(method),
+                    extra_options=CPU_QDQ_OPTIONS if cpu else QDQ_OPTIONS,
+                    calibration_cache_path=str(ort_ranges))
     return onnx.load(str(raw_out))
 
 
 def _calibrate(model_path: Path, tmp: Path, input_name: str, batches: Iterable[np.ndarray],
-               method: str, percentile: float) -> dict[str, tuple[float, float]]:
-    """Activation ranges by ORT's calibrator API, symmetric as TensorRT requires."""
+               method: str, percentile: float, symmetric: bool = True
+               ) -> dict[str, tuple[float, float]]:
+    """Activation ranges by ORT's calibrator API, symmetric as TensorRT requires (or not, for
+    the CPU target's uint8 activations)."""
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.calibrate import create_calibrator
 
@@ -201,7 +229,7 @@ def _calibrate(model_path: Path, tmp: Path, input_name: str, batches: Iterable[n
         def get_next(self):
             return next(self._feed, None)
 
-    options = {"symmetric": True}
+    options = {"symmetric": symmetric}
     if ort_method.name == "Percentile":
         options["percentile"] = percentile
     calibrator = create_calibrator(model_path, None, augmented_model_path=str(tmp / "aug.onnx"),
@@ -235,8 +263,8 @@ def _scalar(value) -> float:
     return float(np.asarray(value, np.float32).reshape(-1)[0])
 
 
-def _load_cache(path: str | Path | None, source_sha: str, method: str, percentile: float
-                ) -> dict[str, tuple[float, float]] | None:
+def _load_cache(path: str | Path | None, source_sha: str, method: str, percentile: float,
+                target: str = "tensorrt") -> dict[str, tuple[float, float]] | None:
     if path is None or not Path(path).is_file():
         return None
     try:
@@ -246,19 +274,22 @@ def _load_cache(path: str | Path | None, source_sha: str, method: str, percentil
         ranges = {k: (float(v[0]), float(v[1])) for k, v in data["ranges"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as exc:
         raise QuantizationError(f"{path}: unreadable calibration cache ({exc})") from None
+    # Caches written before the cpu target existed hold TensorRT's symmetric ranges.
     same = (data.get("source_onnx_sha256") == source_sha and data.get("method") == method
-            and (method != "percentile" or data.get("percentile") == percentile))
+            and (method != "percentile" or data.get("percentile") == percentile)
+            and data.get("target", "tensorrt") == target)
     if not same:
-        print(f"calibration cache {path} is for another model or method; recalibrating",
-              file=sys.stderr)
+        print(f"calibration cache {path} is for another model, method or target; "
+              f"recalibrating", file=sys.stderr)
         return None
     return ranges
 
 
 def _save_cache(path: str | Path, source_sha: str, method: str, percentile: float,
-                ranges: dict[str, tuple[float, float]]) -> None:
+                ranges: dict[str, tuple[float, float]], target: str = "tensorrt") -> None:
     payload = {"format": CACHE_FORMAT, "source_onnx_sha256": source_sha, "method": method,
-               "percentile": percentile, "ranges": {k: list(v) for k, v in ranges.items()}}
+               "percentile": percentile, "target": target,
+               "ranges": {k: list(v) for k, v in ranges.items()}}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1, sort_keys=True))
 
@@ -307,7 +338,8 @@ def _modelopt_available() -> bool:
 def quantize_with_config(model: str | Path, output: str | Path, data: str | Iterable[Any],
                          config: str | Path | None = None, method: str | None = None,
                          cache: str | Path | None = None, keep_float: str | None = None,
-                         engine: str = "onnxruntime", note: str | None = None) -> QdqReport:
+                         engine: str = "onnxruntime", note: str | None = None,
+                         target: str = "tensorrt") -> QdqReport:
     """What ``python -m calib.quantize`` does: ``configs/export.yaml``'s calibration feed of
     ``data`` (a data spec, or labelled samples such as ``export.finetune``'s training frames;
     ``note`` names them in the output's metadata) and quantize settings, with the command
@@ -326,7 +358,7 @@ def quantize_with_config(model: str | Path, output: str | Path, data: str | Iter
                                   synth_size=(c.synth_width, c.synth_height))
     return quantize_qdq(model, output, batches, method, cache, keep, cfg.quantize.percentile,
                         calibration_note={"data": note or str(data), "count": c.count,
-                                          "seed": c.seed}, tool=engine)
+                                          "seed": c.seed}, tool=engine, target=target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,10 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-float", default=None,
                         help=f"comma list of {sorted(KEEP_FLOAT_GROUPS)} or node-name regexes")
     parser.add_argument("--engine", choices=("onnxruntime", "modelopt"), default="onnxruntime")
+    parser.add_argument("--target", choices=TARGETS, default="tensorrt",
+                        help="tensorrt: symmetric INT8 for TensorRT engines (default); cpu: "
+                             "uint8 activations for ONNX Runtime on a CPU")
     args = parser.parse_args(argv)
     try:
         report = quantize_with_config(args.model, args.output, args.data, args.config,
-                                      args.method, args.cache, args.keep_float, args.engine)
+                                      args.method, args.cache, args.keep_float, args.engine,
+                                      target=args.target)
     except (QuantizationError, FeedError, ConfigError, MetadataError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

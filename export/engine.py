@@ -164,11 +164,16 @@ def build_engine(onnx_path: str | Path, precision: str, cfg: _FileConfig | None 
         UnsupportedBuild: the precision cannot be built on this TensorRT (advice included).
         EngineBuildError: parse or build failure.
     """
+    onnx_path = Path(onnx_path)
+    meta = read_onnx_metadata(onnx_path)
+    if (meta.extra.get("quantization") or {}).get("target") == "cpu":
+        raise UnsupportedBuild(
+            f"{onnx_path}: quantized for ONNX Runtime's CPU (uint8 activations), which "
+            f"TensorRT does not take; quantize the FP32 ONNX for it with `python -m "
+            f"calib.quantize MODEL.onnx -o MODEL.int8.onnx` (the default --target tensorrt)")
     import tensorrt as trt
 
     cfg = cfg or _FileConfig()
-    onnx_path = Path(onnx_path)
-    meta = read_onnx_metadata(onnx_path)
     qdq = meta.precision == "int8"
     plan = builder_plan(trt.__version__, precision, qdq)
     if plan.requires_fp16_onnx and not _input_is_fp16(onnx_path):

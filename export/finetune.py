@@ -17,8 +17,9 @@ by the folder's class names (``node.evaluate.datasets``).
 Time is a budget (``--minutes``, 30 by default): once the data is read and the bundled models
 scored, what is left after a reserve for the closing steps is shared among the three nets
 (``SHARES``); each net's learning rate decays with the clock and its training stops when its
-share is used (``export.train.Schedule``). The classifier's INT8 twin is calibrated again
-(``calib.quantize``) when the budget leaves time for it.
+share is used (``export.train.Schedule``). The classifier's two INT8 twins, TensorRT's and
+ONNX Runtime's CPU one (the node's default model), are calibrated again (``calib.quantize``)
+when the budget leaves time for them.
 
 ``--nets`` retrains only the networks it names (the others are copied from ``--models``, and
 their share of the time goes to the named ones).
@@ -74,11 +75,14 @@ CLASSIFIER_SAMPLES_PER_EPOCH = 2048
 CLOSING_S = 20.0
 """Reserve for exporting three ONNX files with the classifier's parity check."""
 INT8_S = 30.0
-"""Reserve for the INT8 calibration; skipped when less than this is left."""
+"""Reserve for each INT8 calibration; skipped when less than this is left."""
 NETS = ("proposer", "refiner", "classifier")
 MODEL_FILES = {"proposer": "cone_proposer.onnx", "refiner": "cone_refiner.onnx",
                "classifier": "cone_classifier.onnx"}
-INT8_FILE, INT8_CACHE = "cone_classifier.int8.onnx", "cone_classifier.int8.calib.json"
+INT8_TWINS = {"tensorrt": ("cone_classifier.int8.onnx", "cone_classifier.int8.calib.json"),
+              "cpu": ("cone_classifier.cpu.int8.onnx", "cone_classifier.cpu.int8.calib.json")}
+"""The classifier's INT8 twins by ``calib.quantize`` target: model file and calibration cache."""
+INT8_FILES = [name for pair in INT8_TWINS.values() for name in pair]
 
 
 class Budget:
@@ -516,7 +520,7 @@ def format_report(report: dict) -> str:
             continue
         lines.append(f"- {net}: {n['epochs']} epochs in {n['seconds']:.0f} s at lr "
                      f"{LR[net]:g}, loss {n['first_loss']} → {n['last_loss']}")
-    lines += [f"- INT8 twin: {report['int8']}", "",
+    lines += [f"- INT8 twins: {report['int8']}", "",
               "The models are in `models/` here, with the bundled models' metadata; the "
               "proposer's score threshold is the node config's, not re-tuned. "
               + ("They were copied over the bundled models (`--install`). "
@@ -638,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
         with budget.stage("score before"):
             report["before"] = score_models(args, models_in, val)
         after_s = budget.times["score before"] * 1.3  # the same scoring, at the end
-        reserve = after_s + CLOSING_S + (0 if args.no_int8 else INT8_S)
+        reserve = after_s + CLOSING_S + (0 if args.no_int8 else INT8_S * len(INT8_TWINS))
         report["nets"] = train_nets(args, train, report["data"]["val_clips"], budget, reserve,
                                     models_in, models_out, work, device)
         with budget.stage("INT8"):
@@ -654,15 +658,18 @@ def run(args: argparse.Namespace) -> int:
                         "stages": budget.times, "load_average": {"start": load_start,
                                                                  "end": load_average()}}
     if args.install:
-        for name in list(MODEL_FILES.values()) + [INT8_FILE, INT8_CACHE]:
+        for name in list(MODEL_FILES.values()) + INT8_FILES:
             if (models_out / name).is_file():
                 shutil.copyfile(models_out / name, models_in / name)
         report["installed"] = True
-        if report["nets"]["classifier"]["retrained"] and not (models_out / INT8_FILE).is_file():
-            report["install_note"] = (
-                f"{models_in / INT8_FILE} is still the INT8 twin of the classifier before; "
+        stale = [(target, file) for target, (file, _) in INT8_TWINS.items()
+                 if not (models_out / file).is_file()]
+        if report["nets"]["classifier"]["retrained"] and stale:
+            report["install_note"] = "; ".join(
+                f"{models_in / file} is still the INT8 twin of the classifier before; "
                 f"recalibrate it: python -m calib.quantize {models_in / MODEL_FILES['classifier']}"
-                f" --data {args.data} -o {models_in / INT8_FILE}")
+                f" --data {args.data} --target {target} -o {models_in / file}"
+                for target, file in stale)
             print(f"warning: {report['install_note']}", file=sys.stderr)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = format_report(report)
@@ -719,27 +726,33 @@ def train_nets(args, train: list, val_clips: list[str], budget: Budget, reserve:
 
 
 def calibrate_int8(args, budget: Budget, after_s: float, train: list, models_out: Path) -> str:
-    """Calibrate the fine-tuned classifier's INT8 twin on the training frames when the budget
-    leaves time for it besides the ``after_s`` the last scoring needs; says what was done."""
+    """Calibrate the fine-tuned classifier's INT8 twins (``INT8_TWINS``) on the training frames
+    while the budget leaves time for each besides the ``after_s`` the last scoring needs; says
+    what was done."""
     from calib.quantize import quantize_with_config
 
     if args.no_int8:
         return "skipped (--no-int8)"
     if "classifier" not in args.nets:
-        for name in (INT8_FILE, INT8_CACHE):
+        for name in INT8_FILES:
             if (Path(args.models) / name).is_file():
                 shutil.copyfile(Path(args.models) / name, models_out / name)
-        return "not recalibrated: the classifier was not retrained (the bundled twin is copied)"
-    left = budget.left() - after_s
-    if left < INT8_S:
-        return (f"skipped: {max(0.0, left):.0f} s of the budget left, the calibration needs "
-                f"about {INT8_S:.0f} s; run python -m calib.quantize on models/"
-                f"{MODEL_FILES['classifier']} later")
-    t = time.perf_counter()
-    rep = quantize_with_config(models_out / MODEL_FILES["classifier"], models_out / INT8_FILE,
-                               train, cache=models_out / INT8_CACHE,
-                               note="the fine-tune's training frames")
-    return f"calibrated in {time.perf_counter() - t:.0f} s on the training frames ({rep.summary()})"
+        return "not recalibrated: the classifier was not retrained (the bundled twins are copied)"
+    done = []
+    for target, (file, cache) in INT8_TWINS.items():
+        left = budget.left() - after_s
+        if left < INT8_S:
+            done.append(f"{target}: skipped, {max(0.0, left):.0f} s of the budget left, the "
+                        f"calibration needs about {INT8_S:.0f} s; run python -m calib.quantize "
+                        f"--target {target} on models/{MODEL_FILES['classifier']} later")
+            continue
+        t = time.perf_counter()
+        rep = quantize_with_config(models_out / MODEL_FILES["classifier"], models_out / file,
+                                   train, cache=models_out / cache,
+                                   note="the fine-tune's training frames", target=target)
+        done.append(f"{target}: calibrated in {time.perf_counter() - t:.0f} s on the training "
+                    f"frames ({rep.summary()})")
+    return "; ".join(done)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from node.track.tracker import TrackerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/node.yaml"
-DEFAULT_MODEL = "models/cone_classifier.onnx"
+DEFAULT_MODEL = "models/cone_classifier.cpu.int8.onnx"
 
 
 @dataclass

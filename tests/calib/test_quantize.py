@@ -18,7 +18,9 @@ from onnx import numpy_helper
 from calib.feed import calibration_batches
 from calib.qdq import QuantizationError, resolve_keep_float, verify_qdq
 from calib.quantize import main, quantize_qdq
+from export.engine import build_engine
 from export.onnx import export_onnx
+from export.trt_flags import UnsupportedBuild
 from node.infer.metadata import read_onnx_metadata, sha256_file
 from tests.calib.scenes import labelled_batch, scenes, trained_classifier, write_yolo
 
@@ -150,6 +152,53 @@ def test_verify_rejects_asymmetric_uint8_quantization(fp32, tmp_path):
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
     with pytest.raises(QuantizationError, match="uint8|UINT8"):
         verify_qdq(bad)
+
+
+def _fused_integer_convs(path) -> tuple[int, int]:
+    """(Conv nodes ONNX Runtime's CPU provider runs as integer QLinearConv, Conv nodes it
+    leaves in float) after its graph optimisations."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(path) + ".opt.onnx"
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    return ops.count("QLinearConv"), sum(op in ("Conv", "FusedConv") for op in ops)
+
+
+def test_cpu_target_runs_every_quantized_conv_as_one_integer_kernel(fp32, int8, tmp_path,
+                                                                    held_out):
+    """--target cpu: uint8 activations with zero points, 7-bit per-channel weights, each
+    quantized Conv (with its ReLU) fused into an integer QLinearConv by ONNX Runtime, the
+    same answers as FP32; TensorRT's rules refuse it, and its ranges are cached apart."""
+    cache = tmp_path / "cpu.calib.json"
+    out = tmp_path / "cones.cpu.int8.onnx"
+    report = quantize_qdq(fp32, out, _feed(fp32), "minmax", cache, keep_float=["first_conv"],
+                          target="cpu")
+    assert report.target == "cpu" and "uint8 activations" in report.summary()
+    assert report.float_ops == ["/stem/stem.0/Conv"] and len(report.per_channel_weights) == 20
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = [inits[name] for name in report.per_channel_weights]
+    assert all(w.dtype == np.int8 and w.min() >= -64 and w.max() <= 64 for w in weights)
+    zps = [inits[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert zps and all(z.dtype == np.uint8 for z in zps) and any(z.any() for z in zps)
+    integer, floating = _fused_integer_convs(out)
+    assert (integer, floating) == (19, 1)  # the float one is the first conv, kept so
+    assert _fused_integer_convs(int8[0])[0] < 19  # TensorRT's symmetric INT8 fuses fewer
+    x, y = held_out
+    p32, p8 = _top1(fp32, x), _top1(out, x)
+    assert abs((p8 == y).mean() - (p32 == y).mean()) <= 0.02
+    assert (p8 == p32).mean() >= 0.97
+    assert read_onnx_metadata(out).extra["quantization"]["target"] == "cpu"
+    with pytest.raises(QuantizationError, match="uint8"):
+        verify_qdq(out)  # the default target is TensorRT's
+    with pytest.raises(UnsupportedBuild, match="ONNX Runtime's CPU"):
+        build_engine(out, "int8")  # refused before TensorRT is even imported
+    assert json.loads(cache.read_text())["target"] == "cpu"
+    again = tmp_path / "again.onnx"
+    quantize_qdq(fp32, again, None, "minmax", cache, keep_float=["first_conv"], target="cpu")
+    assert again.read_bytes() == out.read_bytes()
+    with pytest.raises(QuantizationError, match="no calibration data"):
+        quantize_qdq(fp32, tmp_path / "x.onnx", None, "minmax", int8[1], target="cpu")
 
 
 def test_cli_quantizes_from_yolo_data_and_refuses_bad_input(fp32, tmp_path, capsys):

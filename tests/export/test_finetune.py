@@ -113,8 +113,9 @@ def test_three_models_load_with_the_bundled_metadata(finetuned):
     assert not np.allclose(got, was, atol=1e-5)
     # The budget left no time for the INT8 calibration, and the report says so.
     report = json.loads((finetuned["run"] / "report.json").read_text())
-    assert report["int8"].startswith("skipped")
+    assert "tensorrt: skipped" in report["int8"] and "cpu: skipped" in report["int8"]
     assert not (out / "cone_classifier.int8.onnx").exists()
+    assert not (out / "cone_classifier.cpu.int8.onnx").exists()
 
 
 @needs_models
@@ -355,4 +356,5 @@ def test_only_the_named_nets_are_retrained_and_install_copies_them(tmp_path, cap
     assert "- proposer: not retrained" in (run / "report.md").read_text()
     # No time was left for the INT8 calibration: the stale twin in --models is named.
     assert report["install_note"].startswith(f"{models / 'cone_classifier.int8.onnx'} is still")
+    assert f"--target cpu -o {models / 'cone_classifier.cpu.int8.onnx'}" in report["install_note"]
     assert "recalibrate it" in capsys.readouterr().err

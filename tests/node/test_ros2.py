@@ -170,7 +170,8 @@ def test_live_detections_carry_the_track_id(fake_msgs):
 def test_parameters_map_onto_the_node_config():
     defaults = {name: value for name, value, _ in PARAMETERS}
     config = config_from_parameters(defaults)
-    assert config.model.path == "models/cone_classifier.onnx" and config.source.uri is None
+    assert config.model.path == "models/cone_classifier.cpu.int8.onnx"
+    assert config.source.uri is None
     assert choose_input(config, defaults["image_topic"]) == ("topic", "/camera/image_raw")
     params = {**defaults, "model": "models/x.int8.engine", "camera": "csi://0",
               "overrides": "model.score_threshold=0.3; proposer.max_candidates=8\n"}
