@@ -3,9 +3,12 @@
 Pipelined mode overlaps the CPU and the backend as docs/design.md describes: while the backend's
 worker (an ONNX Runtime thread, or a CUDA stream for TensorRT) infers frame t, the main thread
 captures, proposes and preprocesses frame t+1 into the *other* of two preallocated batch
-buffers, then waits for t, post-processes and publishes it, and submits t+1. With a live
-source, frame t is published as soon as no frame t+1 is ready, so a slow camera never holds a
-result back. ``sync`` runs the same stages one after another, for comparison.
+buffers, hands frame t to the finisher and submits t+1. The finisher, one thread of the loop's
+own, waits for frame t's scores, post-processes, ranges, tracks and publishes it, one frame at a
+time and in input order; the main thread waits for it only before handing it the next frame.
+With a live source, frame t is handed over as soon as no frame t+1 is ready, so a slow camera
+never holds a result back. ``sync`` runs the same stages one after another on the main thread,
+for comparison.
 
 Replay never drops a frame: every frame the source yields gets exactly one ``FrameResult``, in
 input order, including unreadable frames (``error`` set, no cones) and frames whose inference
@@ -20,6 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -100,6 +104,7 @@ class Pipeline:
         self.first_inference_error: str | None = None
         self.stop_signal: int | None = None
         self.output_error: str | None = None
+        self._finishing: Future | None = None  # the finisher's frame (pipelined loop)
         stage_config = config.tracking_stage_config()
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
 
@@ -164,6 +169,7 @@ class Pipeline:
                 now - self._last_health < self.config.metrics.print_interval_s:
             return
         self._last_health = now
+        self._drain()  # the publishers are the finisher's while it publishes a frame
         health = dict(getattr(self._source, "health", {}) or {})
         for publisher in self.publishers:
             publish_health = getattr(publisher, "publish_health", None)
@@ -344,30 +350,46 @@ class Pipeline:
             self._finish(item)
 
     def _run_pipelined(self, frames: Any) -> None:
-        pending: _InFlight | None = None
+        pending: _InFlight | None = None  # submitted to the backend, not yet handed over
         slot = 0
+        with ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
 
-        def publish_pending() -> None:  # a live source has no frame ready: don't hold this one
-            nonlocal pending
-            if pending is not None:
-                self._finish(pending)
-                pending = None
+            def hand_over(item: _InFlight) -> None:
+                # One frame at a time, in input order: the previous one is published (and its
+                # error, a full disk, raised here) before the next is handed over.
+                self._drain()
+                self._finishing = finisher.submit(self._finish, item)
 
-        try:
-            while not self.stopped:
-                item = self._capture(frames, idle=publish_pending)
-                if item is None:
-                    break
-                # The backend may still read the other buffer (frame t): write this one.
-                self._prepare(item, self._buffers[slot])
+            def publish_pending() -> None:  # a live source has no frame ready: don't hold this one
+                nonlocal pending
                 if pending is not None:
-                    self._finish(pending)
+                    hand_over(pending)
                     pending = None
-                self._submit(item)
-                pending, slot = item, 1 - slot
-        finally:
-            if pending is not None:
-                self._finish(pending)
+
+            try:
+                while not self.stopped:
+                    item = self._capture(frames, idle=publish_pending)
+                    if item is None:
+                        break
+                    # The backend may still read the other buffer (frame t): write this one.
+                    self._prepare(item, self._buffers[slot])
+                    if pending is not None:
+                        hand_over(pending)
+                        pending = None
+                    self._submit(item)  # at most frames t and t+1 in flight (QUEUE_DEPTH)
+                    pending, slot = item, 1 - slot
+                if pending is not None:
+                    hand_over(pending)
+            finally:
+                # After a failed output nothing more is published; either way the finisher's
+                # frame is done before the loop returns and the publishers are closed.
+                self._drain()
+
+    def _drain(self) -> None:
+        """Wait until the finisher has published its frame; re-raise what ``_finish`` raised."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing.result()
 
     def summary(self, wall_s: float, source: Any = None) -> dict:
         """Counts, FPS, latency percentiles (from the tracker) and drops.

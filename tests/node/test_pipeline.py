@@ -347,6 +347,64 @@ def test_stop_request_finishes_the_frame_in_flight(tiny_model, tmp_path):
     assert all(len(r["cones"]) == 2 for r in publisher.records)
 
 
+class ThreadRecordingPublisher(ListPublisher):
+    """Records the thread of every publish, and fails with a full disk at ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+        self.fail_at = fail_at
+
+    def publish(self, result, image=None) -> None:
+        import threading
+
+        from node.publish.publishers import PublisherError
+
+        if result.frame.index == self.fail_at:
+            raise PublisherError("out.jsonl: No space left on device")
+        self.threads.append(threading.current_thread().name)
+        super().publish(result, image)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_frames_are_finished_in_order_on_one_thread_off_the_loop(tiny_model, tmp_path, sync):
+    """Pipelined, the finisher (one thread of the loop's own) publishes every frame, in input
+    order, while the main thread proposes the next one; sync publishes on the main thread."""
+    import threading
+
+    frames = [cone_frame(i, SCENE[0], name=f"{i:05d}.png") for i in range(20)]
+    write_labels(tmp_path / "l", frames, {i: SCENE[0] for i in range(20)})
+    config = load_node_config(None, {"model": {"score_threshold": 0.0},
+                                     "pipeline": {"sync": sync}})
+    publisher = ThreadRecordingPublisher()
+    with load_backend(tiny_model, threads=1) as backend:
+        summary = Pipeline(config, backend, ExternalBoxProposer(tmp_path / "l"),
+                           [publisher]).run(frames)
+    assert [r["frame"] for r in publisher.records] == list(range(20)) and publisher.closed
+    assert summary["frames"] == 20 and all(len(r["cones"]) == 2 for r in publisher.records)
+    # Every cone of a frame keeps the track it had in the frame before (tracking ran in order).
+    ids = [sorted(c["track_id"] for c in r["cones"]) for r in publisher.records]
+    assert ids == [ids[0]] * 20
+    main = threading.main_thread().name
+    if sync:
+        assert set(publisher.threads) == {main}
+    else:
+        assert len(set(publisher.threads)) == 1 and publisher.threads[0] != main
+
+
+def test_a_failed_output_stops_the_pipelined_loop_and_nothing_more_is_published(tiny_model,
+                                                                                tmp_path):
+    frames = [cone_frame(i, SCENE[0], name=f"{i:05d}.png") for i in range(20)]
+    write_labels(tmp_path / "l", frames, {i: SCENE[0] for i in range(20)})
+    config = load_node_config(None, {"model": {"score_threshold": 0.0}})
+    publisher = ThreadRecordingPublisher(fail_at=5)
+    with load_backend(tiny_model, threads=1) as backend:
+        summary = Pipeline(config, backend, ExternalBoxProposer(tmp_path / "l"),
+                           [publisher]).run(frames)
+    assert summary["output_error"] == "out.jsonl: No space left on device"
+    assert [r["frame"] for r in publisher.records] == [0, 1, 2, 3, 4] and publisher.closed
+
+
 class SilentCamera:
     """A live source whose camera is away: ``read`` times out, health says reconnecting."""
 
@@ -395,6 +453,55 @@ def test_a_lost_camera_publishes_health_and_still_stops(tiny_model):
     assert camera.reads >= 3 and len(publisher.health) >= 2
     assert publisher.health[0]["state"] == "reconnecting"
     assert lines and lines[0].startswith("camera reconnecting")
+
+
+class CameraThatStops(SilentCamera):
+    """A live source with ``frames`` ready at once, then a camera gone away."""
+
+    def __init__(self, frames) -> None:
+        super().__init__()
+        self.frames = list(frames)
+
+    def read(self, timeout=None):
+        if self.frames:
+            return self.frames.pop(0)
+        return super().read(timeout)
+
+
+class SlowHealthPublisher(HealthPublisher):
+    """Publishing a frame takes 50 ms; health must never arrive while a frame is published."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = False
+        self.events: list[str] = []
+
+    def publish(self, result, image=None) -> None:
+        self.busy = True
+        time.sleep(0.05)
+        super().publish(result, image)
+        self.events.append(f"frame {result.frame.index}")
+        self.busy = False
+
+    def publish_health(self, health, stamp=None) -> None:
+        assert not self.busy, "health published while a frame was being published"
+        self.events.append("health")
+        super().publish_health(health, stamp)
+
+
+def test_health_is_published_after_the_finisher_has_published_its_frame(tiny_model):
+    import threading
+
+    frames = [cone_frame(i, SCENE[0]) for i in range(3)]
+    config = load_node_config(None, {"metrics": {"print_interval_s": 0.1}})
+    camera, publisher = CameraThatStops(frames), SlowHealthPublisher()
+    with load_backend(tiny_model, threads=1) as backend:
+        pipeline = Pipeline(config, backend, build_proposer(config.proposer), [publisher])
+        threading.Timer(0.6, pipeline.request_stop).start()
+        summary = pipeline.run(camera)
+    assert summary["frames"] == 3 and summary["interrupted"]
+    assert publisher.events[:3] == ["frame 0", "frame 1", "frame 2"]
+    assert publisher.events[3:] and set(publisher.events[3:]) == {"health"}
 
 
 def test_live_source_records_plus_drops_cover_every_captured_frame(tiny_model, tmp_path):
