@@ -68,25 +68,28 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     if len(prev) == 0 or len(meas) == 0:
         return angle0, t0, 0
     gate = np.minimum(gate_m, 0.25 + 1.5 * np.hypot(prev_sd[:, None], meas_sd[None, :]))
-    best_key, best = (-1, 0.0), (angle0, t0)
-    for angle in angle0 + TURNS:
-        rot_prev = prev @ rotation(angle).T
-        hyp = meas[None, :, :] - rot_prev[:, None, :]  # (T, D, 2) translations
-        ok = compat & (np.linalg.norm(hyp - t0, axis=2) <= max_step_m)
-        ok &= hyp[:, :, 1] <= 0.2  # the car does not reverse: static cones never recede
-        cands = np.concatenate([t0[None], hyp[ok]])
-        # (hypotheses, T, D) distances, each track to each detection
-        d = np.linalg.norm(rot_prev[None, :, None, :] + cands[:, None, None, :]
-                           - meas[None, None], axis=3)
-        hit = np.where(compat[None], d / gate[None], np.inf).min(axis=2)
-        inl = hit < 1.0
-        count = inl.sum(axis=1)
-        spread = np.where(inl, hit, 0.0).sum(axis=1)
-        k = int(np.lexsort((spread, -count))[0])
-        key = (int(count[k]), -float(spread[k]))
-        if key > best_key:
-            best_key, best = key, (float(angle), cands[k])
-    angle_h, t = best
+    angles = angle0 + TURNS
+    # Every turn at once: (turns, T, 2) rotated tracks and (turns, T, D, 2) translations.
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+    rot_prev = np.stack([cos * prev[:, 0] - sin * prev[:, 1],
+                         sin * prev[:, 0] + cos * prev[:, 1]], axis=2)
+    hyp = meas[None, None, :, :] - rot_prev[:, :, None, :]
+    ok = compat[None] & (np.linalg.norm(hyp - t0, axis=3) <= max_step_m)
+    ok &= hyp[..., 1] <= 0.2  # the car does not reverse: static cones never recede
+    # Hypotheses in turn order, each turn's prior first: (turn, translation) pairs.
+    turn = np.concatenate([[i] + [i] * int(ok[i].sum()) for i in range(len(angles))])
+    cands = np.concatenate([np.concatenate([t0[None], hyp[i][ok[i]]])
+                            for i in range(len(angles))])
+    # (hypotheses, T, D) distances, each track to each detection
+    d = np.linalg.norm(rot_prev[turn][:, :, None, :] + cands[:, None, None, :]
+                       - meas[None, None], axis=3)
+    hit = np.where(compat[None], d / gate[None], np.inf).min(axis=2)
+    inl = hit < 1.0
+    count = inl.sum(axis=1)
+    spread = np.where(inl, hit, 0.0).sum(axis=1)
+    # Most inliers, then least spread, then the earliest turn and hypothesis.
+    k = int(np.lexsort((spread, -count))[0])
+    angle_h, t = float(angles[turn[k]]), cands[k]
     rot_prev = prev @ rotation(angle_h).T
     d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
     d = np.where(compat & (d < gate), d, np.inf)

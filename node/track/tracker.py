@@ -98,6 +98,23 @@ class TrackerConfig:
         return cls(**data)
 
 
+_GROUP_CODES: dict[str, int] = {UNKNOWN: -1}
+"""Colour group of each label seen so far as a small integer (-1: unknown matches any)."""
+
+
+def _group_codes(labels: list[str]) -> np.ndarray:
+    """Each label's colour group (``GROUP``) as an integer code; -1 for ``unknown_cone``."""
+    codes = []
+    for label in labels:
+        code = _GROUP_CODES.get(label)
+        if code is None:
+            group = GROUP.get(label, label)
+            code = _GROUP_CODES.setdefault(group, len(_GROUP_CODES))
+            _GROUP_CODES[label] = code
+        codes.append(code)
+    return np.array(codes, np.int64)
+
+
 def greedy_assign(score: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """One-to-one pairs ``(row, col)`` taken in descending ``score``, each >= ``threshold``."""
     pairs: list[tuple[int, int]] = []
@@ -295,13 +312,10 @@ class ConeTracker:
         group, or either one unknown)."""
         if not self.config.class_gate:
             return np.ones((len(rows), len(labels)), bool)
-        track_labels = [self.tracks.label[r] for r in rows]
-        track_group = np.array([GROUP.get(lb, lb) for lb in track_labels], object)
-        box_group = np.array([GROUP.get(lb, lb) for lb in labels], object)
-        track_unknown = np.array([lb == UNKNOWN for lb in track_labels], bool)
-        box_unknown = np.array([lb == UNKNOWN for lb in labels], bool)
-        return ((track_group[:, None] == box_group[None, :]) | track_unknown[:, None]
-                | box_unknown[None, :]).reshape(len(rows), len(labels))
+        track_group = _group_codes([self.tracks.label[r] for r in rows])
+        box_group = _group_codes(labels)
+        return ((track_group[:, None] == box_group[None, :]) | (track_group < 0)[:, None]
+                | (box_group < 0)[None, :]).reshape(len(rows), len(labels))
 
     def _match(self, rows: np.ndarray, boxes: np.ndarray, labels: list[str],
                min_iou: float, use_distance: bool) -> list[tuple[int, int]]:
