@@ -62,8 +62,7 @@ QDQ_OPTIONS = {
 CPU_QDQ_OPTIONS = {
     "ActivationSymmetric": False,  # uint8 with a zero point: a ReLU folds into its Conv
     "WeightSymmetric": True,
-    # INT32 biases: ONNX Runtime fuses DQ -> Conv -> Q into one QLinearConv only with them.
-    "QuantizeBias": True,
+    "QuantizeBias": True,  # INT32 biases, added in the integer accumulator (ORT's default)
 }
 
 __all__ = [
