@@ -63,7 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peer", metavar="DETECTOR.onnx",
                         help="time this YOLO-layout ONNX detector on the same frames")
     parser.add_argument("--threads", type=int,
-                        help="ONNX Runtime intra-op threads (and OpenCV's) for node and peer")
+                        help="ONNX Runtime intra-op threads (and OpenCV's) for node and peer "
+                             "(default: the node config's model.threads for the node, ONNX "
+                             "Runtime's own choice for the peer)")
     parser.add_argument("--providers", default=None,
                         help="ONNX Runtime providers for node and peer: 'auto' or a "
                              "comma-separated list (default: CPU)")
@@ -171,7 +173,9 @@ def _run(args: argparse.Namespace) -> int:
     env = collect_environment()
     run_id = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     providers = _providers(args)
-    config = _node_config(args) if args.source else None
+    config = _node_config(args)
+    # The classifier runs as the node would run it: with the config's threads unless told.
+    threads = args.threads or config.model.threads
     if args.source:  # fail before minutes of timing, not after
         from node.sources import open_source
 
@@ -187,16 +191,16 @@ def _run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     peer = None
     for path in models:
-        max_batch = max(max(args.batches), config.model.max_batch if config else 1)
+        max_batch = max(max(args.batches), config.model.max_batch if args.source else 1)
         try:
-            backend = load_backend(path, providers=providers, threads=args.threads,
+            backend = load_backend(path, providers=providers, threads=threads,
                                    max_batch=max_batch)
         except ValueError as exc:  # BackendError, MetadataError
             if args.models:  # asked for by name: that is an error
                 raise
             print(f"[W] skipping {path.name}: {exc}", file=sys.stderr)
             continue
-        model_info = _model_info(path, backend, args)
+        model_info = _model_info(path, backend, threads)
         with backend:
             if args.peer and peer is None:  # same runtime, providers and threads as the node
                 peer = PeerDetector(resolve_path(args.peer), threads=args.threads,
@@ -268,12 +272,12 @@ def _time_point(backend: Any, path: Path, batch: int, args: argparse.Namespace) 
     return point
 
 
-def _model_info(path: Path, backend: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _model_info(path: Path, backend: Any, threads: int | None) -> dict[str, Any]:
     meta = backend.meta
     return {"model": path.name, "path": _display_path(path),
             "backend": backend.name.split(":", 1)[0], "precision": meta.precision,
             "arch": meta.arch, "input": meta.input_size,
-            "size_mb": path.stat().st_size / 1e6, "threads": args.threads}
+            "size_mb": path.stat().st_size / 1e6, "threads": threads}
 
 
 def _peer_providers(backend: Any) -> list[str]:

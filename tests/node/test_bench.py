@@ -143,6 +143,29 @@ def _bench_args(files: dict, out: Path) -> list[str]:
             "--set", "proposer.kind=hsv", "--set", "proposer.refiner_model=null"]
 
 
+@pytest.mark.parametrize(("extra", "want"), [((), 1), (("--threads", "2"), 2),
+                                             (("--set", "model.threads=null"), None)])
+def test_the_classifier_is_timed_with_the_node_configs_threads(bench_files, tmp_path,
+                                                               monkeypatch, extra, want):
+    """Without --threads the node's backend gets configs/node.yaml's model.threads (1), as
+    the node itself does, not ONNX Runtime's all-cores default."""
+    import node.infer
+
+    real, used = node.infer.load_backend, []
+
+    def recording(path, **kwargs):
+        used.append(kwargs["threads"])
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(node.infer, "load_backend", recording)
+    out = tmp_path / "bench"
+    assert node_main(["bench", "--models", str(bench_files["model"]), "--batches", "1",
+                      "--iters", "5", "--warmup", "1", "--seconds", "0.1", "--source", "none",
+                      "--out-dir", str(out), *extra]) == 0
+    assert used == [want]
+    assert json.loads((out / "bench.jsonl").read_text())["threads"] == want
+
+
 def test_bench_table_logs_plot_and_peer(bench_files, tmp_path, capsys):
     out = tmp_path / "bench"
     assert node_main(_bench_args(bench_files, out)) == 0
