@@ -79,9 +79,10 @@ INT8_S = 30.0
 NETS = ("proposer", "refiner", "classifier")
 MODEL_FILES = {"proposer": "cone_proposer.onnx", "refiner": "cone_refiner.onnx",
                "classifier": "cone_classifier.onnx"}
-INT8_TWINS = {"tensorrt": ("cone_classifier.int8.onnx", "cone_classifier.int8.calib.json"),
-              "cpu": ("cone_classifier.cpu.int8.onnx", "cone_classifier.cpu.int8.calib.json")}
-"""The classifier's INT8 twins by ``calib.quantize`` target: model file and calibration cache."""
+INT8_TWINS = {"cpu": ("cone_classifier.cpu.int8.onnx", "cone_classifier.cpu.int8.calib.json"),
+              "tensorrt": ("cone_classifier.int8.onnx", "cone_classifier.int8.calib.json")}
+"""The classifier's INT8 twins by ``calib.quantize`` target: model file and calibration cache.
+The CPU twin, the node's default model, comes first."""
 INT8_FILES = [name for pair in INT8_TWINS.values() for name in pair]
 
 
@@ -658,6 +659,13 @@ def run(args: argparse.Namespace) -> int:
                         "stages": budget.times, "load_average": {"start": load_start,
                                                                  "end": load_average()}}
     if args.install:
+        cpu_file = INT8_TWINS["cpu"][0]
+        if (report["nets"]["classifier"]["retrained"] and not args.no_int8
+                and not (models_out / cpu_file).is_file()):
+            # The node's default model must not stay the old classifier's twin: calibrated now,
+            # past the budget (about 10 s).
+            report["int8"] += "; " + calibrate_twin("cpu", train, models_out,
+                                                    "at --install, past the budget")
         for name in list(MODEL_FILES.values()) + INT8_FILES:
             if (models_out / name).is_file():
                 shutil.copyfile(models_out / name, models_in / name)
@@ -729,8 +737,6 @@ def calibrate_int8(args, budget: Budget, after_s: float, train: list, models_out
     """Calibrate the fine-tuned classifier's INT8 twins (``INT8_TWINS``) on the training frames
     while the budget leaves time for each besides the ``after_s`` the last scoring needs; says
     what was done."""
-    from calib.quantize import quantize_with_config
-
     if args.no_int8:
         return "skipped (--no-int8)"
     if "classifier" not in args.nets:
@@ -739,20 +745,28 @@ def calibrate_int8(args, budget: Budget, after_s: float, train: list, models_out
                 shutil.copyfile(Path(args.models) / name, models_out / name)
         return "not recalibrated: the classifier was not retrained (the bundled twins are copied)"
     done = []
-    for target, (file, cache) in INT8_TWINS.items():
+    for target in INT8_TWINS:
         left = budget.left() - after_s
         if left < INT8_S:
             done.append(f"{target}: skipped, {max(0.0, left):.0f} s of the budget left, the "
                         f"calibration needs about {INT8_S:.0f} s; run python -m calib.quantize "
                         f"--target {target} on models/{MODEL_FILES['classifier']} later")
-            continue
-        t = time.perf_counter()
-        rep = quantize_with_config(models_out / MODEL_FILES["classifier"], models_out / file,
-                                   train, cache=models_out / cache,
-                                   note="the fine-tune's training frames", target=target)
-        done.append(f"{target}: calibrated in {time.perf_counter() - t:.0f} s on the training "
-                    f"frames ({rep.summary()})")
+        else:
+            done.append(calibrate_twin(target, train, models_out))
     return "; ".join(done)
+
+
+def calibrate_twin(target: str, train: list, models_out: Path, when: str = "") -> str:
+    """Calibrate the classifier's INT8 twin for ``target`` on the training frames; says so."""
+    from calib.quantize import quantize_with_config
+
+    file, cache = INT8_TWINS[target]
+    t = time.perf_counter()
+    rep = quantize_with_config(models_out / MODEL_FILES["classifier"], models_out / file, train,
+                               cache=models_out / cache, note="the fine-tune's training frames",
+                               target=target)
+    return (f"{target}: calibrated {when + ' ' if when else ''}in "
+            f"{time.perf_counter() - t:.0f} s on the training frames ({rep.summary()})")
 
 
 if __name__ == "__main__":

@@ -354,7 +354,15 @@ def test_only_the_named_nets_are_retrained_and_install_copies_them(tmp_path, cap
     assert report["nets"]["proposer"] == {"retrained": False}
     assert report["nets"]["classifier"]["retrained"] is True and report["installed"] is True
     assert "- proposer: not retrained" in (run / "report.md").read_text()
-    # No time was left for the INT8 calibration: the stale twin in --models is named.
+    from node.infer.metadata import read_onnx_metadata, sha256_file
+
+    # No time was left for the INT8 calibrations. The CPU twin, the node's default model, is
+    # calibrated at --install anyway; the stale TensorRT twin in --models is named.
+    assert "cpu: calibrated at --install" in report["int8"]
+    cpu_twin = read_onnx_metadata(models / "cone_classifier.cpu.int8.onnx")
+    assert cpu_twin.source_onnx_sha256 == sha256_file(models / "cone_classifier.onnx")
+    assert cpu_twin.extra["quantization"]["target"] == "cpu"
     assert report["install_note"].startswith(f"{models / 'cone_classifier.int8.onnx'} is still")
-    assert f"--target cpu -o {models / 'cone_classifier.cpu.int8.onnx'}" in report["install_note"]
+    assert "--target tensorrt" in report["install_note"] and "cpu.int8" not in report[
+        "install_note"]
     assert "recalibrate it" in capsys.readouterr().err
