@@ -171,9 +171,7 @@ def verify_qdq(path: str | Path, target: str = "tensorrt") -> QdqReport:
     tensors = {**consts, **inits}
     report = QdqReport(target=target)
     if target == "tensorrt":
-        uint8 = [t.name for t in tensors.values() if t.data_type == TensorProto.UINT8]
-        uint8 += [v.name for v in list(model.graph.value_info) + list(model.graph.output)
-                  if v.type.tensor_type.elem_type == TensorProto.UINT8]
+        uint8 = uint8_tensors(model)
         if uint8:
             raise QuantizationError(f"{path}: uint8 tensors {uint8[:3]}; TensorRT needs signed "
                                     f"INT8 (a model quantized for the cpu target?)")
@@ -212,6 +210,19 @@ def verify_qdq(path: str | Path, target: str = "tensorrt") -> QdqReport:
                 report.float_ops.append(n.name)
     _check_runs(path)
     return report
+
+
+def uint8_tensors(model) -> list[str]:
+    """Names of the uint8 tensors (constants, Constant outputs, typed values) of an
+    ``onnx.ModelProto``: TensorRT's INT8 is signed only, so any of them rules TensorRT out."""
+    from onnx import TensorProto
+
+    consts = [n.attribute[0].t for n in model.graph.node
+              if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
+    found = [t.name or "Constant" for t in [*model.graph.initializer, *consts]
+             if t.data_type == TensorProto.UINT8]
+    return found + [v.name for v in [*model.graph.value_info, *model.graph.output]
+                    if v.type.tensor_type.elem_type == TensorProto.UINT8]
 
 
 def _zero_point_type(n, target: str, inits, quant_input: dict[str, str]) -> int:

@@ -166,11 +166,8 @@ def build_engine(onnx_path: str | Path, precision: str, cfg: _FileConfig | None 
     """
     onnx_path = Path(onnx_path)
     meta = read_onnx_metadata(onnx_path)
-    if (meta.extra.get("quantization") or {}).get("target") == "cpu":
-        raise UnsupportedBuild(
-            f"{onnx_path}: quantized for ONNX Runtime's CPU (uint8 activations), which "
-            f"TensorRT does not take; quantize the FP32 ONNX for it with `python -m "
-            f"calib.quantize MODEL.onnx -o MODEL.int8.onnx` (the default --target tensorrt)")
+    if meta.precision == "int8":
+        _refuse_unsigned_int8(onnx_path)
     import tensorrt as trt
 
     cfg = cfg or _FileConfig()
@@ -247,6 +244,21 @@ def build_engine(onnx_path: str | Path, precision: str, cfg: _FileConfig | None 
     sidecar_path(engine).write_text(side.to_json())
     log(f"built {engine} in {time.monotonic() - start:.1f} s")
     return engine
+
+
+def _refuse_unsigned_int8(onnx_path: Path) -> None:
+    """TensorRT's INT8 is signed only: a Q/DQ model with uint8 tensors (``calib.quantize
+    --target cpu`` makes them, for ONNX Runtime's CPU) is refused before TensorRT is loaded."""
+    import onnx
+
+    from calib.qdq import uint8_tensors
+
+    found = uint8_tensors(onnx.load(str(onnx_path), load_external_data=False))
+    if found:
+        raise UnsupportedBuild(
+            f"{onnx_path}: uint8 tensors ({found[0]}, ...), as quantized for ONNX Runtime's "
+            f"CPU; TensorRT takes signed INT8 only: quantize the FP32 ONNX with `python -m "
+            f"calib.quantize MODEL.onnx -o MODEL.int8.onnx` (the default --target tensorrt)")
 
 
 def _legacy_calibrator(trt, cfg: _FileConfig, meta: ModelMetadata, calib_data: str,
