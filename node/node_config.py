@@ -137,6 +137,16 @@ class PostConfig:
 
 
 @dataclass
+class ExposureConfig:
+    """Dark frames brightened before proposals and crops (``node.sources.exposure``)."""
+
+    auto_gain: bool = True
+    target: float = spec(230.0, min=1.0, max=255.0)
+    max_gain: float = spec(8.0, min=1.0, max=64.0)
+    denoise_sigma: float = spec(0.5, min=0.0, max=10.0)
+
+
+@dataclass
 class PipelineConfig:
     """Loop scheduling."""
 
@@ -257,6 +267,7 @@ class NodeConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     proposer: ProposerConfig = field(default_factory=ProposerConfig)
     post: PostConfig = field(default_factory=PostConfig)
+    exposure: ExposureConfig = field(default_factory=ExposureConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     publishers: PublishersConfig = field(default_factory=PublishersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -1,4 +1,4 @@
-"""The node's loop: capture → propose → preprocess → infer → post-process → publish.
+"""The node's loop: capture → (exposure) → propose → preprocess → infer → post-process → publish.
 
 Pipelined mode overlaps the CPU and the backend as docs/design.md describes: while the backend's
 worker (an ONNX Runtime thread, or a CUDA stream for TensorRT) infers frame t, the main thread
@@ -36,6 +36,7 @@ from node.infer.preprocess import Preprocessor
 from node.node_config import NodeConfig
 from node.propose import Proposer
 from node.publish.publishers import PublisherError, publish_all
+from node.sources.exposure import Exposure
 from node.track import TrackingStage
 from node.types import Cone, Frame, FrameResult
 
@@ -107,6 +108,9 @@ class Pipeline:
         self._finishing: Future | None = None  # the finisher's frame (pipelined loop)
         stage_config = config.tracking_stage_config()
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
+        ex = config.exposure
+        self.exposure = (Exposure(ex.target, ex.max_gain, ex.denoise_sigma) if ex.auto_gain
+                         else None)
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -198,6 +202,10 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         try:
+            if self.exposure is not None:  # the networks see a dark frame brightened
+                image = self.exposure(image)
+                if image is not frame.image:
+                    frame = replace(frame, image=image)
             item.boxes = self.proposer.propose(frame)
         except (ValueError, cv2.error) as exc:
             item.error = f"proposer failed: {_one_line(exc)}"
