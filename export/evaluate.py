@@ -129,7 +129,10 @@ def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
                 continue
             xs.append(crop_batch(img, boxes[rows], meta.input_size, meta.crop_policy))
             labels += [names_kept[j] for j in rows]
-            heights += (boxes[rows, 3] - boxes[rows, 1]).tolist()
+            # Heights in the labelled frame's pixels where the variant enlarges the frame
+            # (as node.evaluate.score.Tally.add's label_scale).
+            shrink = 1.0 / max(variant.scale(image.shape[1], image.shape[0]), 1.0)
+            heights += ((boxes[rows, 3] - boxes[rows, 1]) * shrink).tolist()
         crops = np.concatenate(xs) if xs else np.zeros((0, meta.input_size, meta.input_size, 3),
                                                        np.uint8)
         out[variant.name] = accuracy_by_size(predict_fn, crops, labels, heights, meta.classes)

@@ -77,13 +77,15 @@ def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],
 
 
 def score_variant(results: list[Any], truth: list[tuple[np.ndarray, list[str]]],
-                  clips: list[str]) -> dict[str, dict]:
-    """Tallies per clip and over all (``"all"``) of one variant's results."""
+                  clips: list[str], scales: list[float] | None = None) -> dict[str, dict]:
+    """Tallies per clip and over all (``"all"``) of one variant's results; ``scales``: each
+    frame's ``Tally.add`` ``label_scale`` (1 for all when None)."""
     tallies: dict[str, Tally] = defaultdict(Tally)
-    for result, (boxes, labels), clip in zip(results, truth, clips, strict=True):
+    scales = scales or [1.0] * len(results)
+    for result, (boxes, labels), clip, scale in zip(results, truth, clips, scales, strict=True):
         pred = np.array([c.box for c in result.cones], np.float64).reshape(-1, 4)
         scores = np.array([c.score for c in result.cones])
         names = [c.label for c in result.cones]
         for key in (clip, "all"):
-            tallies[key].add(pred, scores, names, boxes, labels)
+            tallies[key].add(pred, scores, names, boxes, labels, scale)
     return {k: t.report() for k, t in tallies.items()}

@@ -79,11 +79,12 @@ def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,
                 labels = [lab for lab, k in zip(s.labels, keep, strict=True) if k]
                 frames.append(Frame(i, float(i), img, s.image_path.name))
                 truth.append((boxes, labels))
+            scales = [variant.scale(im.shape[1], im.shape[0]) for im in images]
             bar.set_postfix_str(variant.name)
             recorder = ProposalRecorder(proposer)
             results, summary = run_node(config, backend, recorder, frames, bar)
-            reports = score_variant(results, truth, clips)
-            proposals = proposal_recall(recorder.boxes, frames, truth)
+            reports = score_variant(results, truth, clips, scales)
+            proposals = proposal_recall(recorder.boxes, frames, truth, scales)
             lat = [r.latency_ms for r in results]
             out[variant.name] = {
                 "kind": variant.kind,
@@ -122,14 +123,16 @@ class ProposalRecorder:
 
 
 def proposal_recall(proposals: dict[int, np.ndarray], frames: list[Frame],
-                    truth: list[tuple[np.ndarray, list[str]]]) -> float | None:
+                    truth: list[tuple[np.ndarray, list[str]]],
+                    scales: list[float] | None = None) -> float | None:
     """Recall of cones >= 12 px by the proposer's boxes alone (IoU >= 0.5): the most the
     classifier could find. Below the node's recall by much, the classifier loses the cones;
-    close to it, the proposer does."""
+    close to it, the proposer does. ``scales``: as ``score_variant``'s."""
     tally = Tally()
-    for frame, (boxes, labels) in zip(frames, truth, strict=True):
+    scales = scales or [1.0] * len(frames)
+    for frame, (boxes, labels), scale in zip(frames, truth, scales, strict=True):
         found = proposals.get(frame.index, np.zeros((0, 4), np.float32))
-        tally.add(found, -np.arange(len(found), dtype=np.float64), None, boxes, labels)
+        tally.add(found, -np.arange(len(found), dtype=np.float64), None, boxes, labels, scale)
     return tally.report()["recall_ge12"]
 
 

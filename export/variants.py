@@ -33,14 +33,22 @@ SQUARE_TO_WIDE = 16.0 / 9.0
 """Width factor that restores a 16:9 frame squashed to a square (the BGRacing frames)."""
 
 
+def _same_scale(width: int, height: int) -> float:
+    return 1.0
+
+
 @dataclass(frozen=True)
 class Variant:
     """One camera variant: ``apply(image, boxes, horizon_frac, seed) -> (image, boxes,
-    kept)``, where ``kept`` marks which input boxes are still in view (in order)."""
+    kept)``, where ``kept`` marks which input boxes are still in view (in order), and
+    ``scale(width, height)``: how many times taller a cone is in the variant of a frame of that
+    size (scoring counts sizes in the source frame's pixels, so that every variant is scored
+    on the same cones as the base)."""
 
     name: str
     kind: str  # "geometry" or "corruption"
     apply: Callable[[np.ndarray, np.ndarray, float, int], tuple[np.ndarray, np.ndarray]]
+    scale: Callable[[int, int], float] = _same_scale
 
 
 def estimate_horizon(boxes_per_frame: list[np.ndarray], height: int) -> float:
@@ -95,20 +103,30 @@ def resize_and_pad(image: np.ndarray, boxes: np.ndarray, content: tuple[int, int
     return (out, *affine_boxes(boxes, cw / w, ch / h, ox, oy, canvas[0], canvas[1]))
 
 
+def sensor_content(canvas: tuple[int, int], fill: str, width: int, height: int
+                   ) -> tuple[int, int]:
+    """The (w, h) the unstretched frame is resized to on a sensor ``canvas``: ``fill``
+    ``height`` scales it to the canvas height, ``width`` to the canvas width."""
+    aspect = SQUARE_TO_WIDE * width / height
+    if fill == "height":
+        ch = canvas[1]
+        return min(round(ch * aspect), canvas[0]), ch
+    cw = canvas[0]
+    return cw, min(round(cw / aspect), canvas[1])
+
+
 def sensor(canvas: tuple[int, int], fill: str) -> Callable:
-    """The unstretched frame on another sensor: ``fill`` ``height`` scales it to the canvas
-    height, ``width`` to the canvas width, then it is centred (grey around it)."""
+    """The unstretched frame on another sensor (``sensor_content``), centred (grey around)."""
     def apply(image, boxes, horizon, seed):
         h, w = image.shape[:2]
-        aspect = SQUARE_TO_WIDE * w / h
-        if fill == "height":
-            ch = canvas[1]
-            cw = min(round(ch * aspect), canvas[0])
-        else:
-            cw = canvas[0]
-            ch = min(round(cw / aspect), canvas[1])
-        return resize_and_pad(image, boxes, (cw, ch), canvas)
+        return resize_and_pad(image, boxes, sensor_content(canvas, fill, w, h), canvas)
     return apply
+
+
+def sensor_scale(canvas: tuple[int, int], fill: str) -> Callable[[int, int], float]:
+    def scale(width: int, height: int) -> float:
+        return sensor_content(canvas, fill, width, height)[1] / height
+    return scale
 
 
 def unstretch(image, boxes, horizon, seed):
@@ -184,9 +202,10 @@ def build_variants(names: list[str] | None = None) -> list[Variant]:
     found += [Variant(f"horizon_{int(t * 100)}", "geometry", horizon_at(t))
               for t in (0.25, 0.40, 0.60)]
     found += [Variant("unstretch", "geometry", unstretch),
-              Variant("wide_2592x640", "geometry", sensor((2592, 640), "height")),
-              Variant("large_2048x1536", "geometry", sensor((2048, 1536), "width")),
-              Variant("small_800x320", "geometry", sensor((800, 320), "height"))]
+              *(Variant(name, "geometry", sensor(canvas, fill), sensor_scale(canvas, fill))
+                for name, canvas, fill in (("wide_2592x640", (2592, 640), "height"),
+                                           ("large_2048x1536", (2048, 1536), "width"),
+                                           ("small_800x320", (800, 320), "height")))]
     found += [Variant(f"{name}_{k}", "corruption", corruption(fn, k))
               for name, fn in CORRUPTIONS.items() for k in STRENGTHS]
     if not names:

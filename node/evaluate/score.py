@@ -89,20 +89,26 @@ class Tally:
     confusion: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
-            truth: np.ndarray, truth_labels: list[str]) -> None:
-        """Score one frame's detections (``pred_labels`` None: proposals, no labels)."""
+            truth: np.ndarray, truth_labels: list[str], label_scale: float = 1.0) -> None:
+        """Score one frame's detections (``pred_labels`` None: proposals, no labels).
+
+        ``label_scale``: how many times taller things are in this frame than in the frame
+        they were labelled on (a rescaled camera variant). Above 1, heights are divided by it
+        before the size cuts: a cone counts only if it reaches them in both frames, since
+        labels are complete only above the cuts in the labelled frame's own pixels."""
         pred = np.asarray(pred, np.float64).reshape(-1, 4)
         truth = np.asarray(truth, np.float64).reshape(-1, 4)
         match = match_greedy(pred, scores, truth)
         self.frames += 1
-        th = truth[:, 3] - truth[:, 1]
+        shrink = 1.0 / max(float(label_scale), 1.0)
+        th = (truth[:, 3] - truth[:, 1]) * shrink
         hit = np.zeros(len(truth), bool)
         hit[match[match >= 0]] = True
         for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS):
             in_bucket = (th >= lo) & (th < hi)
             self.truth_by_bucket[k] += in_bucket.sum()
             self.hit_by_bucket[k] += (in_bucket & hit).sum()
-        tall = (pred[:, 3] - pred[:, 1]) >= PRECISION_MIN_PX
+        tall = (pred[:, 3] - pred[:, 1]) * shrink >= PRECISION_MIN_PX
         self.det_tall += int(tall.sum())
         self.tp_tall += int((tall & (match >= 0)).sum())
         # Per matched pair: its ground-truth index and whether the label is right.

@@ -55,6 +55,14 @@ def test_sizes_and_aspect_of_the_sensor_variants():
                                    / (BOXES[:, 3] - BOXES[:, 1]) * 16 / 9, rtol=0.03)
 
 
+@pytest.mark.parametrize("variant", [v for v in build_variants() if v.kind == "geometry"],
+                         ids=lambda v: v.name)
+def test_each_variant_declares_how_much_taller_it_makes_a_cone(variant):
+    _, boxes, kept = variant.apply(painted_frame(BOXES), BOXES, 0.4, 0)
+    grown = (boxes[:, 3] - boxes[:, 1]) / (BOXES[kept, 3] - BOXES[kept, 1])
+    np.testing.assert_allclose(grown, variant.scale(W, H), rtol=0.01)
+
+
 def test_horizon_lands_where_asked():
     assert estimate_horizon([BOXES, BOXES + 10], H) == pytest.approx((266 + 276) / 2 / H)
     by_name = {v.name: v for v in build_variants()}

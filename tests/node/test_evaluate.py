@@ -47,6 +47,25 @@ def test_recall_by_bucket_precision_over_20_px_and_label_accuracy():
     assert report["matched"] == 3 and report["label_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
 
 
+def test_an_enlarged_frame_is_scored_by_the_sizes_its_cones_had_where_they_were_labelled():
+    """A frame shown twice as tall (label_scale 2): a 30 px box was 15 px in the labelled frame,
+    so it is no longer a >= 20 px detection; a 20 px cone was 10 px, below the recall cut. A
+    shrunk frame (label_scale 0.5) is scored in its own pixels."""
+    truth = np.array([[0, 0, 10, 20], [50, 0, 60, 60]], np.float64)  # 20 and 60 px tall
+    pred = np.array([[50, 0, 60, 60], [100, 0, 110, 30], [200, 0, 210, 50]], np.float64)
+    labels = ["blue_cone"] * 3
+    enlarged, same, shrunk = Tally(), Tally(), Tally()
+    for tally, scale in ((enlarged, 2.0), (same, 1.0), (shrunk, 0.5)):
+        tally.add(pred, np.array([0.9, 0.8, 0.7]), labels, truth, ["blue_cone"] * 2, scale)
+    big, one, small = enlarged.report(), same.report(), shrunk.report()
+    assert one["recall_ge12"] == 0.5 and one["detections_ge20"] == 3
+    assert big["recall_ge12"] == 1.0  # the 20 px cone counted as the 10 px it was
+    assert big["recall_by_height"]["<12"]["cones"] == 1
+    # the 30 px false positive was 15 px: only the 60 and 50 px detections count
+    assert big["detections_ge20"] == 2 and big["precision_ge20"] == 0.5
+    assert small == one
+
+
 def test_an_extra_height_cut_scores_recall_and_labels_of_the_taller_cones():
     # Truth heights 10, 18, 30, 60 px; found: the 18 px (wrong label) and 60 px (right) ones.
     pred = np.array([TRUTH[1], TRUTH[3], [300, 100, 310, 125]], np.float64)
