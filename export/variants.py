@@ -12,7 +12,8 @@ camera would have recorded, with the boxes moved to match:
   and padded (grey) to another sensor's size;
 * corruptions at three strengths (ImageNet-C's idea, Hendrycks and Dietterich 2019, with the
   kinds a car's camera meets): ``droplets`` (water on the lens), ``motion_blur``, ``noise``,
-  ``low_light`` (dark and noisy) and ``jpeg``.
+  ``low_light`` (dark and noisy), ``tint_cool`` and ``tint_warm`` (a white balance off
+  towards blue or orange) and ``jpeg``.
 
 The horizon of a clip is estimated from its labels: the median over its frames of the lowest
 box bottom (the most distant labelled cone stands nearest the horizon). Everything is
@@ -179,6 +180,19 @@ def low_light(image, strength, rng):
     return np.clip(dark, 0, 255).astype(np.uint8)
 
 
+TINTS = {"cool": (1.15, 1.0, 0.87), "warm": (0.87, 1.0, 1.15)}
+"""B, G, R gains of the mildest colour cast of each direction."""
+
+
+def tint(direction: str) -> Callable:
+    """A white balance off towards blue (``cool``, light taken for warmer than it is) or
+    orange (``warm``): each channel's gain raised to the power ``strength``."""
+    def apply(image, strength, rng):
+        gains = np.asarray(TINTS[direction], np.float32) ** strength
+        return cv2.transform(image, np.diag(gains))
+    return apply
+
+
 def jpeg(image, strength, rng):
     quality = (40, 20, 10)[strength - 1]
     _ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -186,7 +200,8 @@ def jpeg(image, strength, rng):
 
 
 CORRUPTIONS = {"droplets": droplets, "motion_blur": motion_blur, "noise": noise,
-               "low_light": low_light, "jpeg": jpeg}
+               "low_light": low_light, "tint_cool": tint("cool"), "tint_warm": tint("warm"),
+               "jpeg": jpeg}
 
 
 def corruption(fn: Callable, strength: int) -> Callable:

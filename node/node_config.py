@@ -138,8 +138,11 @@ class PostConfig:
 
 @dataclass
 class ExposureConfig:
-    """Dark frames brightened before proposals and crops (``node.sources.exposure``)."""
+    """White balance and dark frames brightened before proposals and crops
+    (``node.sources.exposure``)."""
 
+    white_balance: bool = True
+    max_wb_gain: float = spec(2.0, min=1.0, max=8.0)
     auto_gain: bool = True
     target: float = spec(230.0, min=1.0, max=255.0)
     max_gain: float = spec(8.0, min=1.0, max=64.0)

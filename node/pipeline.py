@@ -109,8 +109,9 @@ class Pipeline:
         stage_config = config.tracking_stage_config()
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
         ex = config.exposure
-        self.exposure = (Exposure(ex.target, ex.max_gain, ex.denoise_sigma) if ex.auto_gain
-                         else None)
+        exposure = Exposure(ex.auto_gain, ex.target, ex.max_gain, ex.denoise_sigma,
+                            ex.white_balance, ex.max_wb_gain)
+        self.exposure = exposure if exposure.enabled else None
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -202,7 +203,7 @@ class Pipeline:
             return
         t0 = time.perf_counter()
         try:
-            if self.exposure is not None:  # the networks see a dark frame brightened
+            if self.exposure is not None:  # the networks see a normalised copy
                 image = self.exposure(image)
                 if image is not frame.image:
                     frame = replace(frame, image=image)

@@ -1,15 +1,23 @@
-"""Exposure normalisation: dark frames are brightened before proposals and crops.
+"""Frame normalisation for the networks: white balance, and dark frames brightened.
 
-A camera at dusk, in shade or set to a short exposure delivers frames far darker than those
-the proposer and the classifier were trained on, and the proposer misses their cones. Each
-frame's bright end is measured (a percentile of the brightest channel over a subsample of
-about ``SAMPLE_PIXELS`` pixels) and the frame is scaled so that it reaches ``target``; a frame
-already that bright is left untouched (the same array is returned). The gain also amplifies
-the sensor's noise, so a brightened frame is smoothed by a Gaussian whose sigma grows with
-the gain's doublings, as a camera's own signal processor does. Nothing here depends on the
-camera: the gain comes from each frame alone.
+Cameras differ in colour and brightness far more than the training frames did. Two corrections,
+each computed from the frame alone (nothing depends on the camera), bring every frame to the
+look the proposer and the classifier were trained on:
 
-Only the networks see the brightened frame; publishers get the frame as captured.
+* **White balance.** The frame's greyest pixels (the least coloured ``GREY_FRACTION`` of those
+  neither dark nor saturated, once a grey-world guess has removed most of the cast: asphalt,
+  lines, kerbs, sky) are made grey by one gain per channel, at most ``max_wb_gain`` either way.
+  The mean of the three gains is 1, so the brightness is kept. A camera whose white balance
+  is off by a third turns blue cones teal and yellow ones green; without this the proposer
+  loses most cones on such frames (docs/validation.md).
+* **Exposure.** A frame whose bright end (a percentile of its brightest channel) lies below
+  ``target`` is scaled up to it, by at most ``max_gain``; a brighter frame is not touched. The
+  gain also amplifies the sensor's noise, so a brightened frame is smoothed by a Gaussian whose
+  sigma grows with the gain's doublings, as a camera's own signal processor does.
+
+Both are measured on a regular subsample of about ``SAMPLE_PIXELS`` pixels and applied in one
+pass (``cv2.transform``). Only the networks see the result; publishers get the frame as
+captured.
 """
 
 from __future__ import annotations
@@ -20,61 +28,109 @@ import cv2
 import numpy as np
 
 SAMPLE_PIXELS = 10_000
-"""About how many pixels the brightness statistic reads, whatever the frame size."""
+"""About how many pixels the statistics read, whatever the frame size."""
+GREY_FRACTION = 0.3
+"""Share of the usable pixels, the least coloured, that white balance makes grey."""
+DARK, SATURATED = 15, 250
+"""Pixels with a channel at or below ``DARK`` or at or above ``SATURATED`` say nothing about the
+colour of the light."""
+MIN_GREY_PIXELS = 100
+"""Fewer usable pixels than this (a black or blown-out frame): the grey-world guess is used."""
+UNCHANGED = 0.01
+"""Channel gains within this of 1 leave the frame untouched (no copy)."""
+MIN_SIGMA = 0.3
+"""A narrower Gaussian moves no pixel by more than about two grey levels: skipped."""
 
 
-def frame_level(image: np.ndarray, percentile: float) -> float:
-    """The ``percentile`` (0..100) of the brightest channel over a regular subsample of
-    ``image`` (H×W×3 uint8), in grey levels."""
+def sample_pixels(image: np.ndarray) -> np.ndarray:
+    """(N, 3) float32 BGR values of a regular subsample of about ``SAMPLE_PIXELS`` pixels."""
     h, w = image.shape[:2]
     step = max(1, int(math.sqrt(h * w / SAMPLE_PIXELS)))
-    # Nearest-neighbour shrinking picks every step-th pixel; OpenCV's per-channel maximum is
-    # several times faster than numpy's reduction over a 3-long axis.
+    # Nearest-neighbour shrinking picks every step-th pixel in one C++ pass.
     small = cv2.resize(image, (max(1, w // step), max(1, h // step)),
                        interpolation=cv2.INTER_NEAREST)
-    b, g, r = cv2.split(small)
-    bright = cv2.max(cv2.max(b, g), r).ravel()
+    return small.reshape(-1, 3).astype(np.float32)
+
+
+def grey_gains(pixels: np.ndarray, max_gain: float = 2.0) -> np.ndarray:
+    """Per-channel gains (3,) that make the greyest of ``pixels`` (N, 3) grey, each within
+    [1 / ``max_gain``, ``max_gain``], with a mean of 1."""
+    means = pixels.mean(axis=0)
+    guess = means.mean() / np.maximum(means, 1.0)  # grey world: the average colour is grey
+    usable = (pixels.max(axis=1) < SATURATED) & (pixels.min(axis=1) > DARK)
+    chosen = means
+    if usable.sum() >= MIN_GREY_PIXELS:
+        balanced = pixels[usable] * guess
+        top = balanced.max(axis=1)
+        chroma = (top - balanced.min(axis=1)) / np.maximum(top, 1.0)
+        grey = chroma <= np.quantile(chroma, GREY_FRACTION)
+        chosen = pixels[usable][grey].mean(axis=0)
+    gains = np.clip(chosen.mean() / np.maximum(chosen, 1.0), 1.0 / max_gain, max_gain)
+    return (gains / gains.mean()).astype(np.float32)
+
+
+def bright_level(pixels: np.ndarray, percentile: float = 99.0) -> float:
+    """The ``percentile`` (0..100) of the brightest channel of ``pixels`` (N, 3), grey levels."""
+    bright = np.minimum(pixels.max(axis=1), 255.0)
     k = min(bright.size - 1, max(0, round(percentile / 100.0 * (bright.size - 1))))
     return float(np.partition(bright, k)[k])
 
 
-def frame_gain(image: np.ndarray, target: float, max_gain: float,
-               percentile: float = 99.0) -> float:
-    """The gain (1..``max_gain``) that brings the frame's ``percentile`` level to ``target``."""
-    level = frame_level(image, percentile)
+def exposure_gain(level: float, target: float, max_gain: float) -> float:
+    """The gain (1..``max_gain``) that brings a bright end at ``level`` to ``target``."""
     return min(max(target / max(level, 1.0), 1.0), max_gain)
 
 
-def apply_gain(image: np.ndarray, gain: float, denoise_sigma: float) -> np.ndarray:
-    """``image`` scaled by ``gain`` (saturating at 255) and smoothed by a Gaussian of sigma
-    ``denoise_sigma * log2(gain)`` pixels; ``image`` itself when ``gain`` is 1."""
-    if gain <= 1.0:
+def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0) -> np.ndarray:
+    """``image`` with each channel scaled by ``gains`` (B, G, R; saturating at 255), smoothed
+    by a Gaussian of ``denoise_sigma`` px; ``image`` itself when nothing would change."""
+    if np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED) and denoise_sigma < MIN_SIGMA:
         return image
-    out = cv2.convertScaleAbs(image, alpha=gain)
-    sigma = denoise_sigma * math.log2(gain)
-    if sigma > 0.0:
-        out = cv2.GaussianBlur(out, (0, 0), sigma)
+    out = cv2.transform(image, np.diag(np.asarray(gains, np.float32)))
+    if denoise_sigma >= MIN_SIGMA:
+        out = cv2.GaussianBlur(out, (0, 0), denoise_sigma)
     return out
 
 
 class Exposure:
-    """The node's exposure stage, from the config's ``exposure`` section.
+    """The node's frame normalisation, from the config's ``exposure`` section.
 
     Args:
-        target: grey level the frame's bright end is brought to.
-        max_gain: the largest gain applied.
-        denoise_sigma: Gaussian sigma in pixels per doubling of the gain (0 = no smoothing).
+        auto_gain: brighten dark frames.
+        target: grey level a dark frame's bright end is brought to.
+        max_gain: the largest brightening.
+        denoise_sigma: Gaussian sigma in pixels per doubling of the brightening (0 = none).
+        white_balance: make the frame's greyest pixels grey.
+        max_wb_gain: the largest white-balance gain of a channel, either way.
         percentile: which level of the brightest channel counts as the bright end.
     """
 
-    def __init__(self, target: float, max_gain: float, denoise_sigma: float,
-                 percentile: float = 99.0) -> None:
+    def __init__(self, auto_gain: bool = True, target: float = 230.0, max_gain: float = 8.0,
+                 denoise_sigma: float = 0.5, white_balance: bool = True,
+                 max_wb_gain: float = 2.0, percentile: float = 99.0) -> None:
+        self.auto_gain = bool(auto_gain)
         self.target = float(target)
         self.max_gain = float(max_gain)
         self.denoise_sigma = float(denoise_sigma)
+        self.white_balance = bool(white_balance)
+        self.max_wb_gain = float(max_wb_gain)
         self.percentile = float(percentile)
 
+    @property
+    def enabled(self) -> bool:
+        return self.auto_gain or self.white_balance
+
+    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The frame's white-balance gains (3,) and its brightening (>= 1)."""
+        pixels = sample_pixels(image)
+        wb = (grey_gains(pixels, self.max_wb_gain) if self.white_balance
+              else np.ones(3, np.float32))
+        gain = (exposure_gain(bright_level(pixels * wb, self.percentile), self.target,
+                              self.max_gain) if self.auto_gain else 1.0)
+        return wb, gain
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """The frame the networks see: ``image`` itself, or a brightened copy."""
-        gain = frame_gain(image, self.target, self.max_gain, self.percentile)
-        return apply_gain(image, gain, self.denoise_sigma)
+        """The frame the networks see: ``image`` itself, or a corrected copy."""
+        wb, gain = self.gains(image)
+        sigma = self.denoise_sigma * math.log2(gain)
+        return apply_gains(image, wb * gain, sigma)
