@@ -103,9 +103,11 @@ def accuracy_by_size(predict_fn: Callable[[np.ndarray], np.ndarray], crops: np.n
 
 def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
                          data_spec: str, clips: Sequence[str] | None,
-                         names: Sequence[str] | None = None) -> dict:
+                         names: Sequence[str] | None = None,
+                         frame_filter: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Cone crop top-1 by box height on camera variants of the frames (``export.variants``:
-    the ground-truth boxes moved with the pixels, cropped by the model's policy):
+    the ground-truth boxes moved with the pixels, cropped by the model's policy from the frame
+    as ``frame_filter`` returns it, the node's exposure stage for one):
     ``{variant: accuracy_by_size(...)}``."""
     from export.data import clip_and_frame, is_heldout
     from export.variants import build_variants, estimate_horizon
@@ -123,6 +125,8 @@ def accuracy_on_variants(predict_fn: Callable[[np.ndarray], np.ndarray], meta,
         xs, labels, heights = [], [], []
         for i, (s, image) in enumerate(zip(samples, images)):
             img, boxes, kept = variant.apply(image, np.asarray(s.boxes, np.float32), horizon, i)
+            if frame_filter is not None:
+                img = frame_filter(img)
             names_kept = [c for c, k in zip(s.labels, kept) if k]
             rows = [j for j, c in enumerate(names_kept) if c in known]
             if not rows:
@@ -228,12 +232,14 @@ def load_predictor(model_path: str | Path) -> tuple[Callable, object, Callable[[
 
 
 def crops_for_evaluation(data_spec: str | list, meta, clips: Sequence[str] | None, seed: int,
-                         background_cfg=None, box_heights: list[float] | None = None
+                         background_cfg=None, box_heights: list[float] | None = None,
+                         frame_filter: Callable[[np.ndarray], np.ndarray] | None = None
                          ) -> tuple[np.ndarray, list[str]]:
     """Ground-truth crops (no jitter) and safely mined background crops of a YOLO dataset
     (a data spec, or its samples already read), cropped by the model's own policy. ``clips``
     keeps frames matching clip rules (``CLIP`` or ``CLIP:FIRST-LAST``). A ``box_heights`` list
-    receives every crop's box height in frame pixels."""
+    receives every crop's box height in frame pixels. ``frame_filter`` turns each frame into
+    the one crops are taken from (the node's exposure stage), after background mining."""
     from export.background import HeightByRow, mine_background
     from export.data import clip_and_frame, is_heldout
     from export.train_config import BackgroundConfig
@@ -261,11 +267,38 @@ def crops_for_evaluation(data_spec: str | list, meta, clips: Sequence[str] | Non
                 boxes.append(mined)
                 names += [BACKGROUND] * len(mined)
         all_boxes = np.concatenate(boxes)
+        if frame_filter is not None:
+            image = frame_filter(image)
         xs.append(crop_batch(image, all_boxes, size, policy))
         labels += names
         if box_heights is not None:
             box_heights += (all_boxes[:, 3] - all_boxes[:, 1]).tolist()
     return np.concatenate(xs), labels
+
+
+def score_true_boxes(model: str | Path, samples: list, seed: int = 0,
+                     frame_filter: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """A classifier on the samples' true boxes and safely mined background crops
+    (``crops_for_evaluation``): ``evaluate_crops``'s metrics plus ``by_size``."""
+    predict, meta, close = load_predictor(model)
+    try:
+        heights: list[float] = []
+        crops, labels = crops_for_evaluation(samples, meta, None, seed, box_heights=heights,
+                                             frame_filter=frame_filter)
+        metrics = evaluate_crops(predict, crops, labels, meta.classes)
+        metrics["by_size"] = accuracy_by_size(predict, crops, labels, heights, meta.classes)
+    finally:
+        close()
+    return metrics
+
+
+def node_frame_filter(config_path: str | Path | None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The exposure stage (white balance, dark frames brightened) of a node config, which the
+    node applies to every frame before cropping; None when the config turns it off."""
+    from node.node_config import load_node_config
+    from node.sources.exposure import Exposure
+
+    return Exposure.from_config(load_node_config(config_path).exposure)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,25 +313,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=None, metavar="NAME",
                         help="also score the cone crops on camera variants of the frames "
                              "(export.variants; no NAME: all of them)")
+    parser.add_argument("--config", default="configs/node.yaml",
+                        help="node config whose exposure section prepares the frames, as the "
+                             "node does (default: configs/node.yaml)")
+    parser.add_argument("--raw-frames", action="store_true",
+                        help="crop from the frames as stored, without the node's exposure stage")
     args = parser.parse_args(argv)
     try:
+        frame_filter = None if args.raw_frames else node_frame_filter(args.config)
         predict, meta, close = load_predictor(args.model)
         try:
             heights: list[float] = []
             crops, labels = crops_for_evaluation(args.data, meta, args.clips, args.seed,
-                                                 box_heights=heights)
+                                                 box_heights=heights, frame_filter=frame_filter)
             metrics = evaluate_crops(predict, crops, labels, meta.classes)
             metrics["by_size"] = accuracy_by_size(predict, crops, labels, heights,
                                                   meta.classes)
             if args.variants is not None:
                 metrics["variants"] = accuracy_on_variants(predict, meta, args.data, args.clips,
-                                                           args.variants)
+                                                           args.variants, frame_filter)
         finally:
             close()
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    metrics.update(model=str(args.model), data=args.data, clips=args.clips, seed=args.seed)
+    metrics.update(model=str(args.model), data=args.data, clips=args.clips, seed=args.seed,
+                   frames="raw" if args.raw_frames else f"exposure stage of {args.config}")
     print(format_report(metrics))
     print("cone top-1 by box height: " + "; ".join(
         f"{k} px {_pct(v['accuracy']).strip()} % of {v['cones']} "

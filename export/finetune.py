@@ -194,26 +194,16 @@ def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
     """The whole node on the validation frames (``export.validate``'s in-process run and
     ``node.evaluate`` scoring) and the classifier on their true boxes by box height
     (``export.evaluate``)."""
-    from export.evaluate import (
-        accuracy_by_size,
-        crops_for_evaluation,
-        evaluate_crops,
-        load_predictor,
-    )
+    from export.evaluate import score_true_boxes
     from export.node_run import open_node
     from export.validate import validate_variants
+    from node.sources.exposure import Exposure
 
     config = node_config(args, models)
     with open_node(config) as (backend, proposer):
         node = validate_variants(val, config, backend, proposer, ["base"], False)["base"]
-    predict, meta, close = load_predictor(models / MODEL_FILES["classifier"])
-    try:
-        heights: list[float] = []
-        crops, labels = crops_for_evaluation(val, meta, None, seed=0, box_heights=heights)
-        crop_scores = evaluate_crops(predict, crops, labels, meta.classes)
-        crop_scores["by_size"] = accuracy_by_size(predict, crops, labels, heights, meta.classes)
-    finally:
-        close()
+    crop_scores = score_true_boxes(models / MODEL_FILES["classifier"], val, 0,
+                                   Exposure.from_config(config.exposure))
     crop_scores.pop("confusion")
     return {"node": node["all"], "node_clips": node["clips"], "crops": crop_scores}
 

@@ -83,23 +83,14 @@ def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace) 
     return onnx
 
 
-def score_crops(model: Path, samples: list, seed: int) -> dict:
-    """The fold classifier on the clip's true boxes and mined background crops."""
-    from export.evaluate import (
-        accuracy_by_size,
-        crops_for_evaluation,
-        evaluate_crops,
-        load_predictor,
-    )
+def score_crops(model: Path, samples: list, seed: int, config: Any = None) -> dict:
+    """The fold classifier on the clip's true boxes and mined background crops, cropped from
+    the frames as the node's exposure stage (of ``config``, a node config) prepares them."""
+    from export.evaluate import score_true_boxes
+    from node.sources.exposure import Exposure
 
-    predict, meta, close = load_predictor(model)
-    try:
-        heights: list[float] = []
-        crops, labels = crops_for_evaluation(samples, meta, None, seed, box_heights=heights)
-        metrics = evaluate_crops(predict, crops, labels, meta.classes)
-        metrics["by_size"] = accuracy_by_size(predict, crops, labels, heights, meta.classes)
-    finally:
-        close()
+    frame_filter = Exposure.from_config(config.exposure) if config is not None else None
+    metrics = score_true_boxes(model, samples, seed, frame_filter)
     return {k: metrics[k] for k in ("count", "cone_accuracy", "background_rejection",
                                     "recall", "by_size")}
 
@@ -231,7 +222,8 @@ def run_loco(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"--clips: {missing[0]} is not a clip of {args.data} "
                          f"(clips: {', '.join(sorted(by_clip))})")
-    config_threshold = load_node_config(args.config, args.set).model.score_threshold
+    node_config = load_node_config(args.config, args.set)
+    config_threshold = node_config.model.score_threshold
     args.thresholds = sorted(set(args.thresholds) | {config_threshold})
     seen_rules = proposer_heldout(args.config, args.set)
     out = Path(args.out)
@@ -249,7 +241,7 @@ def run_loco(args: argparse.Namespace) -> int:
             folds[clip] = {
                 "model": str(model),
                 "proposer_saw_clip": not is_heldout(clip, None, seen_rules),
-                "crops": score_crops(model, held, args.seed),
+                "crops": score_crops(model, held, args.seed, node_config),
                 "node": score_node(model, held, clip, args, bar)}
             (out / "loco.partial.json").write_text(json.dumps(folds, indent=2) + "\n")
     finally:

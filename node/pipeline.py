@@ -108,10 +108,7 @@ class Pipeline:
         self._finishing: Future | None = None  # the finisher's frame (pipelined loop)
         stage_config = config.tracking_stage_config()
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
-        ex = config.exposure
-        exposure = Exposure(ex.auto_gain, ex.target, ex.max_gain, ex.denoise_sigma,
-                            ex.white_balance, ex.max_wb_gain)
-        self.exposure = exposure if exposure.enabled else None
+        self.exposure = Exposure.from_config(config.exposure)
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:

@@ -69,6 +69,16 @@ def grey_gains(pixels: np.ndarray, max_gain: float = 2.0) -> np.ndarray:
     return (gains / gains.mean()).astype(np.float32)
 
 
+def beyond_tolerance(gains: np.ndarray, tolerance: float) -> np.ndarray:
+    """``gains`` (3,) with the first ``tolerance`` (a fraction) of each channel's correction
+    left out, in log terms, and a mean of 1 again: a cast the networks were trained to take
+    (``export.camera_aug`` draws per-channel gains within +-12 %) is left alone, a stronger
+    one is brought back within it. Continuous in the measured gains."""
+    log = np.log(np.asarray(gains, np.float64))
+    shrunk = np.exp(np.sign(log) * np.maximum(np.abs(log) - np.log1p(tolerance), 0.0))
+    return (shrunk / shrunk.mean()).astype(np.float32)
+
+
 def bright_level(pixels: np.ndarray, percentile: float = 99.0) -> float:
     """The ``percentile`` (0..100) of the brightest channel of ``pixels`` (N, 3), grey levels."""
     bright = np.minimum(pixels.max(axis=1), 255.0)
@@ -102,29 +112,35 @@ class Exposure:
         denoise_sigma: Gaussian sigma in pixels per doubling of the brightening (0 = none).
         white_balance: make the frame's greyest pixels grey.
         max_wb_gain: the largest white-balance gain of a channel, either way.
+        wb_tolerance: the part of each channel's correction left out (``beyond_tolerance``).
         percentile: which level of the brightest channel counts as the bright end.
     """
 
     def __init__(self, auto_gain: bool = True, target: float = 230.0, max_gain: float = 8.0,
                  denoise_sigma: float = 0.5, white_balance: bool = True,
-                 max_wb_gain: float = 2.0, percentile: float = 99.0) -> None:
+                 max_wb_gain: float = 2.0, wb_tolerance: float = 0.1,
+                 percentile: float = 99.0) -> None:
         self.auto_gain = bool(auto_gain)
         self.target = float(target)
         self.max_gain = float(max_gain)
         self.denoise_sigma = float(denoise_sigma)
         self.white_balance = bool(white_balance)
         self.max_wb_gain = float(max_wb_gain)
+        self.wb_tolerance = float(wb_tolerance)
         self.percentile = float(percentile)
 
-    @property
-    def enabled(self) -> bool:
-        return self.auto_gain or self.white_balance
+    @classmethod
+    def from_config(cls, section) -> Exposure | None:
+        """From the node config's ``exposure`` section; None when both corrections are off."""
+        stage = cls(section.auto_gain, section.target, section.max_gain, section.denoise_sigma,
+                    section.white_balance, section.max_wb_gain, section.wb_tolerance)
+        return stage if stage.auto_gain or stage.white_balance else None
 
     def gains(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """The frame's white-balance gains (3,) and its brightening (>= 1)."""
         pixels = sample_pixels(image)
-        wb = (grey_gains(pixels, self.max_wb_gain) if self.white_balance
-              else np.ones(3, np.float32))
+        wb = (beyond_tolerance(grey_gains(pixels, self.max_wb_gain), self.wb_tolerance)
+              if self.white_balance else np.ones(3, np.float32))
         gain = (exposure_gain(bright_level(pixels * wb, self.percentile), self.target,
                               self.max_gain) if self.auto_gain else 1.0)
         return wb, gain

@@ -168,3 +168,26 @@ def test_variants_of_held_out_crops_keep_their_cones():
         assert shifted[bucket]["cones"] <= base[bucket]["cones"]
     assert base["24-48"]["accuracy"] >= 0.9
     assert all(dark[b]["cones"] == base[b]["cones"] for b in base)
+
+
+def test_crops_are_taken_from_the_frames_as_the_node_prepares_them(tmp_path) -> None:
+    """``frame_filter`` (the node's exposure stage in ``python -m export.evaluate``) turns each
+    frame into the one the crops come from; the boxes stay those of the labels."""
+    from types import SimpleNamespace
+
+    from export.evaluate import crops_for_evaluation
+    from node.infer.crop import CropPolicy
+
+    _yolo_folder(tmp_path / "data")
+    meta = SimpleNamespace(crop_policy=CropPolicy(), input_size=32, classes=CLASSES)
+    spec = f"yolo:{tmp_path / 'data'}"
+    raw, labels = crops_for_evaluation(spec, meta, None, seed=0)
+    inverted, labels2 = crops_for_evaluation(spec, meta, None, seed=0,
+                                             frame_filter=cv2.bitwise_not)
+    assert labels2 == labels
+    cones = np.array([name != "background" for name in labels])
+    assert cones.sum() >= 8
+    # The labelled cones lie inside the frames: their crops are the inverted ones (within the
+    # rounding of the resampling).
+    np.testing.assert_allclose(inverted[cones].astype(int), 255 - raw[cones].astype(int), atol=1)
+    assert np.abs(inverted[cones].astype(int) - raw[cones].astype(int)).mean() > 20

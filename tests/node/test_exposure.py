@@ -15,6 +15,7 @@ from node.node_config import load_node_config
 from node.sources.exposure import (
     Exposure,
     apply_gains,
+    beyond_tolerance,
     bright_level,
     exposure_gain,
     grey_gains,
@@ -71,6 +72,25 @@ def test_white_balance_makes_the_grey_pixels_grey_again(cast):
     assert b > 2 * r and b > 1.5 * g
     # A neutral frame with the same coloured patches needs (almost) nothing.
     np.testing.assert_allclose(grey_gains(sample_pixels(neutral)), 1.0, atol=0.03)
+
+
+def test_only_the_part_of_a_cast_beyond_the_tolerance_is_corrected():
+    mild = np.array([1.06, 1.0, 0.95], np.float32)  # within 10 %: the networks take it
+    np.testing.assert_allclose(beyond_tolerance(mild, 0.1), 1.0, atol=1e-6)
+    strong = np.array([1.3, 1.0, 0.75], np.float32)
+    kept = beyond_tolerance(strong, 0.1)
+    assert kept.mean() == pytest.approx(1.0, abs=1e-5)
+    # the blue-to-red ratio 1.3 / 0.75 = 1.73 is corrected down to 1.73 / 1.1**2 = 1.43
+    assert kept[0] / kept[2] == pytest.approx(1.3 / 0.75 / 1.1 ** 2, rel=1e-4)
+    np.testing.assert_allclose(beyond_tolerance(strong, 0.0), strong / strong.mean(), rtol=1e-5)
+    # continuous: a cast just beyond the tolerance is barely corrected
+    edge = beyond_tolerance(np.array([1.101, 1.0, 1 / 1.101], np.float32), 0.1)
+    np.testing.assert_allclose(edge, 1.0, atol=2e-3)
+    # a frame whose cast is within the tolerance is not copied; a stronger one is corrected
+    within = road_frame((1.05, 1.0, 0.96))
+    assert Exposure(auto_gain=False)(within) is within
+    beyond = road_frame((1.3, 1.0, 0.75))
+    assert Exposure(auto_gain=False)(beyond) is not beyond
 
 
 def test_white_balance_gains_are_bounded():
