@@ -43,28 +43,39 @@ MIN_SIGMA = 0.3
 
 
 def sample_pixels(image: np.ndarray) -> np.ndarray:
-    """(N, 3) float32 BGR values of a regular subsample of about ``SAMPLE_PIXELS`` pixels."""
+    """(3, N) float32: the B, G and R values of a regular subsample of about ``SAMPLE_PIXELS``
+    pixels, one channel per row (row-wise arithmetic is several times faster in numpy than
+    reductions over a length-3 axis)."""
     h, w = image.shape[:2]
     step = max(1, int(math.sqrt(h * w / SAMPLE_PIXELS)))
     # Nearest-neighbour shrinking picks every step-th pixel in one C++ pass.
     small = cv2.resize(image, (max(1, w // step), max(1, h // step)),
                        interpolation=cv2.INTER_NEAREST)
-    return small.reshape(-1, 3).astype(np.float32)
+    return np.ascontiguousarray(small.reshape(-1, 3).T, dtype=np.float32)
+
+
+def _kth(values: np.ndarray, fraction: float) -> float:
+    """The value at ``fraction`` (0..1) of the sorted ``values``."""
+    k = min(values.size - 1, max(0, round(fraction * (values.size - 1))))
+    return float(np.partition(values, k)[k])
 
 
 def grey_gains(pixels: np.ndarray, max_gain: float = 2.0) -> np.ndarray:
-    """Per-channel gains (3,) that make the greyest of ``pixels`` (N, 3) grey, each within
+    """Per-channel gains (3,) that make the greyest of ``pixels`` (3, N) grey, each within
     [1 / ``max_gain``, ``max_gain``], with a mean of 1."""
-    means = pixels.mean(axis=0)
+    b, g, r = pixels
+    means = pixels.mean(axis=1)
     guess = means.mean() / np.maximum(means, 1.0)  # grey world: the average colour is grey
-    usable = (pixels.max(axis=1) < SATURATED) & (pixels.min(axis=1) > DARK)
+    usable = ((np.maximum(np.maximum(b, g), r) < SATURATED)
+              & (np.minimum(np.minimum(b, g), r) > DARK))
     chosen = means
-    if usable.sum() >= MIN_GREY_PIXELS:
-        balanced = pixels[usable] * guess
-        top = balanced.max(axis=1)
-        chroma = (top - balanced.min(axis=1)) / np.maximum(top, 1.0)
-        grey = chroma <= np.quantile(chroma, GREY_FRACTION)
-        chosen = pixels[usable][grey].mean(axis=0)
+    if np.count_nonzero(usable) >= MIN_GREY_PIXELS:
+        kept = [channel[usable] for channel in (b, g, r)]  # 1-D masks: the fast path
+        bb, gg, rr = (channel * gain for channel, gain in zip(kept, guess))
+        top = np.maximum(np.maximum(bb, gg), rr)
+        chroma = (top - np.minimum(np.minimum(bb, gg), rr)) / np.maximum(top, 1.0)
+        grey = chroma <= _kth(chroma, GREY_FRACTION)
+        chosen = np.array([channel[grey].mean() for channel in kept])
     gains = np.clip(chosen.mean() / np.maximum(chosen, 1.0), 1.0 / max_gain, max_gain)
     return (gains / gains.mean()).astype(np.float32)
 
@@ -80,10 +91,9 @@ def beyond_tolerance(gains: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def bright_level(pixels: np.ndarray, percentile: float = 99.0) -> float:
-    """The ``percentile`` (0..100) of the brightest channel of ``pixels`` (N, 3), grey levels."""
-    bright = np.minimum(pixels.max(axis=1), 255.0)
-    k = min(bright.size - 1, max(0, round(percentile / 100.0 * (bright.size - 1))))
-    return float(np.partition(bright, k)[k])
+    """The ``percentile`` (0..100) of the brightest channel of ``pixels`` (3, N), grey levels."""
+    b, g, r = pixels
+    return _kth(np.minimum(np.maximum(np.maximum(b, g), r), 255.0), percentile / 100.0)
 
 
 def exposure_gain(level: float, target: float, max_gain: float) -> float:
@@ -141,7 +151,7 @@ class Exposure:
         pixels = sample_pixels(image)
         wb = (beyond_tolerance(grey_gains(pixels, self.max_wb_gain), self.wb_tolerance)
               if self.white_balance else np.ones(3, np.float32))
-        gain = (exposure_gain(bright_level(pixels * wb, self.percentile), self.target,
+        gain = (exposure_gain(bright_level(pixels * wb[:, None], self.percentile), self.target,
                               self.max_gain) if self.auto_gain else 1.0)
         return wb, gain
 
