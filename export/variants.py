@@ -13,7 +13,7 @@ camera would have recorded, with the boxes moved to match:
 * corruptions at three strengths (ImageNet-C's idea, Hendrycks and Dietterich 2019, with the
   kinds a car's camera meets): ``droplets`` (water on the lens), ``motion_blur``, ``noise``,
   ``low_light`` (dark and noisy), ``tint_cool`` and ``tint_warm`` (a white balance off
-  towards blue or orange) and ``jpeg``.
+  towards blue or orange), ``desaturate`` (weaker colour) and ``jpeg``.
 
 The horizon of a clip is estimated from its labels: the median over its frames of the lowest
 box bottom (the most distant labelled cone stands nearest the horizon). Everything is
@@ -193,6 +193,14 @@ def tint(direction: str) -> Callable:
     return apply
 
 
+def desaturate(image, strength, rng):
+    """A camera with weaker colour (a low saturation setting, haze): HSV saturation scaled by
+    0.7, 0.5 or 0.35."""
+    hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+    hsv[..., 1] = np.round(hsv[..., 1] * (0.7, 0.5, 0.35)[strength - 1]).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+
+
 def jpeg(image, strength, rng):
     quality = (40, 20, 10)[strength - 1]
     _ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -201,7 +209,7 @@ def jpeg(image, strength, rng):
 
 CORRUPTIONS = {"droplets": droplets, "motion_blur": motion_blur, "noise": noise,
                "low_light": low_light, "tint_cool": tint("cool"), "tint_warm": tint("warm"),
-               "jpeg": jpeg}
+               "desaturate": desaturate, "jpeg": jpeg}
 
 
 def corruption(fn: Callable, strength: int) -> Callable:
