@@ -161,8 +161,12 @@ def _pyramid_region(frame: np.ndarray, squares: np.ndarray, level: int
     h, w = frame.shape[:2]
     step = 2**level
     margin = _REGION_MARGIN * step
-    lo = np.floor(squares[:, :2].min(axis=0)) - margin
-    hi = np.ceil(squares[:, 2:].max(axis=0)) + margin
+    # A square that leaves the frame samples the frame's edge pixels there (or the padding
+    # next to them), so the margin is kept around the squares clipped to the frame: a square
+    # wholly below a small frame still needs the rows above its bottom edge.
+    extent = np.array([w, h], np.float32)
+    lo = np.floor(np.clip(squares[:, :2].min(axis=0), 0, extent)) - margin
+    hi = np.ceil(np.clip(squares[:, 2:].max(axis=0), 0, extent)) + margin
     x0 = int(np.clip(lo[0], 0, w)) // step * step
     y0 = int(np.clip(lo[1], 0, h)) // step * step
     x1, y1 = int(np.clip(hi[0], 0, w)), int(np.clip(hi[1], 0, h))

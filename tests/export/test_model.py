@@ -17,6 +17,7 @@ PARAM_RANGE = {
     "se_resnet18": (11.0e6, 11.5e6),
     "resnet18": (11.0e6, 11.3e6),
     "se_resnet_slim32": (0.2e6, 0.7e6),
+    "se_resnet_slim32_s2": (0.2e6, 0.7e6),  # the same layers, the first stage strided
     "resnet_slim32": (0.2e6, 0.7e6),
     "se_resnet_slim64": (0.2e6, 0.75e6),
     "resnet_slim64": (0.2e6, 0.75e6),

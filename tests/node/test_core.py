@@ -110,6 +110,27 @@ def test_crop_shrinks_only_the_region_it_samples_exactly(pad):
         np.testing.assert_array_equal(crops[i], want, err_msg=f"box {i}, level {level}")
 
 
+@pytest.mark.parametrize("pad", ["constant", "replicate"])
+@pytest.mark.parametrize("height", [20, 28, 36, 44])
+def test_a_square_beyond_a_small_frame_is_cropped_as_from_the_whole_pyramid(pad, height):
+    """A square wholly below a small frame samples the frame's bottom rows (or the padding
+    next to them): the region shrunk for it must keep its margin above the frame's edge, not
+    above the square, or the bottom rows differ from the whole frame's pyramid by a level."""
+    from node.infer.crop import sampling_grid
+
+    frame = np.random.default_rng(height).integers(0, 256, (height, 4, 3), dtype=np.uint8)
+    policy = CropPolicy(context=0.0, pad=pad, min_side=32.0)  # 32 px squares at size 8: level 2
+    boxes = np.array([[0, 60, 0, 60], [0, 0, 0, 0]], np.float32)
+    alone = crop_batch(frame, boxes[:1], 8, policy)[0]
+    np.testing.assert_array_equal(alone, crop_batch(frame, boxes, 8, policy)[0])
+    level2 = cv2.pyrDown(cv2.pyrDown(frame))
+    map_x, map_y = sampling_grid(policy.square_boxes(boxes[:1]) / 4.0, 8)
+    border = cv2.BORDER_CONSTANT if pad == "constant" else cv2.BORDER_REPLICATE
+    want = cv2.remap(level2, map_x, map_y, cv2.INTER_LINEAR, borderMode=border,
+                     borderValue=(114, 114, 114))
+    np.testing.assert_array_equal(alone, want)
+
+
 def test_crop_rejects_bad_frames_and_handles_degenerate_boxes():
     with pytest.raises(ValueError, match="H×W×3 uint8"):
         crop_batch(np.zeros((10, 10), np.uint8), np.zeros((1, 4)), 8)
