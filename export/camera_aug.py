@@ -21,7 +21,7 @@ factor they share. Works on uint8 H x W x 3 images in any channel order; numpy a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -43,6 +43,8 @@ class CameraRandomisation:
         drop_radius: lens drops' radius range, as a fraction of the image's shorter side.
         drop_count: fewest and most lens drops.
         jpeg_quality: lowest and highest JPEG quality.
+        saturation: range of the factor on HSV saturation (a camera with weaker or stronger
+            colour); (1, 1), the default, draws nothing.
     """
 
     exposure: tuple[float, float] = (0.3, 1.5)
@@ -59,6 +61,7 @@ class CameraRandomisation:
     drop_count: tuple[int, int] = (2, 12)
     p_jpeg: float = 0.3
     jpeg_quality: tuple[int, int] = (12, 70)
+    saturation: tuple[float, float] = (1.0, 1.0)
 
 
 DEFAULT = CameraRandomisation()
@@ -77,8 +80,13 @@ STRONG = CameraRandomisation(exposure=(0.15, 1.5), p_blur=0.4, max_blur_px=19,
 CROP = CameraRandomisation(max_blur_px=20, blur_full_side=32, p_blur=0.4, p_drops=0.2,
                            drop_radius=(0.1, 0.6), drop_count=(1, 3))
 
+# CROP with cameras of weaker colour too (saturation x 0.3 to x 1.3): an experiment
+# (docs/experiments.md), not the bundled recipe.
+CROP_SATURATION = replace(CROP, saturation=(0.3, 1.3))
+
 PROFILES: dict[str, CameraRandomisation | None] = {
-    "none": None, "default": DEFAULT, "strong": STRONG, "crop": CROP}
+    "none": None, "default": DEFAULT, "strong": STRONG, "crop": CROP,
+    "crop_saturation": CROP_SATURATION}
 """Profiles by name: the trainers' ``--camera`` and ``augment.camera.profile``."""
 
 
@@ -104,6 +112,8 @@ def random_camera(image: np.ndarray, rng: np.random.Generator,
     wb = 1.0 + rng.uniform(-cfg.white_balance, cfg.white_balance, 3)
     f = f * (exposure * wb).astype(np.float32)
     out = np.clip(f * 255.0, 0, 255)
+    if cfg.saturation != (1.0, 1.0):  # drawn only when asked: other profiles' draws unchanged
+        out = scale_saturation(out, log_uniform(rng, *cfg.saturation))
     h, w = image.shape[:2]
     if rng.random() < cfg.p_blur and min(h, w) >= 8:
         out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / cfg.blur_full_side))
@@ -120,6 +130,13 @@ def random_camera(image: np.ndarray, rng: np.random.Generator,
         if ok:
             out = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     return out
+
+
+def scale_saturation(f: np.ndarray, factor: float) -> np.ndarray:
+    """A float BGR image (0..255) with its HSV saturation scaled by ``factor`` (at most full)."""
+    hsv = cv2.cvtColor(f.astype(np.float32) / 255.0, cv2.COLOR_BGR2HSV)
+    hsv[..., 1] = np.minimum(hsv[..., 1] * factor, 1.0)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR) * 255.0
 
 
 def blur(f: np.ndarray, rng: np.random.Generator, max_px: float) -> np.ndarray:

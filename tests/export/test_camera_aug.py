@@ -11,12 +11,14 @@ import numpy as np
 
 from export.camera_aug import (
     CROP,
+    CROP_SATURATION,
     PROFILES,
     CameraRandomisation,
     blur,
     lens_drops,
     random_aspect,
     random_camera,
+    scale_saturation,
 )
 
 # BGR patches of the three cone colours as the real frames show them.
@@ -119,3 +121,21 @@ def test_classifier_crops_get_other_cameras_repeatably():
     narrow = other_cameras(torch.full((4, 3, 32, 32), 200, dtype=torch.uint8), 1.0, (0.5, 0.5),
                            pad_value=114)
     assert narrow.shape == (4, 3, 32, 32)
+
+
+def test_saturation_is_scaled_keeping_hue_and_value_and_drawn_only_when_asked():
+    patch = np.full((8, 8, 3), PATCHES["blue"], np.uint8)
+    hsv = cv2.cvtColor(patch, cv2.COLOR_BGR2HSV)[0, 0].astype(int)
+    pale = np.clip(scale_saturation(patch.astype(np.float32), 0.4), 0, 255).astype(np.uint8)
+    pale_hsv = cv2.cvtColor(pale, cv2.COLOR_BGR2HSV)[0, 0].astype(int)
+    assert abs(pale_hsv[1] - 0.4 * hsv[1]) <= 2  # saturation
+    assert abs(pale_hsv[0] - hsv[0]) <= 1 and abs(pale_hsv[2] - hsv[2]) <= 1  # hue, value
+    # The profile with saturation draws pale and vivid crops; without it, never pale ones.
+    def saturations(profile):
+        cfg = replace(profile, p_noise=0.0, p_jpeg=0.0, p_drops=0.0, p_blur=0.0)
+        return [cv2.cvtColor(random_camera(patch, np.random.default_rng(seed), cfg),
+                             cv2.COLOR_BGR2HSV)[..., 1].mean() for seed in range(100)]
+
+    pale_and_vivid = saturations(CROP_SATURATION)
+    assert min(pale_and_vivid) < 0.5 * hsv[1] and max(pale_and_vivid) > 0.95 * hsv[1]
+    assert min(saturations(CROP)) > 0.7 * hsv[1]
