@@ -422,6 +422,8 @@ class Pipeline:
         }
         if self.tracking is not None:
             out["range"] = self.tracking.note  # says when no intrinsics are configured
+        if self.exposure is not None:
+            out["exposure"] = self.exposure.report()
         if self.first_inference_error:
             out["first_inference_error"] = self.first_inference_error
         if self.stop_signal is not None:

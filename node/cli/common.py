@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from node.node_config import DEFAULT_CONFIG, NodeConfig, load_node_config, resolve_path
+from node.sources.exposure import describe as describe_exposure
 
 
 class CliError(ValueError):
@@ -238,6 +239,9 @@ def format_summary(summary: dict) -> str:
     notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]
     if summary.get("range"):
         notes.append(f"range: {summary['range']}")
+    exposure = describe_exposure(summary.get("exposure") or {})
+    if exposure:
+        notes.append(f"exposure: {exposure}")
     return "\n".join([head, latency_table(summary), *notes])
 
 

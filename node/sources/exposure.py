@@ -49,11 +49,11 @@ MIN_SIGMA = 0.3
 
 def sample_pixels(image: np.ndarray) -> list[np.ndarray]:
     """The B, G and R values (three float32 arrays of at most ``GRID`` * ``GRID``) of a
-    regular grid of ``image``'s pixels, one near the centre of each cell. A strided view:
-    nothing of the frame is copied."""
+    regular grid over the whole of ``image``, one pixel near the centre of each cell. A
+    strided view: nothing of the frame is copied."""
     h, w = image.shape[:2]
-    sy, sx = max(1, h // GRID), max(1, w // GRID)
-    grid = image[sy // 2::sy, sx // 2::sx][:GRID, :GRID]
+    sy, sx = -(-h // GRID), -(-w // GRID)  # ceil: the grid spans the whole frame
+    grid = image[sy // 2::sy, sx // 2::sx]
     return [grid[..., c].astype(np.float32).ravel() for c in range(3)]
 
 
@@ -150,6 +150,9 @@ class Exposure:
         self.max_wb_gain = float(max_wb_gain)
         self.wb_tolerance = float(wb_tolerance)
         self.percentile = float(percentile)
+        self._frames = self._balanced = self._brightened = 0
+        self._wb_sum = np.zeros(3)
+        self._gain_sum = 0.0
 
     @classmethod
     def from_config(cls, section) -> Exposure | None:
@@ -170,5 +173,40 @@ class Exposure:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """The frame the networks see: ``image`` itself, or a corrected copy."""
         wb, gain = self.gains(image)
+        self._frames += 1
+        if np.any(np.abs(wb - 1.0) >= UNCHANGED):
+            self._balanced += 1
+            self._wb_sum += wb
+        if gain - 1.0 >= UNCHANGED:
+            self._brightened += 1
+            self._gain_sum += gain
         sigma = self.denoise_sigma * math.log2(gain)
         return apply_gains(image, wb * gain, sigma)
+
+    def report(self) -> dict:
+        """What the stage did so far: frames seen, how many it white-balanced (and their mean
+        B, G, R gains) and brightened (and their mean gain). A camera whose frames are mostly
+        corrected is set up far from the training camera's look: its own white balance or
+        exposure may be worth fixing."""
+        out: dict = {"frames": self._frames, "white_balanced": self._balanced,
+                     "brightened": self._brightened}
+        if self._balanced:
+            out["mean_wb_gains"] = [round(float(g), 3) for g in self._wb_sum / self._balanced]
+        if self._brightened:
+            out["mean_brightening"] = round(self._gain_sum / self._brightened, 3)
+        return out
+
+
+def describe(report: dict) -> str | None:
+    """One line for the run summary, or None when the stage changed no frame."""
+    if not (report.get("white_balanced") or report.get("brightened")):
+        return None
+    parts = []
+    if report.get("white_balanced"):
+        b, g, r = report["mean_wb_gains"]
+        parts.append(f"{report['white_balanced']} of {report['frames']} frames white-balanced "
+                     f"(mean gains B {b:.2f} G {g:.2f} R {r:.2f})")
+    if report.get("brightened"):
+        parts.append(f"{report['brightened']} of {report['frames']} brightened (mean "
+                     f"x{report['mean_brightening']:.2f})")
+    return "; ".join(parts)

@@ -36,13 +36,14 @@ def gradient_frame(height: int, width: int) -> np.ndarray:
 
 
 def road_frame(cast=(1.0, 1.0, 1.0), seed: int = 0) -> np.ndarray:
-    """Grey asphalt of varied brightness with a few strongly coloured patches (cones, grass),
-    seen through a per-channel ``cast`` (B, G, R)."""
+    """Grey asphalt of varied brightness with a few strongly coloured patches (cones, grass)
+    and a white line, seen through a per-channel ``cast`` (B, G, R)."""
     rng = np.random.default_rng(seed)
     img = np.repeat(rng.uniform(60, 200, (240, 320, 1)), 3, axis=2)
     img[20:60, 30:50] = (200, 80, 20)    # a blue cone (BGR)
     img[100:140, 200:220] = (20, 200, 230)  # a yellow one
     img[180:240, :] = (40, 140, 60)      # grass along the bottom
+    img[170:178, :] = 245                # a white line: the bright end needs no brightening
     return np.clip(img * np.asarray(cast), 0, 255).astype(np.uint8)
 
 
@@ -51,7 +52,8 @@ def test_statistics_read_a_fixed_grid_of_pixels_at_any_frame_size(size):
     image = gradient_frame(*size)
     pixels = sample_pixels(image)
     assert len(pixels) == 3
-    assert all(c.shape == (GRID * GRID,) and c.dtype == np.float32 for c in pixels)
+    assert all(c.dtype == np.float32 for c in pixels)
+    assert len({c.size for c in pixels}) == 1 and 18 * 18 <= pixels[0].size <= GRID * GRID
     # The grid spans the frame: the gradient's values from near 0 to near 255.
     assert pixels[1].min() < 255 / GRID and pixels[1].max() > 255 * (1 - 1 / GRID)
     image[..., 0] //= 4  # a dimmer channel does not count: the brightest does
@@ -143,6 +145,24 @@ def test_a_brightened_frame_is_smoothed_against_the_noise_the_gain_amplifies():
     assert abs(smoothed.mean() - raw.mean()) < 1.0  # smoothing keeps the brightness
 
 
+def test_the_stage_reports_what_it_corrected():
+    from node.sources.exposure import describe
+
+    stage = Exposure()
+    grey = gradient_frame(60, 80)
+    for image in (grey, road_frame((1.3, 1.0, 0.75)), (grey * 0.25).astype(np.uint8)):
+        stage(image)
+    report = stage.report()
+    assert report["frames"] == 3
+    assert report["white_balanced"] == 1 and report["brightened"] == 1
+    b, g, r = report["mean_wb_gains"]
+    assert b < 1.0 < r
+    assert 3.5 < report["mean_brightening"] < 4.5
+    line = describe(report)
+    assert "1 of 3 frames white-balanced" in line and "1 of 3 brightened" in line
+    assert describe(Exposure().report()) is None  # nothing corrected: nothing to say
+
+
 def test_exposure_settings_are_checked():
     from node.config import ConfigError
 
@@ -197,7 +217,20 @@ def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_st
                                                       "white_balance": stage}})
         publisher = Recorder()
         with load_backend(BUNDLED) as backend:
-            Pipeline(config, backend, build_proposer(config.proposer), [publisher]).run(frames)
+            summary = Pipeline(config, backend, build_proposer(config.proposer),
+                               [publisher]).run(frames)
+        if stage:  # the run's summary says what the stage did
+            report = summary["exposure"]
+            assert report["frames"] == len(frames)
+            if clip == "dark":
+                assert report["brightened"] == len(frames)
+                assert 5.0 < report["mean_brightening"] <= 8.0  # 0.12 darkening, capped at 8
+            if clip == "cool":
+                assert report["white_balanced"] == len(frames) and report["brightened"] == 0
+                b, g, r = report["mean_wb_gains"]
+                assert b < 0.8 < 1.25 < r  # undoes B x1.5, R x0.6 down to the tolerance
+        else:
+            assert "exposure" not in summary
         found = total = 0
         for scene, frame, result in zip(scenes, frames, publisher.results, strict=True):
             assert result.frame.image is frame.image  # published as captured
