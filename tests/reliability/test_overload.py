@@ -91,8 +91,11 @@ def test_a_frame_with_hundreds_of_blobs_is_capped_and_costs_no_more_to_classify(
                                    "model": {"max_batch": 1024}})
     uncapped = build_proposer(wide.proposer).propose(frame)
     assert blobs >= 300 and len(uncapped) >= 4 * 24  # far more candidates than the cap
+    # Sync: each frame's stages run one after another on one thread, so their times are the
+    # frame's own work, not waits on the other frame in flight.
     config = load_node_config(None, {"proposer": {"kind": "hsv", "max_candidates": 24,
-                                                  "refiner_model": None}})
+                                                  "refiner_model": None},
+                                     "pipeline": {"sync": True}})
     proposer = build_proposer(config.proposer)
     boxes = proposer.propose(frame)
     assert boxes.shape == (24, 4) and boxes.dtype == np.float32
@@ -114,8 +117,10 @@ def test_a_frame_with_hundreds_of_blobs_is_capped_and_costs_no_more_to_classify(
     assert all("error" not in r for r in publisher.records)
 
     def cost(records):
-        return np.median([r["latency_ms"]["preprocess"] + r["latency_ms"]["infer"] +
-                          r["latency_ms"]["post"] for r in records[2:]])
+        # The lower quartile: a frame's own cost, robust to the other programs that share
+        # the machine's cores (the median still moved by 3x from run to run).
+        return np.percentile([r["latency_ms"]["preprocess"] + r["latency_ms"]["infer"] +
+                              r["latency_ms"]["post"] for r in records[2:]], 25)
 
     assert cost(crowded) <= 3.0 * cost(sparse), (cost(crowded), cost(sparse))
     assert summary["candidates_per_frame"] <= 24
