@@ -27,6 +27,8 @@ import math
 import cv2
 import numpy as np
 
+from node.node_config import ExposureConfig
+
 GRID = 22
 """The statistics read a regular GRID x GRID sample of the frame's pixels, whatever its size,
 as one 484-value array per channel: every numpy operation on them stays under the size at
@@ -45,6 +47,8 @@ UNCHANGED = 0.01
 """Channel gains within this of 1 leave the frame untouched (no copy)."""
 MIN_SIGMA = 0.3
 """A narrower Gaussian moves no pixel by more than about two grey levels: skipped."""
+BRIGHT_PERCENTILE = 99.0
+"""The percentile of the brightest channel that counts as a frame's bright end."""
 
 
 def sample_pixels(image: np.ndarray) -> list[np.ndarray]:
@@ -125,49 +129,28 @@ def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0
 
 
 class Exposure:
-    """The node's frame normalisation, from the config's ``exposure`` section.
+    """The node's frame normalisation: the config's ``exposure`` section
+    (``node.node_config.ExposureConfig``, its defaults when None) put to work."""
 
-    Args:
-        auto_gain: brighten dark frames.
-        target: grey level a dark frame's bright end is brought to.
-        max_gain: the largest brightening.
-        denoise_sigma: Gaussian sigma in pixels per doubling of the brightening (0 = none).
-        white_balance: make the frame's greyest pixels grey.
-        max_wb_gain: the largest white-balance gain of a channel, either way.
-        wb_tolerance: the part of each channel's correction left out (``beyond_tolerance``).
-        percentile: which level of the brightest channel counts as the bright end.
-    """
-
-    def __init__(self, auto_gain: bool = True, target: float = 230.0, max_gain: float = 8.0,
-                 denoise_sigma: float = 0.5, white_balance: bool = True,
-                 max_wb_gain: float = 2.0, wb_tolerance: float = 0.1,
-                 percentile: float = 99.0) -> None:
-        self.auto_gain = bool(auto_gain)
-        self.target = float(target)
-        self.max_gain = float(max_gain)
-        self.denoise_sigma = float(denoise_sigma)
-        self.white_balance = bool(white_balance)
-        self.max_wb_gain = float(max_wb_gain)
-        self.wb_tolerance = float(wb_tolerance)
-        self.percentile = float(percentile)
+    def __init__(self, config: ExposureConfig | None = None) -> None:
+        self.config = config or ExposureConfig()
         self._frames = self._balanced = self._brightened = 0
         self._wb_sum = np.zeros(3)
         self._gain_sum = 0.0
 
     @classmethod
-    def from_config(cls, section) -> Exposure | None:
-        """From the node config's ``exposure`` section; None when both corrections are off."""
-        stage = cls(section.auto_gain, section.target, section.max_gain, section.denoise_sigma,
-                    section.white_balance, section.max_wb_gain, section.wb_tolerance)
-        return stage if stage.auto_gain or stage.white_balance else None
+    def from_config(cls, section: ExposureConfig) -> Exposure | None:
+        """The stage for a config section; None when both corrections are off."""
+        return cls(section) if section.auto_gain or section.white_balance else None
 
     def gains(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """The frame's white-balance gains (3,) and its brightening (>= 1)."""
+        c = self.config
         pixels = sample_pixels(image)
-        wb = (beyond_tolerance(grey_gains(pixels, self.max_wb_gain), self.wb_tolerance)
-              if self.white_balance else np.ones(3, np.float32))
-        gain = (exposure_gain(bright_level(pixels, self.percentile, wb), self.target,
-                              self.max_gain) if self.auto_gain else 1.0)
+        wb = (beyond_tolerance(grey_gains(pixels, c.max_wb_gain), c.wb_tolerance)
+              if c.white_balance else np.ones(3, np.float32))
+        gain = (exposure_gain(bright_level(pixels, BRIGHT_PERCENTILE, wb), c.target,
+                              c.max_gain) if c.auto_gain else 1.0)
         return wb, gain
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -180,7 +163,7 @@ class Exposure:
         if gain - 1.0 >= UNCHANGED:
             self._brightened += 1
             self._gain_sum += gain
-        sigma = self.denoise_sigma * math.log2(gain)
+        sigma = self.config.denoise_sigma * math.log2(gain)
         return apply_gains(image, wb * gain, sigma)
 
     def report(self) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from node.evaluate.score import match_greedy
-from node.node_config import load_node_config
+from node.node_config import ExposureConfig, load_node_config
 from node.sources.exposure import (
     GRID,
     Exposure,
@@ -94,9 +94,9 @@ def test_only_the_part_of_a_cast_beyond_the_tolerance_is_corrected():
     np.testing.assert_allclose(edge, 1.0, atol=2e-3)
     # a frame whose cast is within the tolerance is not copied; a stronger one is corrected
     within = road_frame((1.05, 1.0, 0.96))
-    assert Exposure(auto_gain=False)(within) is within
+    assert Exposure(ExposureConfig(auto_gain=False))(within) is within
     beyond = road_frame((1.3, 1.0, 0.75))
-    assert Exposure(auto_gain=False)(beyond) is not beyond
+    assert Exposure(ExposureConfig(auto_gain=False))(beyond) is not beyond
 
 
 def test_white_balance_gains_are_bounded():
@@ -120,7 +120,7 @@ def test_a_dark_frame_is_scaled_so_its_bright_end_reaches_the_target():
     level = bright_level(sample_pixels(dark))
     gain = exposure_gain(level, 230.0, 8.0)
     assert gain == pytest.approx(230.0 / level) and 3.5 < gain < 4.5
-    out = Exposure(white_balance=False, denoise_sigma=0.0)(dark)
+    out = Exposure(ExposureConfig(white_balance=False, denoise_sigma=0.0))(dark)
     assert abs(bright_level(sample_pixels(out)) - 230.0) <= 1.0
     # The same picture, brighter: proportional to the original within the rounding of the
     # darkening (1 level, times the gain).
@@ -138,8 +138,11 @@ def test_a_brightened_frame_is_smoothed_against_the_noise_the_gain_amplifies():
     rng = np.random.default_rng(0)
     dark = np.clip(40 + rng.normal(0, 4.0, (200, 200, 3)), 0, 255).astype(np.uint8)
     dark[:4, :4] = 50  # a bright corner sets the level: gain 230 / 50 = 4.6
-    raw = Exposure(white_balance=False, denoise_sigma=0.0)(dark)[8:, 8:].astype(float)
-    smoothed = Exposure(white_balance=False, denoise_sigma=0.5)(dark)[8:, 8:].astype(float)
+    def brightened(sigma: float) -> np.ndarray:
+        stage = Exposure(ExposureConfig(white_balance=False, denoise_sigma=sigma))
+        return stage(dark)[8:, 8:].astype(float)
+
+    raw, smoothed = brightened(0.0), brightened(0.5)
     assert raw.std() > 15.0  # the noise, amplified by the gain
     assert smoothed.std() < 0.6 * raw.std()
     assert abs(smoothed.mean() - raw.mean()) < 1.0  # smoothing keeps the brightness
