@@ -33,12 +33,15 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(len(a), len(b)) IoU of xyxy boxes."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
-    lo = np.maximum(a[:, None, :2], b[None, :, :2])
-    hi = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+    # One (len(a), len(b)) array per axis: numpy is several times slower on a trailing axis
+    # of two, and these run on every frame (NMS, tracking) for a few dozen boxes.
+    ax1, ay1, ax2, ay2 = (a[:, i, None] for i in range(4))
+    bx1, by1, bx2, by2 = b.T
+    inter = (np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
+             * np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None))
+    area_a = np.clip(ax2 - ax1, 0, None) * np.clip(ay2 - ay1, 0, None)
+    area_b = np.clip(bx2 - bx1, 0, None) * np.clip(by2 - by1, 0, None)
+    return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
 def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
@@ -50,12 +53,8 @@ def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.n
     order = np.argsort(-scores, kind="stable")
     if len(order) < 2:
         return order
-    b = boxes[order].astype(np.float64)
-    area = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
-    lo = np.maximum(b[:, None, :2], b[None, :, :2])
-    hi = np.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
-    overlap = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9) > iou
+    b = boxes[order]
+    overlap = iou_matrix(b, b) > iou
     alive = np.ones(len(order), bool)
     for i in range(len(order)):
         if alive[i]:

@@ -68,22 +68,31 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     if len(prev) == 0 or len(meas) == 0:
         return angle0, t0, 0
     gate = np.minimum(gate_m, 0.25 + 1.5 * np.hypot(prev_sd[:, None], meas_sd[None, :]))
+    inv_gate2 = 1.0 / (gate * gate)
     angles = angle0 + TURNS
-    # Every turn at once: (turns, T, 2) rotated tracks and (turns, T, D, 2) translations.
+    # Every turn at once: (turns, T) rotated track coordinates and (turns, T, D)
+    # translations, one array per axis (numpy is slow on a trailing axis of two).
     cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
-    rot_prev = np.stack([cos * prev[:, 0] - sin * prev[:, 1],
-                         sin * prev[:, 0] + cos * prev[:, 1]], axis=2)
-    hyp = meas[None, None, :, :] - rot_prev[:, :, None, :]
-    ok = compat[None] & (np.linalg.norm(hyp - t0, axis=3) <= max_step_m)
-    ok &= hyp[..., 1] <= 0.2  # the car does not reverse: static cones never recede
+    rx = cos * prev[:, 0] - sin * prev[:, 1]
+    rz = sin * prev[:, 0] + cos * prev[:, 1]
+    hx = meas[None, None, :, 0] - rx[:, :, None]
+    hz = meas[None, None, :, 1] - rz[:, :, None]
+    ok = compat[None] & ((hx - t0[0]) ** 2 + (hz - t0[1]) ** 2 <= max_step_m * max_step_m)
+    ok &= hz <= 0.2  # the car does not reverse: static cones never recede
     # Hypotheses in turn order, each turn's prior first: (turn, translation) pairs.
-    turn = np.concatenate([[i] + [i] * int(ok[i].sum()) for i in range(len(angles))])
-    cands = np.concatenate([np.concatenate([t0[None], hyp[i][ok[i]]])
-                            for i in range(len(angles))])
-    # (hypotheses, T, D) distances, each track to each detection
-    d = np.linalg.norm(rot_prev[turn][:, :, None, :] + cands[:, None, None, :]
-                       - meas[None, None], axis=3)
-    hit = np.where(compat[None], d / gate[None], np.inf).min(axis=2)
+    per_turn = ok.reshape(len(angles), -1).sum(axis=1)
+    turn = np.repeat(np.arange(len(angles)), per_turn + 1)
+    first = np.zeros(len(turn), bool)
+    first[np.concatenate([[0], np.cumsum(per_turn + 1)[:-1]])] = True
+    cands = np.empty((len(turn), 2))
+    cands[first] = t0
+    cands[~first, 0] = hx[ok]
+    cands[~first, 1] = hz[ok]
+    # (hypotheses, T, D) squared distances over squared gates, each track to each detection
+    dx = (rx[turn] + cands[:, :1])[:, :, None] - meas[None, None, :, 0]
+    dz = (rz[turn] + cands[:, 1:])[:, :, None] - meas[None, None, :, 1]
+    ratio2 = np.where(compat[None], (dx * dx + dz * dz) * inv_gate2[None], np.inf)
+    hit = np.sqrt(ratio2.min(axis=2))
     inl = hit < 1.0
     count = inl.sum(axis=1)
     spread = np.where(inl, hit, 0.0).sum(axis=1)
@@ -91,17 +100,20 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     k = int(np.lexsort((spread, -count))[0])
     angle_h, t = float(angles[turn[k]]), cands[k]
     rot_prev = prev @ rotation(angle_h).T
-    d = np.linalg.norm(rot_prev[:, None, :] + t - meas[None], axis=2)
+    d = np.hypot(rot_prev[:, None, 0] + t[0] - meas[None, :, 0],
+                 rot_prev[:, None, 1] + t[1] - meas[None, :, 1])
     d = np.where(compat & (d < gate), d, np.inf)
     rows, cols = [], []
-    for flat in np.argsort(d, axis=None):
-        r, c = divmod(int(flat), d.shape[1])
-        if not np.isfinite(d[r, c]):
-            break
-        if r in rows or c in cols:
+    used_r, used_c = set(), set()
+    order = np.argsort(d, axis=None)
+    for flat in order[:int(np.isfinite(d).sum())].tolist():
+        r, c = divmod(flat, d.shape[1])
+        if r in used_r or c in used_c:
             continue
         rows.append(r)
         cols.append(c)
+        used_r.add(r)
+        used_c.add(c)
     if len(rows) < 2:
         return angle_h, t, len(rows)
     w = 1.0 / (prev_sd[rows] ** 2 + meas_sd[cols] ** 2 + 1e-4)

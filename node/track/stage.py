@@ -67,9 +67,11 @@ class TrackingStage:
         est = self.estimator.estimate(boxes, labels, frame_w, frame_h)
         ids = self.tracker.update(boxes, labels, np.array([c.score for c in cones]),
                                   est.xyz, est.sigma_m, self.estimator.view(frame_w, frame_h))
-        return [replace(c, range_m=float(est.range_m[i]), range_sigma_m=float(est.sigma_m[i]),
-                        xyz=tuple(float(v) for v in est.xyz[i]), range_basis=est.basis[i],
-                        track_id=ids[i]) for i, c in enumerate(cones)]
+        return [replace(c, range_m=r, range_sigma_m=sd, xyz=tuple(p), range_basis=basis,
+                        track_id=i)
+                for c, r, sd, p, basis, i in zip(cones, est.range_m.tolist(),
+                                                  est.sigma_m.tolist(), est.xyz.tolist(),
+                                                  est.basis, ids, strict=True)]
 
     def reset(self) -> None:
         """Forget all tracks (a new recording)."""

@@ -158,6 +158,7 @@ class _Tracks:
     def __init__(self) -> None:
         self.id = np.zeros(0, np.int64)
         self.label: list[str] = []
+        self.group = np.zeros(0, np.int64)  # _group_codes(self.label), kept in step
         self.score = np.zeros(0)
         self.age = np.zeros(0, np.int64)
         self.hits = np.zeros(0, np.int64)
@@ -185,6 +186,7 @@ class _Tracks:
         sd0 = np.zeros(n) if sd is None else np.array(sd, np.float64)
         self.id = np.concatenate([self.id, ids])
         self.label = self.label + list(labels)
+        self.group = np.concatenate([self.group, _group_codes(labels)])
         self.score = np.concatenate([self.score, scores])
         self.age = np.concatenate([self.age, np.zeros(n, np.int64)])
         self.hits = np.concatenate([self.hits, np.ones(n, np.int64)])
@@ -198,7 +200,7 @@ class _Tracks:
 
     def keep(self, rows: np.ndarray) -> None:
         """Keep only ``rows`` (bool mask), in order."""
-        for name in ("id", "score", "age", "hits", "x", "P", "last_box", "pos", "sd",
+        for name in ("id", "group", "score", "age", "hits", "x", "P", "last_box", "pos", "sd",
                      "pred_box", "has_pred"):
             setattr(self, name, getattr(self, name)[rows])
         self.label = [lb for lb, k in zip(self.label, rows) if k]
@@ -221,9 +223,10 @@ class _Tracks:
         k = P[:, :, :4] @ np.linalg.inv(s)
         self.x[rows] += (k @ (z - self.x[rows, :4])[:, :, None])[:, :, 0]
         self.P[rows] = (np.eye(8) - k @ _H) @ P
-        for r, label in zip(rows, labels):
+        for r, label in zip(rows.tolist(), labels):
             if self.label[r] == UNKNOWN or GROUP.get(label) == self.label[r]:
                 self.label[r] = label
+                self.group[r] = _group_codes([label])[0]
         self.last_box[rows] = boxes
         self.has_pred[rows] = False
         self.score[rows] = scores
@@ -265,7 +268,7 @@ class ConeTracker:
         self.tracks = _Tracks()
         self._ego = None
 
-    def _predict_ego(self, labels: list[str], xyz: np.ndarray, sigma: np.ndarray,
+    def _predict_ego(self, codes: np.ndarray, xyz: np.ndarray, sigma: np.ndarray,
                      view: tuple[float, float, float, float, float]) -> None:
         """Move every positioned track through the ego-motion found from this frame's cones."""
         cfg, tr = self.config, self.tracks
@@ -273,7 +276,7 @@ class ConeTracker:
         if not len(placed):
             return
         prev = tr.pos[placed][:, [0, 2]]
-        compat = self._gate(placed, labels) & (tr.age[placed] <= 1)[:, None]
+        compat = self._gate(placed, codes) & (tr.age[placed] <= 1)[:, None]
         if self._ego is None:
             prior, step = (0.0, np.zeros(2)), cfg.max_step_m
         else:
@@ -296,33 +299,33 @@ class ConeTracker:
         tr.pos[placed] = new
         tr.sd[placed] = np.hypot(tr.sd[placed], 0.1)
 
-    def _shift_predictions(self, boxes: np.ndarray, labels: list[str]) -> None:
+    def _shift_predictions(self, boxes: np.ndarray, codes: np.ndarray) -> None:
         """Remove the common image shift of the predictions (yaw error, pitch jitter)."""
         tr = self.tracks
         placed = np.flatnonzero(tr.has_pred)
-        pairs = self._match(placed, boxes, labels, self.config.match_iou, True)
+        pairs = self._match(placed, boxes, codes, self.config.match_iou, True)
         if len(pairs) < 3:
             return
         rows, cols = (np.array(v) for v in zip(*pairs))
         shift = egomotion.median_shift(tr.pred_box[placed[rows]], boxes[cols])
         tr.pred_box[placed] += np.tile(shift, 2)
 
-    def _gate(self, rows: np.ndarray, labels: list[str]) -> np.ndarray:
-        """(rows, labels) bool: may this track take a box of this label (same colour
-        group, or either one unknown)."""
+    def _gate(self, rows: np.ndarray, box_group: np.ndarray) -> np.ndarray:
+        """(rows, boxes) bool: may this track take a box of this colour group
+        (``_group_codes`` of its label): the same group, or either one unknown."""
         if not self.config.class_gate:
-            return np.ones((len(rows), len(labels)), bool)
-        track_group = _group_codes([self.tracks.label[r] for r in rows])
-        box_group = _group_codes(labels)
+            return np.ones((len(rows), len(box_group)), bool)
+        track_group = self.tracks.group[rows]
         return ((track_group[:, None] == box_group[None, :]) | (track_group < 0)[:, None]
-                | (box_group < 0)[None, :]).reshape(len(rows), len(labels))
+                | (box_group < 0)[None, :]).reshape(len(rows), len(box_group))
 
-    def _match(self, rows: np.ndarray, boxes: np.ndarray, labels: list[str],
+    def _match(self, rows: np.ndarray, boxes: np.ndarray, codes: np.ndarray,
                min_iou: float, use_distance: bool) -> list[tuple[int, int]]:
-        """Pairs (index into ``rows``, index into ``boxes``): IoU first, then distance."""
+        """Pairs (index into ``rows``, index into ``boxes``): IoU first, then distance;
+        ``codes`` are the boxes' colour groups (``_group_codes``)."""
         if not len(rows) or len(boxes) == 0:
             return []
-        gate = self._gate(rows, labels)
+        gate = self._gate(rows, codes)
         pred = self.tracks.boxes(rows)
         iou = np.where(gate, iou_matrix(pred, boxes), -np.inf)
         pairs = greedy_assign(iou, max(min_iou, 1e-9))
@@ -361,24 +364,24 @@ class ConeTracker:
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
         labels = list(labels)
+        codes = _group_codes(labels)
         tr.predict()
         ego = xyz is not None and sigma is not None and view is not None
         if ego:
             xyz = np.asarray(xyz, np.float64).reshape(-1, 3)
             sigma = np.asarray(sigma, np.float64).reshape(-1)
-            self._predict_ego(labels, xyz, sigma, view)
+            self._predict_ego(codes, xyz, sigma, view)
         ids = np.zeros(len(boxes), np.int64)  # 0: no track
         high = np.flatnonzero(scores >= cfg.high_score)
         low = np.flatnonzero((scores >= cfg.low_score) & (scores < cfg.high_score))
         if ego and len(tr) and len(high):
-            self._shift_predictions(boxes[high], [labels[j] for j in high])
+            self._shift_predictions(boxes[high], codes[high])
         free = np.arange(len(tr))
         for group, min_iou, use_dist in ((high, cfg.match_iou, True),
                                          (low, cfg.low_match_iou, False)):
             if not len(group):
                 continue
-            pairs = self._match(free, boxes[group], [labels[j] for j in group], min_iou,
-                                use_dist)
+            pairs = self._match(free, boxes[group], codes[group], min_iou, use_dist)
             if not pairs:
                 continue
             r_idx, c_idx = (np.array(v) for v in zip(*pairs))
