@@ -138,8 +138,8 @@ class PostConfig:
 
 @dataclass
 class ExposureConfig:
-    """White balance and dark frames brightened before proposals and crops
-    (``node.sources.exposure``)."""
+    """White balance, dark frames brightened and pale colour raised before proposals and
+    crops (``node.sources.exposure``)."""
 
     white_balance: bool = True
     max_wb_gain: float = spec(2.0, min=1.0, max=8.0)
@@ -148,6 +148,9 @@ class ExposureConfig:
     target: float = spec(230.0, min=1.0, max=255.0)
     max_gain: float = spec(8.0, min=1.0, max=64.0)
     denoise_sigma: float = spec(0.5, min=0.0, max=10.0)
+    saturation: bool = True
+    min_chroma: float = spec(40.0, min=0.0, max=255.0)
+    max_saturation_gain: float = spec(2.0, min=1.0, max=8.0)
 
 
 @dataclass

@@ -1,6 +1,7 @@
-"""Frame normalisation for the networks: white balance, and dark frames brightened.
+"""Frame normalisation for the networks: white balance, dark frames brightened, pale colour
+raised.
 
-Cameras differ in colour and brightness far more than the training frames did. Two corrections,
+Cameras differ in colour and brightness far more than the training frames did. Three corrections,
 each computed from the frame alone (nothing depends on the camera), bring every frame to the
 look the proposer and the classifier were trained on:
 
@@ -14,8 +15,14 @@ look the proposer and the classifier were trained on:
   ``target`` is scaled up to it, by at most ``max_gain``; a brighter frame is not touched. The
   gain also amplifies the sensor's noise, so a brightened frame is smoothed by a Gaussian whose
   sigma grows with the gain's doublings, as a camera's own signal processor does.
+* **Colour.** A frame whose most coloured pixels (a percentile of each pixel's chroma, its
+  brightest channel minus its darkest, after the two corrections above) are paler than
+  ``min_chroma`` has its saturation raised to it about each pixel's luma, by at most
+  ``max_saturation_gain``: a camera with weak colour (or a washed-out, hazy scene) turns a
+  yellow cone beige and an orange one brown, and the networks take them for background or
+  for each other. Greys stay grey and the luma is kept.
 
-Both are measured on a regular grid of ``GRID`` x ``GRID`` pixels and applied in one pass
+All are measured on a regular grid of ``GRID`` x ``GRID`` pixels and applied in one pass
 (``cv2.transform``). Only the networks see the result; publishers get the frame as
 captured.
 """
@@ -49,6 +56,10 @@ MIN_SIGMA = 0.3
 """A narrower Gaussian moves no pixel by more than about two grey levels: skipped."""
 BRIGHT_PERCENTILE = 99.0
 """The percentile of the brightest channel that counts as a frame's bright end."""
+CHROMA_PERCENTILE = 99.0
+"""The percentile of the pixels' chroma that counts as a frame's most coloured."""
+LUMA = np.array([0.114, 0.587, 0.299], np.float32)
+"""B, G, R weights of the luma (ITU-R BT.601) kept when the saturation is raised."""
 
 
 def sample_pixels(image: np.ndarray) -> list[np.ndarray]:
@@ -112,17 +123,39 @@ def bright_level(pixels: list[np.ndarray], percentile: float = 99.0,
     return min(_kth(_max3(*pixels), percentile / 100.0), 255.0)
 
 
+def chroma_level(pixels: list[np.ndarray], percentile: float = 99.0,
+                 gains: np.ndarray | None = None) -> float:
+    """The ``percentile`` (0..100) of the chroma (brightest minus darkest channel) of
+    ``pixels`` (``sample_pixels``), each channel scaled by ``gains`` (saturating at 255) first
+    when given, in grey levels."""
+    if gains is not None:
+        pixels = [np.minimum(c * float(k), 255.0) for c, k in zip(pixels, gains)]
+    return _kth(_max3(*pixels) - _min3(*pixels), percentile / 100.0)
+
+
 def exposure_gain(level: float, target: float, max_gain: float) -> float:
-    """The gain (1..``max_gain``) that brings a bright end at ``level`` to ``target``."""
+    """The gain (1..``max_gain``) that brings a ``level`` (a bright end, a chroma) up to
+    ``target``."""
     return min(max(target / max(level, 1.0), 1.0), max_gain)
 
 
-def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0) -> np.ndarray:
-    """``image`` with each channel scaled by ``gains`` (B, G, R; saturating at 255), smoothed
-    by a Gaussian of ``denoise_sigma`` px; ``image`` itself when nothing would change."""
-    if np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED) and denoise_sigma < MIN_SIGMA:
+def colour_matrix(gains: np.ndarray, saturation: float = 1.0) -> np.ndarray:
+    """The 3 x 3 matrix (B, G, R) that scales each channel by ``gains`` and then moves every
+    pixel ``saturation`` times as far from its luma (``LUMA``): greys stay grey, and each
+    pixel's chroma is multiplied by ``saturation``."""
+    mix = saturation * np.eye(3, dtype=np.float32) + (1.0 - saturation) * LUMA[None, :]
+    return (mix @ np.diag(np.asarray(gains, np.float32))).astype(np.float32)
+
+
+def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0,
+                saturation: float = 1.0) -> np.ndarray:
+    """``image`` with each channel scaled by ``gains`` (B, G, R), its saturation raised by
+    ``saturation`` (``colour_matrix``; saturating at 0 and 255), smoothed by a Gaussian of
+    ``denoise_sigma`` px; ``image`` itself when nothing would change."""
+    if (np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED) and saturation - 1.0 < UNCHANGED
+            and denoise_sigma < MIN_SIGMA):
         return image
-    out = cv2.transform(image, np.diag(np.asarray(gains, np.float32)))
+    out = cv2.transform(image, colour_matrix(gains, max(saturation, 1.0)))
     if denoise_sigma >= MIN_SIGMA:
         out = cv2.GaussianBlur(out, (0, 0), denoise_sigma)
     return out
@@ -134,28 +167,35 @@ class Exposure:
 
     def __init__(self, config: ExposureConfig | None = None) -> None:
         self.config = config or ExposureConfig()
-        self._frames = self._balanced = self._brightened = 0
+        self._frames = self._balanced = self._brightened = self._saturated = 0
         self._wb_sum = np.zeros(3)
-        self._gain_sum = 0.0
+        self._gain_sum = self._saturation_sum = 0.0
 
     @classmethod
     def from_config(cls, section: ExposureConfig) -> Exposure | None:
-        """The stage for a config section; None when both corrections are off."""
-        return cls(section) if section.auto_gain or section.white_balance else None
+        """The stage for a config section; None when every correction is off."""
+        on = section.auto_gain or section.white_balance or section.saturation
+        return cls(section) if on else None
 
-    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """The frame's white-balance gains (3,) and its brightening (>= 1)."""
+    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The frame's white-balance gains (3,), its brightening (>= 1) and its saturation
+        gain (>= 1)."""
         c = self.config
         pixels = sample_pixels(image)
         wb = (beyond_tolerance(grey_gains(pixels, c.max_wb_gain), c.wb_tolerance)
               if c.white_balance else np.ones(3, np.float32))
         gain = (exposure_gain(bright_level(pixels, BRIGHT_PERCENTILE, wb), c.target,
                               c.max_gain) if c.auto_gain else 1.0)
-        return wb, gain
+        saturation = 1.0
+        if c.saturation:
+            level = chroma_level(pixels, CHROMA_PERCENTILE, wb * gain)
+            if level >= 1.0:  # a grey frame has no colour to raise
+                saturation = exposure_gain(level, c.min_chroma, c.max_saturation_gain)
+        return wb, gain, saturation
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """The frame the networks see: ``image`` itself, or a corrected copy."""
-        wb, gain = self.gains(image)
+        wb, gain, saturation = self.gains(image)
         self._frames += 1
         if np.any(np.abs(wb - 1.0) >= UNCHANGED):
             self._balanced += 1
@@ -163,26 +203,33 @@ class Exposure:
         if gain - 1.0 >= UNCHANGED:
             self._brightened += 1
             self._gain_sum += gain
+        if saturation - 1.0 >= UNCHANGED:
+            self._saturated += 1
+            self._saturation_sum += saturation
         sigma = self.config.denoise_sigma * math.log2(gain)
-        return apply_gains(image, wb * gain, sigma)
+        return apply_gains(image, wb * gain, sigma, saturation)
 
     def report(self) -> dict:
         """What the stage did so far: frames seen, how many it white-balanced (and their mean
-        B, G, R gains) and brightened (and their mean gain). A camera whose frames are mostly
-        corrected is set up far from the training camera's look: its own white balance or
-        exposure may be worth fixing."""
+        B, G, R gains), brightened (and their mean gain) and made more colourful (and their
+        mean saturation gain). A camera whose frames are mostly corrected is set up far from
+        the training camera's look: its own white balance, exposure or saturation may be
+        worth fixing."""
         out: dict = {"frames": self._frames, "white_balanced": self._balanced,
-                     "brightened": self._brightened}
+                     "brightened": self._brightened, "saturated": self._saturated}
         if self._balanced:
             out["mean_wb_gains"] = [round(float(g), 3) for g in self._wb_sum / self._balanced]
         if self._brightened:
             out["mean_brightening"] = round(self._gain_sum / self._brightened, 3)
+        if self._saturated:
+            out["mean_saturation"] = round(self._saturation_sum / self._saturated, 3)
         return out
 
 
 def describe(report: dict) -> str | None:
     """One line for the run summary, or None when the stage changed no frame."""
-    if not (report.get("white_balanced") or report.get("brightened")):
+    if not (report.get("white_balanced") or report.get("brightened")
+            or report.get("saturated")):
         return None
     parts = []
     if report.get("white_balanced"):
@@ -192,4 +239,7 @@ def describe(report: dict) -> str | None:
     if report.get("brightened"):
         parts.append(f"{report['brightened']} of {report['frames']} brightened (mean "
                      f"x{report['mean_brightening']:.2f})")
+    if report.get("saturated"):
+        parts.append(f"{report['saturated']} of {report['frames']} more colourful (mean "
+                     f"saturation x{report['mean_saturation']:.2f})")
     return "; ".join(parts)

@@ -1,6 +1,6 @@
 """Tests of ``node.sources.exposure`` and the pipeline's exposure stage: white-balance gains
-that make grey pixels grey, the brightening a frame gets from its own bright end, frames that
-need nothing left alone, the smoothing against amplified noise, and the whole node finding the
+that make grey pixels grey, the brightening a frame gets from its own bright end, the colour
+a pale frame gets back, frames that need nothing left alone, the smoothing against amplified noise, and the whole node finding the
 cones of dark and colour-cast synthetic clips that it misses without the stage."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from node.evaluate.score import match_greedy
 from node.node_config import ExposureConfig, load_node_config
 from node.sources.exposure import (
     GRID,
+    LUMA,
     Exposure,
     apply_gains,
     beyond_tolerance,
     bright_level,
+    chroma_level,
     exposure_gain,
     grey_gains,
     sample_pixels,
@@ -45,6 +47,13 @@ def road_frame(cast=(1.0, 1.0, 1.0), seed: int = 0) -> np.ndarray:
     img[180:240, :] = (40, 140, 60)      # grass along the bottom
     img[170:178, :] = 245                # a white line: the bright end needs no brightening
     return np.clip(img * np.asarray(cast), 0, 255).astype(np.uint8)
+
+
+def pale(image: np.ndarray, factor: float) -> np.ndarray:
+    """``image`` (float or uint8 BGR) with every pixel's chroma times ``factor`` about its
+    luma: a camera with weak colour."""
+    luma = (image.astype(np.float64) @ LUMA.astype(np.float64))[..., None]
+    return luma + factor * (image - luma)
 
 
 @pytest.mark.parametrize("size", [(640, 640), (320, 800), (1536, 2048)])
@@ -148,21 +157,52 @@ def test_a_brightened_frame_is_smoothed_against_the_noise_the_gain_amplifies():
     assert abs(smoothed.mean() - raw.mean()) < 1.0  # smoothing keeps the brightness
 
 
+def test_a_pale_frame_gets_its_colour_raised_to_the_floor_and_greys_stay_grey():
+    colourful = road_frame()
+    assert chroma_level(sample_pixels(colourful)) > 100
+    assert Exposure()(colourful) is colourful  # colourful enough: untouched
+    washed = np.clip(pale(road_frame(), 0.15), 0, 255).astype(np.uint8)
+    level = chroma_level(sample_pixels(washed))
+    assert 15 < level < 35
+    stage = Exposure()
+    gain = stage.gains(washed)[2]
+    assert gain == pytest.approx(40.0 / level)
+    out = stage(washed)
+    # The most coloured pixels reach the floor (40 grey levels of chroma), within rounding.
+    assert abs(chroma_level(sample_pixels(out)) - 40.0) <= 2.0
+    asphalt = (slice(60, 100), slice(60, 190))  # grey stays grey, at the same brightness
+    np.testing.assert_array_equal(out[asphalt], washed[asphalt])
+    b, g, r = out[30, 40].astype(int)  # the blue cone: its chroma times the gain
+    b0, g0, r0 = washed[30, 40].astype(int)
+    assert abs((b - r) - gain * (b0 - r0)) <= 1.5 and abs((g - r) - gain * (g0 - r0)) <= 1.5
+    luma = LUMA.astype(float)
+    assert abs(out[30, 40] @ luma - washed[30, 40] @ luma) <= 1.5
+    # Capped: a nearly grey frame is raised by at most max_saturation_gain.
+    faint = np.clip(pale(road_frame(), 0.02), 0, 255).astype(np.uint8)
+    stage = Exposure(ExposureConfig(max_saturation_gain=2.0))
+    assert stage.gains(faint)[2] == 2.0
+    off = Exposure(ExposureConfig(saturation=False))
+    assert off.gains(washed)[2] == 1.0 and off(washed) is washed
+
+
 def test_the_stage_reports_what_it_corrected():
     from node.sources.exposure import describe
 
     stage = Exposure()
     grey = gradient_frame(60, 80)
-    for image in (grey, road_frame((1.3, 1.0, 0.75)), (grey * 0.25).astype(np.uint8)):
+    washed = np.clip(pale(road_frame(), 0.15), 0, 255).astype(np.uint8)
+    for image in (grey, road_frame((1.3, 1.0, 0.75)), (grey * 0.25).astype(np.uint8), washed):
         stage(image)
     report = stage.report()
-    assert report["frames"] == 3
+    assert report["frames"] == 4
     assert report["white_balanced"] == 1 and report["brightened"] == 1
+    assert report["saturated"] == 1 and 1.2 < report["mean_saturation"] <= 2.0
     b, _, r = report["mean_wb_gains"]
     assert b < 1.0 < r
     assert 3.5 < report["mean_brightening"] < 4.5
     line = describe(report)
-    assert "1 of 3 frames white-balanced" in line and "1 of 3 brightened" in line
+    assert "1 of 4 frames white-balanced" in line and "1 of 4 brightened" in line
+    assert "1 of 4 more colourful" in line
     assert describe(Exposure().report()) is None  # nothing corrected: nothing to say
 
 
@@ -173,16 +213,21 @@ def test_exposure_settings_are_checked():
         load_node_config(None, {"exposure": {"max_gain": 0.5}})
     with pytest.raises(ConfigError, match="exposure.max_wb_gain"):
         load_node_config(None, {"exposure": {"max_wb_gain": 0.9}})
+    with pytest.raises(ConfigError, match="exposure.max_saturation_gain"):
+        load_node_config(None, {"exposure": {"max_saturation_gain": 0.5}})
+    with pytest.raises(ConfigError, match="exposure.min_chroma"):
+        load_node_config(None, {"exposure": {"min_chroma": 300}})
     section = load_node_config(None).exposure
-    assert section.auto_gain and section.white_balance  # on by default
+    assert section.auto_gain and section.white_balance and section.saturation  # on by default
 
 
 @pytest.mark.skipif(not (BUNDLED.is_file() and PROPOSER.is_file()),
                     reason="bundled models not present")
 def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_stage():
     """A synthetic clip as rendered, darkened as by a camera at dusk (gain 0.12, sensor noise
-    sigma 4), and seen through a white balance off towards blue (B x1.5, R x0.6): the whole
-    node with the default config, and on the two altered clips also with the stage off.
+    sigma 4), seen through a white balance off towards blue (B x1.5, R x0.6), and by a camera
+    of weak colour (chroma x0.15): the whole node with the default config, and on the altered
+    clips also with the stage off.
     Publishers get the frames as captured."""
     synth = pytest.importorskip("export.synth")
     from node.cli.demo import SYNTH_BODY_MASK
@@ -194,7 +239,8 @@ def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_st
     scenes = list(synth.render_clip(11, 20))
     looks = {"as rendered": lambda im: im,
              "dark": lambda im: im * 0.12 + rng.normal(0, 4.0, im.shape),
-             "cool": lambda im: im * np.array([1.5, 1.0, 0.6])}
+             "cool": lambda im: im * np.array([1.5, 1.0, 0.6]),
+             "pale": lambda im: pale(im, 0.15)}
     clips = {name: [Frame(i, float(i), np.clip(look(s.image), 0, 255).astype(np.uint8))
                     for i, s in enumerate(scenes)] for name, look in looks.items()}
 
@@ -212,12 +258,13 @@ def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_st
 
     recall = {}
     runs = [("as rendered", True), ("dark", False), ("dark", True), ("cool", False),
-            ("cool", True)]
+            ("cool", True), ("pale", False), ("pale", True)]
     for clip, stage in runs:
         frames = clips[clip]
         config = load_node_config(None, {"proposer": {"body_mask": SYNTH_BODY_MASK},
                                          "exposure": {"auto_gain": stage,
-                                                      "white_balance": stage}})
+                                                      "white_balance": stage,
+                                                      "saturation": stage}})
         publisher = Recorder()
         with load_backend(BUNDLED) as backend:
             summary = Pipeline(config, backend, build_proposer(config.proposer),
@@ -232,6 +279,9 @@ def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_st
                 assert report["white_balanced"] == len(frames) and report["brightened"] == 0
                 b, _, r = report["mean_wb_gains"]
                 assert b < 0.8 and r > 1.25  # undoes B x1.5, R x0.6 down to the tolerance
+            if clip == "pale":
+                assert report["saturated"] == len(frames) and report["brightened"] == 0
+                assert 1.3 < report["mean_saturation"] < 1.8  # chroma about 26 raised to 40
         else:
             assert "exposure" not in summary
         found = total = 0
@@ -248,9 +298,12 @@ def test_the_node_finds_the_cones_of_dark_and_colour_cast_clips_only_with_the_st
                       for (clip, on), r in recall.items()))
     # Measured: 106/116 = 0.914 as rendered; darkened 0.819 without the stage and 0.914 with
     # it; colour-cast 0.000 without and 0.914 with it (a milder cast, B x1.3 and R x0.75, does
-    # not hurt on these rendered frames; on real ones it does, docs/validation.md).
+    # not hurt on these rendered frames; on real ones it does, docs/validation.md); pale
+    # (chroma x0.15) 0.621 without and 0.810 with it (raised to x0.23 of the rendered colour,
+    # as these frames are far more colourful than real ones).
     assert total >= 100
     reference = recall["as rendered", True]
     for clip in ("dark", "cool"):
         assert recall[clip, True] >= reference - 0.03
         assert recall[clip, False] <= recall[clip, True] - 0.06
+    assert recall["pale", True] >= recall["pale", False] + 0.1
