@@ -22,6 +22,11 @@ CLASSIFIER_CLASSES: tuple[str, ...] = CONE_CLASSES + (BACKGROUND,)
 
 PUBLISHED_CLASSES: tuple[str, ...] = CONE_CLASSES + (UNKNOWN,)
 
+COLOUR_GROUP: dict[str, str] = {LARGE_ORANGE: ORANGE}
+"""Labels that count as one colour where only the colour matters (tracking, nested boxes):
+the classifier confuses small and large orange, and a stripe of a large orange cone looks
+like a small one."""
+
 DATASET_IDS: dict[str, dict[int, str]] = {
     # FSOCO YOLO exports.
     "fsoco": {0: YELLOW, 1: BLUE, 2: ORANGE, 3: LARGE_ORANGE, 4: UNKNOWN},

@@ -134,6 +134,7 @@ class PostConfig:
 
     nms_iou: float | None = spec(0.6, min=0.0, max=1.0)
     unknown_colour: bool = False
+    nested_inside: float | None = spec(0.7, min=0.0, max=1.0)
 
 
 @dataclass

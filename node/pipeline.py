@@ -249,10 +249,11 @@ class Pipeline:
                 logits, item.error = None, "inference failed: backend returned non-finite scores"
             if logits is not None:
                 try:
+                    post, merge = self.config.post, self.proposer.suppress_overlaps
                     cones = cones_from_logits(
                         logits, item.boxes, self.classes, self.config.model.score_threshold,
-                        self.config.post.nms_iou if self.proposer.suppress_overlaps else None,
-                        self.config.post.unknown_colour)
+                        post.nms_iou if merge else None, post.unknown_colour,
+                        post.nested_inside if merge else None)
                 except ValueError as exc:
                     item.error = f"inference failed: {_one_line(exc)}"
             lat["post"] = (time.perf_counter() - t1) * 1e3

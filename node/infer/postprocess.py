@@ -2,7 +2,10 @@
 
 Softmax over the model's classes (names from its metadata, never a literal list), the
 ``background`` class and low scores dropped, then optional greedy non-maximum suppression
-between overlapping candidates (class-agnostic: one place holds one cone).
+between overlapping candidates (class-agnostic: one place holds one cone), and optionally
+of nested boxes (``suppress_nested``): the heatmap proposer can give a near cone two boxes,
+the whole cone and one of its parts (a stripe of a large orange cone, the top of a cone cut
+by the frame), whose IoU is too small for the first suppression.
 
 Optionally (``post.unknown_colour``), a candidate the classifier is sure is a cone but whose
 probability is split between colours (e.g. 0.48 large orange, 0.42 small orange: no colour
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from node.classes import BACKGROUND, UNKNOWN
+from node.classes import BACKGROUND, COLOUR_GROUP, UNKNOWN
 from node.types import Cone
 
 
@@ -62,9 +65,48 @@ def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.n
     return order[alive]
 
 
+NESTED_CENTRE = 0.25
+"""A box nested in another counts as part of the same cone only if their centres are at most
+this fraction of the outer box's width apart: a cone's parts lie on its axis, while another
+cone seen in a corner of a near cone's box (outside its triangle) does not."""
+
+
+def suppress_nested(boxes: np.ndarray, scores: np.ndarray, labels: Sequence[str],
+                    inside: float) -> np.ndarray:
+    """Greedy suppression of nested boxes of one cone: in descending score, a box is dropped
+    when it and a box already kept are of one colour (``COLOUR_GROUP``; ``unknown_cone``
+    matches any), on one axis (``NESTED_CENTRE``), and at least ``inside`` of the smaller
+    one's area lies within the larger one.
+
+    Returns:
+        Indices of the kept boxes, best score first.
+    """
+    order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
+    if len(order) < 2:
+        return order
+    b = np.asarray(boxes, np.float64)[order].reshape(-1, 4)
+    x1, y1, x2, y2 = (b[:, i] for i in range(4))
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    inter = (np.clip(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0, None)
+             * np.clip(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0, None))
+    smaller = np.minimum(area[:, None], area[None, :])
+    wider = np.maximum((x2 - x1)[:, None], (x2 - x1)[None, :])
+    centre = (x1 + x2) / 2
+    group = [COLOUR_GROUP.get(labels[i], labels[i]) for i in order]
+    same = np.array([[a == c or UNKNOWN in (a, c) for c in group] for a in group])
+    nested = (same & (inter >= inside * np.maximum(smaller, 1e-9))
+              & (np.abs(centre[:, None] - centre[None, :]) <= NESTED_CENTRE * wider))
+    alive = np.ones(len(order), bool)
+    for i in range(len(order)):
+        if alive[i]:
+            alive[i + 1:] &= ~nested[i, i + 1:]
+    return order[alive]
+
+
 def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str],
                       score_threshold: float, nms_iou: float | None,
-                      unknown_colour: bool = False) -> list[Cone]:
+                      unknown_colour: bool = False,
+                      nested_inside: float | None = None) -> list[Cone]:
     """Softmax, drop ``background`` and low scores, optionally suppress overlaps.
 
     Args:
@@ -75,6 +117,8 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
         nms_iou: IoU above which the lower-scored of two cones is dropped; None disables.
         unknown_colour: publish a cone whose colours split the probability as
             ``unknown_cone`` (needs a ``background`` class; see the module docstring).
+        nested_inside: after the NMS, ``suppress_nested`` with this share of the smaller
+            box inside the larger; None disables it.
     """
     logits = np.asarray(logits, np.float32)
     if logits.ndim != 2 or logits.shape != (len(boxes), len(classes)):
@@ -100,5 +144,9 @@ def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[s
         idx = idx[suppress_overlaps(boxes[idx], score[idx], nms_iou)]
     else:
         idx = idx[np.argsort(-score[idx], kind="stable")]
-    return [Cone(tuple(float(v) for v in boxes[i]), UNKNOWN if split[i] else classes[best[i]],
-                 float(score[i])) for i in idx]
+    labels = [UNKNOWN if split[i] else classes[best[i]] for i in idx]
+    if nested_inside is not None and len(idx) > 1:
+        kept = suppress_nested(boxes[idx], score[idx], labels, nested_inside)
+        idx, labels = idx[kept], [labels[k] for k in kept]
+    return [Cone(tuple(float(v) for v in boxes[i]), label, float(score[i]))
+            for i, label in zip(idx, labels, strict=True)]

@@ -28,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from node.classes import COLOUR_GROUP as GROUP
+from node.classes import UNKNOWN
 from node.infer.postprocess import iou_matrix
 
 from . import egomotion
-
-UNKNOWN = "unknown_cone"
-GROUP = {"large_orange_cone": "orange_cone"}
-"""Classes a track may switch between: the classifier confuses small and large orange."""
 
 
 @dataclass(frozen=True)

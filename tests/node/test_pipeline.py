@@ -15,7 +15,7 @@ import pytest
 from node.classes import CLASSIFIER_CLASSES
 from node.infer import BackendError, load_backend
 from node.infer.metadata import METADATA_KEY, ModelMetadata
-from node.infer.postprocess import cones_from_logits, suppress_overlaps
+from node.infer.postprocess import cones_from_logits, suppress_nested, suppress_overlaps
 from node.node_config import load_node_config
 from node.pipeline import Pipeline
 from node.propose import ExternalBoxProposer, Proposer, build_proposer
@@ -198,6 +198,40 @@ def test_post_processing_drops_background_and_suppresses_overlaps():
     assert list(suppress_overlaps(boxes[:2], np.array([0.2, 0.9]), 0.5)) == [1]
     with pytest.raises(ValueError, match="shape"):
         cones_from_logits(logits[:, :4], boxes, classes, 0.5, None)
+
+
+def test_a_part_of_a_cone_nested_in_its_box_is_suppressed_but_a_neighbour_is_not():
+    classes = list(CLASSIFIER_CLASSES)  # blue, yellow, orange, large orange, background
+    boxes = np.array([[100, 100, 140, 200],   # 0 a near large orange cone
+                      [110, 120, 130, 150],   # 1 its upper stripe, taken for a small orange
+                      [101, 101, 113, 125],   # 2 a small orange cone in the box's top corner
+                      [112, 140, 128, 190],   # 3 a yellow cone in front of it, on its axis
+                      [300, 100, 320, 140],   # 4 a blue cone...
+                      [304, 110, 316, 138]],  # 5 ...and a tighter, surer box of it (IoU 0.42)
+                     np.float32)
+    logits = np.full((6, 5), -5.0, np.float32)
+    for row, (cls, value) in enumerate([(3, 4.0), (2, 5.0), (2, 4.0), (1, 4.0), (0, 3.0),
+                                        (0, 6.0)]):
+        logits[row, cls] = value
+    def published(nested):
+        cones = cones_from_logits(logits, boxes, classes, 0.5, 0.6, nested_inside=nested)
+        return sorted((c.box[0], c.label) for c in cones)
+
+    every = [(100.0, "large_orange_cone"), (101.0, "orange_cone"), (110.0, "orange_cone"),
+             (112.0, "yellow_cone"), (300.0, "blue_cone"), (304.0, "blue_cone")]
+    assert published(None) == every
+    # The stripe (surer than the whole cone) is kept and the whole cone's box dropped: the
+    # surer of two nested boxes wins, as in NMS. The blue cone's looser box goes too. The
+    # small orange cone off the axis and the yellow cone (another colour) stay.
+    assert published(0.7) == [(101.0, "orange_cone"), (110.0, "orange_cone"),
+                              (112.0, "yellow_cone"), (304.0, "blue_cone")]
+    assert list(suppress_nested(boxes[:2], np.array([0.9, 0.8]), ["large_orange_cone",
+                                                                  "orange_cone"], 0.7)) == [0]
+    # unknown_cone is any colour; a box only partly inside the other is not nested.
+    assert list(suppress_nested(boxes[:2], np.array([0.9, 0.8]), ["blue_cone",
+                                                                  "unknown_cone"], 0.7)) == [0]
+    assert len(suppress_nested(boxes[:2], np.array([0.9, 0.8]), ["large_orange_cone",
+                                                                 "orange_cone"], 1.01)) == 2
 
 
 def test_a_cone_split_between_colours_is_unknown_only_when_asked():

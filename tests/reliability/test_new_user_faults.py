@@ -242,7 +242,8 @@ def test_a_full_disk_under_the_video_is_named_not_rc_0(tmp_path, model):
 # ---- 5. non-finite config values -----------------------------------------------------------------
 
 @pytest.mark.parametrize("override", ["model.score_threshold=.nan", "post.nms_iou=.nan",
-                                      "post.nms_iou=.inf", "source.fps=.inf",
+                                      "post.nms_iou=.inf", "post.nested_inside=.nan",
+                                      "exposure.min_chroma=.inf", "source.fps=.inf",
                                       "metrics.print_interval_s=-.inf",
                                       "proposer.heatmap_rows=[0.2, .nan]"])
 def test_a_non_finite_number_in_the_config_is_refused_naming_the_key(override):
