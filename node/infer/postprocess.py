@@ -32,8 +32,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) IoU of xyxy boxes."""
+def overlap_areas(a: np.ndarray, b: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of xyxy boxes ``a`` and ``b``: their (len(a), len(b)) intersection areas, the areas of
+    ``a`` as a column (len(a), 1) and those of ``b`` (len(b),)."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
     # One (len(a), len(b)) array per axis: numpy is several times slower on a trailing axis
@@ -44,6 +46,12 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
              * np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None))
     area_a = np.clip(ax2 - ax1, 0, None) * np.clip(ay2 - ay1, 0, None)
     area_b = np.clip(bx2 - bx1, 0, None) * np.clip(by2 - by1, 0, None)
+    return inter, area_a, area_b
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of xyxy boxes."""
+    inter, area_a, area_b = overlap_areas(a, b)
     return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
@@ -85,17 +93,17 @@ def suppress_nested(boxes: np.ndarray, scores: np.ndarray, labels: Sequence[str]
     if len(order) < 2:
         return order
     b = np.asarray(boxes, np.float64)[order].reshape(-1, 4)
-    x1, y1, x2, y2 = (b[:, i] for i in range(4))
-    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    inter = (np.clip(np.minimum(x2[:, None], x2) - np.maximum(x1[:, None], x1), 0, None)
-             * np.clip(np.minimum(y2[:, None], y2) - np.maximum(y1[:, None], y1), 0, None))
-    smaller = np.minimum(area[:, None], area[None, :])
-    wider = np.maximum((x2 - x1)[:, None], (x2 - x1)[None, :])
-    centre = (x1 + x2) / 2
-    group = [COLOUR_GROUP.get(labels[i], labels[i]) for i in order]
-    same = np.array([[a == c or UNKNOWN in (a, c) for c in group] for a in group])
+    inter, area, _ = overlap_areas(b, b)
+    smaller = np.minimum(area, area.T)
+    width = b[:, 2] - b[:, 0]
+    centre = (b[:, 0] + b[:, 2]) / 2
+    groups: dict[str, int] = {UNKNOWN: -1}
+    code = np.array([groups.setdefault(COLOUR_GROUP.get(labels[i], labels[i]), len(groups))
+                     for i in order])
+    same = (code[:, None] == code) | (code[:, None] < 0) | (code < 0)
     nested = (same & (inter >= inside * np.maximum(smaller, 1e-9))
-              & (np.abs(centre[:, None] - centre[None, :]) <= NESTED_CENTRE * wider))
+              & (np.abs(centre[:, None] - centre) <= NESTED_CENTRE
+                 * np.maximum(width[:, None], width)))
     alive = np.ones(len(order), bool)
     for i in range(len(order)):
         if alive[i]:
