@@ -293,8 +293,9 @@ def score_true_boxes(model: str | Path, samples: list, seed: int = 0,
 
 
 def node_frame_filter(config_path: str | Path | None) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The exposure stage (white balance, dark frames brightened) of a node config, which the
-    node applies to every frame before cropping; None when the config turns it off."""
+    """The exposure stage (white balance, dark frames brightened, pale colour raised) of a
+    node config, which the node applies to every frame before cropping; None when the config
+    turns it off."""
     from node.node_config import load_node_config
     from node.sources.exposure import Exposure
 

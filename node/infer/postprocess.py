@@ -55,6 +55,40 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a + area_b - inter, 1e-9)
 
 
+_GROUP_CODES: dict[str, int] = {UNKNOWN: -1}
+"""Colour group (``COLOUR_GROUP``) of each label seen so far as a small integer; -1 for
+``unknown_cone``, which matches any colour."""
+
+
+def colour_group_codes(labels: Sequence[str]) -> np.ndarray:
+    """Each label's colour group as an integer code (``same_colour`` compares them)."""
+    codes = []
+    for label in labels:
+        code = _GROUP_CODES.get(label)
+        if code is None:
+            group = COLOUR_GROUP.get(label, label)
+            code = _GROUP_CODES.setdefault(group, len(_GROUP_CODES))
+            _GROUP_CODES[label] = code
+        codes.append(code)
+    return np.array(codes, np.int64)
+
+
+def same_colour(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) bool of two ``colour_group_codes`` arrays: the same colour group, or
+    either one unknown."""
+    return (a[:, None] == b[None, :]) | (a < 0)[:, None] | (b < 0)[None, :]
+
+
+def _greedy_keep(order: np.ndarray, suppresses: np.ndarray) -> np.ndarray:
+    """``order`` (indices, best first) less every entry that an earlier kept one suppresses
+    (``suppresses[i, j]``, in ``order``'s positions)."""
+    alive = np.ones(len(order), bool)
+    for i in range(len(order)):
+        if alive[i]:
+            alive[i + 1:] &= ~suppresses[i, i + 1:]
+    return order[alive]
+
+
 def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """Greedy non-maximum suppression, class-agnostic (one place holds one cone).
 
@@ -65,12 +99,7 @@ def suppress_overlaps(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.n
     if len(order) < 2:
         return order
     b = boxes[order]
-    overlap = iou_matrix(b, b) > iou
-    alive = np.ones(len(order), bool)
-    for i in range(len(order)):
-        if alive[i]:
-            alive[i + 1:] &= ~overlap[i, i + 1:]
-    return order[alive]
+    return _greedy_keep(order, iou_matrix(b, b) > iou)
 
 
 NESTED_CENTRE = 0.25
@@ -97,18 +126,11 @@ def suppress_nested(boxes: np.ndarray, scores: np.ndarray, labels: Sequence[str]
     smaller = np.minimum(area, area.T)
     width = b[:, 2] - b[:, 0]
     centre = (b[:, 0] + b[:, 2]) / 2
-    groups: dict[str, int] = {UNKNOWN: -1}
-    code = np.array([groups.setdefault(COLOUR_GROUP.get(labels[i], labels[i]), len(groups))
-                     for i in order])
-    same = (code[:, None] == code) | (code[:, None] < 0) | (code < 0)
-    nested = (same & (inter >= inside * np.maximum(smaller, 1e-9))
+    code = colour_group_codes([labels[i] for i in order])
+    nested = (same_colour(code, code) & (inter >= inside * np.maximum(smaller, 1e-9))
               & (np.abs(centre[:, None] - centre) <= NESTED_CENTRE
                  * np.maximum(width[:, None], width)))
-    alive = np.ones(len(order), bool)
-    for i in range(len(order)):
-        if alive[i]:
-            alive[i + 1:] &= ~nested[i, i + 1:]
-    return order[alive]
+    return _greedy_keep(order, nested)
 
 
 def cones_from_logits(logits: np.ndarray, boxes: np.ndarray, classes: Sequence[str],

@@ -114,22 +114,27 @@ def beyond_tolerance(gains: np.ndarray, tolerance: float) -> np.ndarray:
     return (shrunk / shrunk.mean()).astype(np.float32)
 
 
+def _scaled(pixels: list[np.ndarray], gains: np.ndarray | None) -> list[np.ndarray]:
+    """``pixels`` with each channel scaled by ``gains`` and saturating at 255, as
+    ``apply_gains`` would leave them; ``pixels`` themselves when ``gains`` is None."""
+    if gains is None:
+        return pixels
+    return [np.minimum(c * float(k), 255.0) for c, k in zip(pixels, gains)]
+
+
 def bright_level(pixels: list[np.ndarray], percentile: float = 99.0,
                  gains: np.ndarray | None = None) -> float:
     """The ``percentile`` (0..100) of the brightest channel of ``pixels`` (``sample_pixels``),
     each channel scaled by ``gains`` first when given, in grey levels (at most 255)."""
-    if gains is not None:
-        pixels = [c * float(k) for c, k in zip(pixels, gains)]
-    return min(_kth(_max3(*pixels), percentile / 100.0), 255.0)
+    return min(_kth(_max3(*_scaled(pixels, gains)), percentile / 100.0), 255.0)
 
 
 def chroma_level(pixels: list[np.ndarray], percentile: float = 99.0,
                  gains: np.ndarray | None = None) -> float:
     """The ``percentile`` (0..100) of the chroma (brightest minus darkest channel) of
-    ``pixels`` (``sample_pixels``), each channel scaled by ``gains`` (saturating at 255) first
-    when given, in grey levels."""
-    if gains is not None:
-        pixels = [np.minimum(c * float(k), 255.0) for c, k in zip(pixels, gains)]
+    ``pixels`` (``sample_pixels``), each channel scaled by ``gains`` first when given, in grey
+    levels."""
+    pixels = _scaled(pixels, gains)
     return _kth(_max3(*pixels) - _min3(*pixels), percentile / 100.0)
 
 
@@ -152,10 +157,10 @@ def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0
     """``image`` with each channel scaled by ``gains`` (B, G, R), its saturation raised by
     ``saturation`` (``colour_matrix``; saturating at 0 and 255), smoothed by a Gaussian of
     ``denoise_sigma`` px; ``image`` itself when nothing would change."""
-    if (np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED) and saturation - 1.0 < UNCHANGED
-            and denoise_sigma < MIN_SIGMA):
+    if (np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED)
+            and abs(saturation - 1.0) < UNCHANGED and denoise_sigma < MIN_SIGMA):
         return image
-    out = cv2.transform(image, colour_matrix(gains, max(saturation, 1.0)))
+    out = cv2.transform(image, colour_matrix(gains, saturation))
     if denoise_sigma >= MIN_SIGMA:
         out = cv2.GaussianBlur(out, (0, 0), denoise_sigma)
     return out

@@ -30,7 +30,7 @@ import numpy as np
 
 from node.classes import COLOUR_GROUP as GROUP
 from node.classes import UNKNOWN
-from node.infer.postprocess import iou_matrix
+from node.infer.postprocess import colour_group_codes, iou_matrix, same_colour
 
 from . import egomotion
 
@@ -96,23 +96,6 @@ class TrackerConfig:
         return cls(**data)
 
 
-_GROUP_CODES: dict[str, int] = {UNKNOWN: -1}
-"""Colour group of each label seen so far as a small integer (-1: unknown matches any)."""
-
-
-def _group_codes(labels: list[str]) -> np.ndarray:
-    """Each label's colour group (``GROUP``) as an integer code; -1 for ``unknown_cone``."""
-    codes = []
-    for label in labels:
-        code = _GROUP_CODES.get(label)
-        if code is None:
-            group = GROUP.get(label, label)
-            code = _GROUP_CODES.setdefault(group, len(_GROUP_CODES))
-            _GROUP_CODES[label] = code
-        codes.append(code)
-    return np.array(codes, np.int64)
-
-
 def greedy_assign(score: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """One-to-one pairs ``(row, col)`` taken in descending ``score``, each >= ``threshold``."""
     pairs: list[tuple[int, int]] = []
@@ -156,7 +139,7 @@ class _Tracks:
     def __init__(self) -> None:
         self.id = np.zeros(0, np.int64)
         self.label: list[str] = []
-        self.group = np.zeros(0, np.int64)  # _group_codes(self.label), kept in step
+        self.group = np.zeros(0, np.int64)  # colour_group_codes(self.label), kept in step
         self.score = np.zeros(0)
         self.age = np.zeros(0, np.int64)
         self.hits = np.zeros(0, np.int64)
@@ -184,7 +167,7 @@ class _Tracks:
         sd0 = np.zeros(n) if sd is None else np.array(sd, np.float64)
         self.id = np.concatenate([self.id, ids])
         self.label = self.label + list(labels)
-        self.group = np.concatenate([self.group, _group_codes(labels)])
+        self.group = np.concatenate([self.group, colour_group_codes(labels)])
         self.score = np.concatenate([self.score, scores])
         self.age = np.concatenate([self.age, np.zeros(n, np.int64)])
         self.hits = np.concatenate([self.hits, np.ones(n, np.int64)])
@@ -224,7 +207,7 @@ class _Tracks:
         for r, label in zip(rows.tolist(), labels):
             if self.label[r] == UNKNOWN or GROUP.get(label) == self.label[r]:
                 self.label[r] = label
-                self.group[r] = _group_codes([label])[0]
+                self.group[r] = colour_group_codes([label])[0]
         self.last_box[rows] = boxes
         self.has_pred[rows] = False
         self.score[rows] = scores
@@ -310,17 +293,15 @@ class ConeTracker:
 
     def _gate(self, rows: np.ndarray, box_group: np.ndarray) -> np.ndarray:
         """(rows, boxes) bool: may this track take a box of this colour group
-        (``_group_codes`` of its label): the same group, or either one unknown."""
+        (``colour_group_codes`` of its label): ``same_colour``."""
         if not self.config.class_gate:
             return np.ones((len(rows), len(box_group)), bool)
-        track_group = self.tracks.group[rows]
-        return ((track_group[:, None] == box_group[None, :]) | (track_group < 0)[:, None]
-                | (box_group < 0)[None, :]).reshape(len(rows), len(box_group))
+        return same_colour(self.tracks.group[rows], box_group)
 
     def _match(self, rows: np.ndarray, boxes: np.ndarray, codes: np.ndarray,
                min_iou: float, use_distance: bool) -> list[tuple[int, int]]:
         """Pairs (index into ``rows``, index into ``boxes``): IoU first, then distance;
-        ``codes`` are the boxes' colour groups (``_group_codes``)."""
+        ``codes`` are the boxes' colour groups (``colour_group_codes``)."""
         if not len(rows) or len(boxes) == 0:
             return []
         gate = self._gate(rows, codes)
@@ -362,7 +343,7 @@ class ConeTracker:
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores = np.asarray(scores, np.float64).reshape(-1)
         labels = list(labels)
-        codes = _group_codes(labels)
+        codes = colour_group_codes(labels)
         tr.predict()
         ego = xyz is not None and sigma is not None and view is not None
         if ego:
