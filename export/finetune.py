@@ -696,7 +696,7 @@ def train_nets(args, train: list, val_clips: list[str], budget: Budget, reserve:
     proposer_cfg = load_node_config(args.config, args.set).proposer
     with budget.stage("frames"):
         frames = sample_frames(train, clips_of(train), None, proposer_cfg.heatmap_max_pixels,
-                               not args.no_progress)
+                               not args.no_progress, proposer_cfg.heatmap_min_pixels)
     nets: dict[str, dict] = {}
     shares_left = sum(SHARES[name] for name in args.nets)
     for name in NETS:

@@ -89,27 +89,31 @@ def resize_frame(image: np.ndarray, boxes: np.ndarray, size: int) -> tuple[np.nd
     return small, np.asarray(boxes, np.float32).reshape(-1, 4) * scale
 
 
-def native_frame(image: np.ndarray, boxes: np.ndarray, max_pixels: int
+def native_frame(image: np.ndarray, boxes: np.ndarray, max_pixels: int, min_pixels: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
     """A frame and its pixel boxes at the scale the node's ``keep_aspect`` input has: as they
-    are, or shrunk by one factor to ``max_pixels`` (``node.propose.heatmap.input_geometry``)."""
+    are, shrunk by one factor to ``max_pixels``, or enlarged to ``min_pixels``
+    (``node.propose.heatmap.input_geometry``)."""
     from node.propose.heatmap import ProposerMetadata, input_geometry
 
     h, w = image.shape[:2]
-    geo = input_geometry(w, h, ProposerMetadata(), "keep_aspect", max_pixels, [0.0, 1.0])
+    geo = input_geometry(w, h, ProposerMetadata(), "keep_aspect", max_pixels, [0.0, 1.0],
+                         min_pixels)
     if geo.size == (w, h):
         return image, np.asarray(boxes, np.float32).reshape(-1, 4)
-    small = cv2.resize(image, geo.size, interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image, geo.size, interpolation=cv2.INTER_LINEAR if geo.size[0] > w
+                       else cv2.INTER_AREA)
     scale = np.array([1 / geo.scale[0], 1 / geo.scale[1]] * 2, np.float32)
     return small, np.asarray(boxes, np.float32).reshape(-1, 4) * scale
 
 
 def sample_frames(samples: list, clips: list[str], size: int | None = None,
-                  max_pixels: int = 2_000_000, progress: bool = False) -> ProposerFrames:
+                  max_pixels: int = 2_000_000, progress: bool = False,
+                  min_pixels: int = 0) -> ProposerFrames:
     """Labelled frames of any YOLO folder (``node.evaluate.datasets`` samples, class ids
     already mapped by name) with their clip names: squashed to the ``size`` square, or with
-    ``size`` None at their own aspect and scale (``native_frame``), any size each; train on
-    windows of them (``augment_frame(..., out_size=...)``)."""
+    ``size`` None at the scale the node's input gives them (``native_frame``), any size
+    each; train on windows of them (``augment_frame(..., out_size=...)``)."""
     from tqdm import tqdm
 
     images, boxes, names = [], [], []
@@ -117,11 +121,12 @@ def sample_frames(samples: list, clips: list[str], size: int | None = None,
                   leave=False):
         image = s.load()
         small, b = (resize_frame(image, s.boxes, size) if size
-                    else native_frame(image, s.boxes, max_pixels))
+                    else native_frame(image, s.boxes, max_pixels, min_pixels))
         images.append(small)
         boxes.append(b)
         names.append(s.image_path.name)
-    info = {"size": size, "max_pixels": max_pixels, "clips": sorted(set(clips))}
+    info = {"size": size, "max_pixels": max_pixels, "min_pixels": min_pixels,
+            "clips": sorted(set(clips))}
     return _pack(images, boxes, list(clips), names, info)
 
 

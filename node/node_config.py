@@ -104,6 +104,7 @@ class ProposerConfig:
     heatmap_threads: int = spec(1, min=1, max=64)
     heatmap_resize: str = spec("keep_aspect", choices=("keep_aspect", "square"))
     heatmap_max_pixels: int = spec(2_000_000, min=4096, max=50_000_000)
+    heatmap_min_pixels: int = spec(409_600, min=0, max=50_000_000)
     heatmap_pyramid: bool = False
     heatmap_rows: list[float] = field(default_factory=lambda: [0.0, 1.0])
     providers: str | list[str] | None = None
@@ -121,6 +122,9 @@ class ProposerConfig:
         for point in self.body_mask:
             if len(point) != 2 or not all(-0.5 <= v <= 1.5 for v in point):
                 raise ValueError(f"body_mask point {point} must be [x, y] in frame fractions")
+        if self.heatmap_min_pixels > self.heatmap_max_pixels:
+            raise ValueError(f"heatmap_min_pixels {self.heatmap_min_pixels} exceeds "
+                             f"heatmap_max_pixels {self.heatmap_max_pixels}")
         rows = self.heatmap_rows
         if (len(rows) != 2 or not all(isinstance(v, (int, float)) for v in rows)
                 or not 0.0 <= rows[0] < rows[1] <= 1.0):

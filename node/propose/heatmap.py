@@ -1,9 +1,11 @@
 """A learned cone-centre heatmap as the cone proposer (``proposer.kind: heatmap``).
 
 CenterNet-style (Zhou, Wang and Krähenbühl, "Objects as Points", 2019), made tiny: the frame
-keeps its aspect and its scale (it is shrunk only to stay within ``proposer.heatmap_max_pixels``)
-and is padded to the network's 32 px grid (``input_geometry``), so any camera's frame size works
-and a small cone keeps its pixels; a small fully-convolutional network (``export.proposer_train``) predicts at output stride 4 a
+keeps its aspect and its scale (it is shrunk only to stay within ``proposer.heatmap_max_pixels``,
+and a frame smaller than ``proposer.heatmap_min_pixels`` is enlarged to it) and is padded to the
+network's 32 px grid (``input_geometry``), so any camera's frame size works and a small cone
+keeps at least its pixels; a small fully-convolutional network (``export.proposer_train``)
+predicts at output stride 4 a
 cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
 centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks,
 a score threshold and a top-K cap select them, and each peak becomes one class-agnostic box,
@@ -200,6 +202,9 @@ PYRAMID_NMS_IOU = 0.5
 ROW_ALIGN = 32
 """The network's coarsest stride: the input's sides, and a band of rows, are multiples of it."""
 
+MAX_ENLARGE = 2.0
+"""Largest factor by which ``heatmap_min_pixels`` enlarges a small frame."""
+
 
 @dataclass(frozen=True)
 class InputGeometry:
@@ -221,19 +226,26 @@ class InputGeometry:
 
 
 def input_geometry(frame_w: int, frame_h: int, meta: ProposerMetadata, resize: str,
-                   max_pixels: int, rows: list[float]) -> InputGeometry:
+                   max_pixels: int, rows: list[float], min_pixels: int = 0) -> InputGeometry:
     """The network input for a ``frame_w`` x ``frame_h`` frame.
 
-    ``resize`` ``keep_aspect`` scales the frame by one factor, at most 1 (a cone keeps its
-    shape, and a 12 px cone stays 12 px), and less only as far as needed to keep the input
-    within ``max_pixels``; ``square`` squashes any frame to the model's square
-    ``input_size`` (how the training frames were made, aspect ignored). ``rows`` are
-    ``proposer.heatmap_rows``, [top, bottom] frame fractions, widened to ``ROW_ALIGN``.
+    ``resize`` ``keep_aspect`` scales the frame by one factor (a cone keeps its shape): 1 (a
+    12 px cone stays 12 px), less only as far as needed to keep the input within
+    ``max_pixels``, and more for a frame of fewer than ``min_pixels`` pixels, which is
+    enlarged to that many (at most ``MAX_ENLARGE`` times): its small cones grow with it, to
+    sizes the network's 4 px heatmap cells resolve better. ``square`` squashes any frame to
+    the model's square ``input_size`` (how the training frames were made, aspect ignored).
+    ``rows`` are ``proposer.heatmap_rows``, [top, bottom] frame fractions, widened to
+    ``ROW_ALIGN``.
     """
     if resize == "square":
         w = h = meta.input_size
     else:
-        s = min(1.0, float(np.sqrt(max_pixels / float(frame_w * frame_h))))
+        area = float(frame_w * frame_h)
+        if area < min_pixels:
+            s = min(MAX_ENLARGE, float(np.sqrt(min_pixels / area)))
+        else:
+            s = min(1.0, float(np.sqrt(max_pixels / area)))
         w, h = max(ROW_ALIGN, int(frame_w * s)), max(ROW_ALIGN, int(frame_h * s))
     pw, ph = (-(-w // ROW_ALIGN) * ROW_ALIGN, -(-h // ROW_ALIGN) * ROW_ALIGN)
     return InputGeometry((w, h), (pw, ph), heatmap_band(rows, h, ph), (frame_w / w, frame_h / h))
@@ -241,9 +253,11 @@ def input_geometry(frame_w: int, frame_h: int, meta: ProposerMetadata, resize: s
 
 def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) -> np.ndarray:
     """BGR frame → (1, 3, rows, padded width) float32 network input of ``geo``: area
-    resize, zero padding (after normalisation: the mean colour) and the band of rows."""
+    resize (bilinear when enlarging, as the training's scale jitter), zero padding (after
+    normalisation: the mean colour) and the band of rows."""
     small = image if image.shape[1::-1] == geo.size else cv2.resize(
-        image, geo.size, interpolation=cv2.INTER_AREA)
+        image, geo.size, interpolation=cv2.INTER_LINEAR if geo.size[0] > image.shape[1]
+        else cv2.INTER_AREA)
     pad_w, pad_h = geo.padded[0] - geo.size[0], geo.padded[1] - geo.size[1]
     if pad_w or pad_h:
         fill = [round(255 * m) for m in meta.mean]
@@ -270,7 +284,8 @@ class HeatmapProposer(Proposer):
 
     Args:
         config: the ``proposer`` section (``heatmap_model``, ``heatmap_threshold``,
-            ``heatmap_threads``, ``heatmap_resize``, ``heatmap_max_pixels``, ``heatmap_rows``,
+            ``heatmap_threads``, ``heatmap_resize``, ``heatmap_max_pixels``,
+            ``heatmap_min_pixels``, ``heatmap_rows``,
             ``max_candidates``, ``body_mask``).
 
     Raises:
@@ -310,7 +325,7 @@ class HeatmapProposer(Proposer):
         if key not in self._geometry:
             c = self.config
             fine = input_geometry(width, height, self.meta, c.heatmap_resize,
-                                  c.heatmap_max_pixels, c.heatmap_rows)
+                                  c.heatmap_max_pixels, c.heatmap_rows, c.heatmap_min_pixels)
             levels = [fine]
             nominal = self.meta.input_size ** 2
             if (c.heatmap_pyramid and c.heatmap_resize == "keep_aspect" and self._fixed is None

@@ -236,6 +236,11 @@ def test_frames_keep_their_aspect_and_windows_keep_their_boxes():
     small = sample_frames([sample], ["lap"], None, 800 * 320 // 4)  # shrunk to the budget
     assert small.images[0].shape == (160, 400, 3)
     np.testing.assert_allclose(small.frame_boxes(0), box / 2)
+    # Enlarged as the node enlarges it (proposer.heatmap_min_pixels), boxes with it.
+    big = sample_frames([sample], ["lap"], None, 2_000_000, False, 409_600)
+    assert big.images[0].shape == (404, 1011, 3)
+    np.testing.assert_allclose(big.frame_boxes(0), box * np.array([1011 / 800, 404 / 320] * 2),
+                               rtol=1e-5)
     rng = np.random.default_rng(1)
     kept = 0
     for _ in range(40):
