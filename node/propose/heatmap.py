@@ -5,12 +5,11 @@ keeps its aspect and its scale (it is shrunk only to stay within ``proposer.heat
 and a frame smaller than ``proposer.heatmap_min_pixels`` is enlarged to it) and is padded to the
 network's 32 px grid (``input_geometry``), so any camera's frame size works and a small cone
 keeps at least its pixels; a small fully-convolutional network (``export.proposer_train``)
-predicts at output stride 4 a
-cone-centre heatmap (sigmoid), the box size (log height and log width, input pixels) and the
-centre's offset from its cell. Decoding is CenterNet's: a 3x3 max filter keeps local peaks,
-a score threshold and a top-K cap select them, and each peak becomes one class-agnostic box,
-mapped back to frame pixels and clipped to the frame. The classifier labels the boxes
-(``background`` included).
+predicts at output stride 4 a cone-centre heatmap (sigmoid), the box size (log height and log
+width, input pixels) and the centre's offset from its cell. Decoding is CenterNet's: a 3x3
+max filter keeps local peaks, a score threshold and a top-K cap select them, and each peak
+becomes one class-agnostic box, mapped back to frame pixels and clipped to the frame. The
+classifier labels the boxes (``background`` included).
 
 The model runs in its own ``onnxruntime.InferenceSession`` with one intra-op thread (the
 proposer runs on the capture thread, next to the classifier's worker), not through
