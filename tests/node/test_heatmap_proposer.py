@@ -44,6 +44,31 @@ def outputs_with_peaks(peaks: list[tuple[int, int, float, float, float, float, f
     return heat, size, offset
 
 
+def cones_found_in_rescaled_scenes(proposers: dict, seeds, side: int, min_px: float
+                                   ) -> tuple[dict, int]:
+    """Rendered 640x640 scenes resized to ``side`` x ``side`` (area shrinking, bilinear
+    enlarging): each proposer's labelled cones >= ``min_px`` found at IoU 0.5 (its boxes stay
+    inside the frame), and the number of such cones."""
+    pytest.importorskip("export.synth")
+    from export.synth import render_scene
+
+    found = dict.fromkeys(proposers, 0)
+    total = 0
+    for seed in seeds:
+        scene = render_scene(seed, 640, 640)
+        image = cv2.resize(scene.image, (side, side), interpolation=cv2.INTER_AREA
+                           if side < 640 else cv2.INTER_LINEAR)
+        truth = scene.boxes * (side / 640)
+        truth = truth[(truth[:, 3] - truth[:, 1]) >= min_px]
+        total += len(truth)
+        for name, proposer in proposers.items():
+            boxes = proposer.propose(Frame(0, 0.0, image))
+            assert boxes.size == 0 or (boxes[:, 2].max() <= side and boxes[:, 3].max() <= side)
+            match = match_greedy(boxes, -np.arange(len(boxes), dtype=float), truth)
+            found[name] += int((match >= 0).sum())
+    return found, total
+
+
 def test_decoder_turns_known_peaks_into_exact_boxes():
     heat, size, offset = outputs_with_peaks([(5, 6, 0.9, 12.0, 6.0, 0.25, 0.5),
                                              (12, 3, 0.6, 8.0, 4.0, 0.0, 0.75)])
@@ -134,26 +159,12 @@ def test_enlarging_a_small_frame_finds_more_of_its_cones():
     """Rendered scenes shrunk to 320x320 (cones 6-60 px): searched at their own scale, the
     bundled proposer finds 68 of their 94 cones >= 6 px; enlarged to 640x640 by the default
     heatmap_min_pixels, 89 (measured 2026-12-06)."""
-    pytest.importorskip("export.synth")
-    from export.synth import render_scene
-
     native, enlarged = (HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
                                                        heatmap_min_pixels=m))
                         for m in (0, 409_600))
     assert enlarged.geometry(320, 320).size == (640, 640)
-    found = {"native": 0, "enlarged": 0}
-    total = 0
-    for seed in range(90030, 90038):
-        scene = render_scene(seed, 640, 640)
-        small = cv2.resize(scene.image, (320, 320), interpolation=cv2.INTER_AREA)
-        truth = scene.boxes * 0.5
-        truth = truth[(truth[:, 3] - truth[:, 1]) >= 6]
-        total += len(truth)
-        for name, proposer in (("native", native), ("enlarged", enlarged)):
-            boxes = proposer.propose(Frame(0, 0.0, small))
-            assert boxes.size == 0 or (boxes[:, 2].max() <= 320 and boxes[:, 3].max() <= 320)
-            match = match_greedy(boxes, -np.arange(len(boxes), dtype=float), truth)
-            found[name] += int((match >= 0).sum())
+    found, total = cones_found_in_rescaled_scenes(
+        {"native": native, "enlarged": enlarged}, range(90030, 90038), 320, 6)
     assert total >= 60
     assert found["enlarged"] >= found["native"] + 0.1 * total
     assert found["enlarged"] >= 0.85 * total
@@ -196,27 +207,14 @@ def test_a_large_sensor_is_also_searched_at_the_model_scale():
     four times bigger than the largest the network was trained on, and the second pyramid
     level, at the model's scale, finds them (measured with the bundled proposer: 19 of 24
     cones >= 80 px with one level, 24 with two)."""
-    pytest.importorskip("export.synth")
-    from export.synth import render_scene
-
     one = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
                                          heatmap_pyramid=False, heatmap_max_pixels=7_000_000))
     two = HeatmapProposer(ProposerConfig(kind="heatmap", max_candidates=64,
                                          heatmap_pyramid=True, heatmap_max_pixels=7_000_000))
     assert len(one.levels(3200, 3200)) == 1 and len(two.levels(3200, 3200)) == 2
     assert len(two.levels(640, 640)) == 1  # frames of the model's size: one pass
-    found = {"one": 0, "two": 0}
-    total = 0
-    for seed in range(90020, 90024):
-        scene = render_scene(seed, 640, 640)
-        big = cv2.resize(scene.image, (3200, 3200), interpolation=cv2.INTER_LINEAR)
-        truth = scene.boxes * 5.0
-        truth = truth[(truth[:, 3] - truth[:, 1]) >= 80]
-        total += len(truth)
-        for name, proposer in (("one", one), ("two", two)):
-            boxes = proposer.propose(Frame(0, 0.0, big))
-            match = match_greedy(boxes, -np.arange(len(boxes), dtype=float), truth)
-            found[name] += int((match >= 0).sum())
+    found, total = cones_found_in_rescaled_scenes({"one": one, "two": two},
+                                                  range(90020, 90024), 3200, 80)
     assert total >= 10
     assert found["two"] >= found["one"] + 3
     assert found["two"] >= 0.9 * total
