@@ -4,7 +4,8 @@ In the style of trtexec's timing report and Ultralytics' benchmark table: for ev
 (``--models``, default every ``*.onnx``/``*.engine`` in ``models/``) it measures model-only
 throughput and latency percentiles at several batch sizes, top-1 accuracy on labelled crops
 (``--data``), the model's size, end-to-end pipeline FPS on a replay source (``--source``,
-pipelined and sync) and, with ``--peer``, a single-stage detector timed on the same frames
+pipelined and sync), with ``--sizes``, the pipelined node on the source's frames resized to
+each given frame size, and with ``--peer``, a single-stage detector timed on the same frames
 under the same runtime and thread count. The environment is recorded with every row. Output:
 a markdown table on stdout, rows appended to a CSV and a JSON-lines log, and a PNG plot.
 
@@ -60,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="end-to-end repeats, interleaving pipelined, sync and peer; the "
                              "median run is reported (default: 1)")
+    parser.add_argument("--sizes", nargs="+", metavar="WxH", default=[],
+                        help="also time the node with the source's frames resized to each "
+                             "frame size (e.g. 800x320 2592x640 2048x1536): FPS per frame "
+                             "size, pipelined, in a second table")
     parser.add_argument("--peer", metavar="DETECTOR.onnx",
                         help="time this YOLO-layout ONNX detector on the same frames")
     parser.add_argument("--threads", type=int,
@@ -117,6 +122,14 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.peer and args.source is not None and args.source.lower() == "none":
         raise BenchError("--peer needs a source (not --source none): the detector is timed on "
                          "the same frames")
+    if args.sizes and args.source is not None and args.source.lower() == "none":
+        raise BenchError("--sizes needs a source (not --source none): its frames are resized")
+    from node.bench.measure import parse_frame_size
+
+    try:
+        args.frame_sizes = [parse_frame_size(text) for text in args.sizes]
+    except ValueError as exc:
+        raise BenchError(f"--sizes: {exc}") from None
 
 
 def discover_models(paths: Sequence[str] | None) -> list[Path]:
@@ -160,9 +173,21 @@ def _node_config(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> int:
     from node.bench.env import busy_warning, collect_environment, describe
-    from node.bench.measure import LabelledCrops, evaluate_accuracy, median_run, run_pipeline
+    from node.bench.measure import (
+        LabelledCrops,
+        evaluate_accuracy,
+        median_run,
+        run_pipeline,
+        write_sized_frames,
+    )
     from node.bench.peer import PeerDetector, run_peer
-    from node.bench.report import append_csv, append_jsonl, markdown_table, plot_fps_accuracy
+    from node.bench.report import (
+        append_csv,
+        append_jsonl,
+        markdown_table,
+        plot_fps_accuracy,
+        size_table,
+    )
     from node.infer import load_backend
 
     models = discover_models(args.models)
@@ -184,6 +209,14 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.peer}: peer detector not found")
     data = LabelledCrops(args.data, args.max_crops) if args.data else None
     out_dir = Path(args.out_dir)
+    sized: dict[str, Path] = {}  # "WxH" -> folder of the source's frames at that size
+    for w, h in getattr(args, "frame_sizes", []) if args.source else []:
+        folder = out_dir / "sizes" / f"{w}x{h}"
+        try:
+            write_sized_frames(args.source, (w, h), args.frames, folder)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        sized[f"{w}x{h}"] = folder
     print(describe(env), file=sys.stderr, flush=True)
     if busy_warning(env):
         print(busy_warning(env), file=sys.stderr, flush=True)
@@ -215,14 +248,20 @@ def _run(args: argparse.Namespace) -> int:
                                                    sync=mode == "sync"))
                 if peer is not None:
                     runs["peer"].append(run_peer(peer, args.source, args.frames))
+            by_size = [_size_point(name, folder, config, backend, args.rounds)
+                       for name, folder in sized.items()]
         e2e = {mode: median_run(r) for mode, r in runs.items() if r}
         for point in points:
             rows.append(_row(run_id, model_info, point, accuracy, e2e, args, env))
+            rows[-1]["e2e_by_size"] = by_size or None
         _print_progress(path, points, accuracy, e2e)
 
     if not rows:
         raise BenchError("no model could be benchmarked (see the warnings above)")
     table = markdown_table(rows)
+    if sized:
+        table += "\n\nFrames per second by frame size (the source's frames resized to each):\n\n"
+        table += size_table(rows)
     print(table)
     csv_path = append_csv(args.csv or out_dir / "bench.csv", rows)
     json_path = append_jsonl(args.json or out_dir / "bench.jsonl", rows)
@@ -283,6 +322,20 @@ def _model_info(path: Path, backend: Any, threads: int | None) -> dict[str, Any]
 def _peer_providers(backend: Any) -> list[str]:
     # The peer runs under exactly the providers the node's session got.
     return list(getattr(backend, "providers", None) or ["CPUExecutionProvider"])
+
+
+def _size_point(name: str, folder: Path, config: Any, backend: Any, rounds: int
+                ) -> dict[str, Any]:
+    """The pipelined node over the frames resized to one size: the median of ``rounds``."""
+    from node.bench.measure import median_run, proposer_input, run_pipeline
+
+    w, h = (int(v) for v in name.split("x"))
+    run = median_run([run_pipeline(config, backend, str(folder), 0, sync=False)
+                      for _ in range(rounds)])
+    return {"size": name, "proposer_input": proposer_input(config.proposer, w, h),
+            "fps": run["fps"], "fps_runs": run["fps_runs"], "frames": run["frames"],
+            "proposer_ms_p50": run["propose_ms"].get("p50_ms"),
+            "candidates_per_frame": run["candidates_per_frame"]}
 
 
 def _row(run_id: str, info: dict, point: dict, accuracy: dict, e2e: dict,

@@ -271,6 +271,67 @@ def run_pipeline(config: Any, backend: Any, uri: str, frames: int, sync: bool,
             "propose_ms": latency_stats(collector.propose_ms)}
 
 
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """``"800x320"`` → (800, 320); ValueError naming the text otherwise (32..8192 a side)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"frame size {text!r}: expected WIDTHxHEIGHT, e.g. 800x320")
+    w, h = int(parts[0]), int(parts[1])
+    if not (32 <= w <= 8192 and 32 <= h <= 8192):
+        raise ValueError(f"frame size {text!r}: each side must be 32..8192 px")
+    return w, h
+
+
+def write_sized_frames(uri: str, size: tuple[int, int], limit: int, folder: Any) -> int:
+    """The first ``limit`` (0: all) frames of a replay source resized to ``size`` (stretched
+    to it: the timing counts pixels, not cones) and written to ``folder`` as JPEG (quality
+    95), replacing what the folder held; returns the number written."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    source = open_replay(uri, limit)
+    written = 0
+    try:
+        for frame in source:
+            if frame.image is None:
+                continue
+            h, w = frame.image.shape[:2]
+            shrink = size[0] * size[1] < w * h
+            image = cv2.resize(frame.image, size, interpolation=cv2.INTER_AREA if shrink
+                               else cv2.INTER_LINEAR)
+            if not cv2.imwrite(str(folder / f"frame{written:05d}.jpg"), image,
+                               [cv2.IMWRITE_JPEG_QUALITY, 95]):
+                raise ValueError(f"{folder}: cannot write the resized frames")
+            written += 1
+    finally:
+        source.close()
+    if not written:
+        raise ValueError(f"--source {uri}: no frames")
+    return written
+
+
+def proposer_input(proposer_config: Any, width: int, height: int) -> str | None:
+    """The network input the proposer makes of a ``width`` x ``height`` frame (``"WxH"``,
+    after ``heatmap_max_pixels`` / ``heatmap_min_pixels``), or None for a proposer without one
+    (colour windows, external boxes)."""
+    from node.propose import build_proposer
+
+    proposer = build_proposer(proposer_config)
+    try:
+        for candidate in (proposer, getattr(proposer, "inner", None)):
+            geometry = getattr(candidate, "geometry", None)
+            if callable(geometry):
+                w, h = geometry(width, height).size
+                return f"{w}x{h}"
+        return None
+    finally:
+        proposer.close()
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median FPS (the upper one of an even count), with every run's FPS
     added as ``fps_runs``: interleaved repeats make a comparison fair on a busy machine."""

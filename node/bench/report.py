@@ -77,6 +77,34 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+SIZE_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("model", "model", "s"),
+    ("frame size", "size", "s"),
+    ("proposer input", "proposer_input", "s"),
+    ("frames", "frames", "d"),
+    ("e2e FPS pipelined", "fps", ".1f"),
+    ("proposer p50 ms", "proposer_ms_p50", ".2f"),
+    ("candidates / frame", "candidates_per_frame", ".1f"),
+)
+"""The frame-size table (``--sizes``): one line per model and size."""
+
+
+def size_table(rows: Sequence[dict]) -> str:
+    """The ``e2e_by_size`` points of the rows as a markdown table, each model once."""
+    lines = ["| " + " | ".join(h for h, _, _ in SIZE_COLUMNS) + " |",
+             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in SIZE_COLUMNS) + "|"]
+    seen: set[str] = set()
+    for row in rows:
+        if row.get("path") in seen or not row.get("e2e_by_size"):
+            continue
+        seen.add(row.get("path"))
+        for point in row["e2e_by_size"]:
+            cells = {**point, "model": row.get("model")}
+            lines.append("| " + " | ".join(_fmt(cells.get(key), fmt)
+                                           for _, key, fmt in SIZE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
     """Header → cell dicts from a table written by ``markdown_table`` (for tests and tools)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]

@@ -236,6 +236,48 @@ def test_bench_errors_are_one_line(bench_files, tmp_path, capsys):
     assert "--batches" in capsys.readouterr().err
 
 
+def test_fps_by_frame_size(bench_files, tmp_path, capsys):
+    """--sizes replays the source's frames resized to each size and reports each: one table
+    line per size, the same in the JSON log, the resized frames kept in OUT_DIR/sizes."""
+    out = tmp_path / "bench"
+    argv = ["bench", "--models", str(bench_files["model"]), "--batches", "1", "--iters", "5",
+            "--warmup", "1", "--seconds", "0.1", "--source",
+            str(bench_files["data"] / "images"), "--frames", "3", "--sizes", "80x60",
+            "320X240", "--rounds", "2", "--threads", "1", "--out-dir", str(out),
+            "--set", "proposer.kind=hsv", "--set", "proposer.refiner_model=null"]
+    assert node_main(argv) == 0
+    text = capsys.readouterr().out
+    table = parse_markdown_table(text.split("Frames per second by frame size")[1])
+    assert [(r["frame size"], r["frames"], r["proposer input"]) for r in table] == \
+        [("80x60", "3", "–"), ("320x240", "3", "–")]  # colour windows have no network input
+    assert all(float(r["e2e FPS pipelined"]) > 0 for r in table)
+    (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert [p["size"] for p in row["e2e_by_size"]] == ["80x60", "320x240"]
+    for point, (w, h) in zip(row["e2e_by_size"], [(80, 60), (320, 240)]):
+        assert len(point["fps_runs"]) == 2 and point["fps"] in point["fps_runs"]
+        assert point["candidates_per_frame"] > 0
+        files = sorted((out / "sizes" / f"{w}x{h}").glob("*.jpg"))
+        assert len(files) == 3 and cv2.imread(str(files[0])).shape == (h, w, 3)
+    assert "frame size" in (out / "bench.md").read_text()
+
+
+def test_frame_sizes_are_checked_and_the_proposer_input_reported(bench_files, capsys):
+    from node.bench.measure import proposer_input
+    from node.node_config import load_node_config
+
+    for bad, says in (("80by60", "WIDTHxHEIGHT"), ("16x16", "32..8192")):
+        assert node_main(["bench", "--models", str(bench_files["model"]), "--sizes", bad]) == 1
+        err = capsys.readouterr().err
+        assert bad in err and says in err
+    assert node_main(["bench", "--models", str(bench_files["model"]), "--source", "none",
+                      "--sizes", "800x320"]) == 1
+    assert "--sizes needs a source" in capsys.readouterr().err
+    proposer = load_node_config(None, []).proposer  # the default learned heatmap
+    assert proposer_input(proposer, 800, 320) == "1011x404"  # enlarged (heatmap_min_pixels)
+    assert proposer_input(proposer, 640, 640) == "640x640"
+    assert proposer_input(proposer, 2592, 640) == "2592x640"
+
+
 def test_csv_with_other_columns_is_refused(tmp_path):
     path = tmp_path / "old.csv"
     path.write_text("a,b\n1,2\n")
