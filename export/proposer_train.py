@@ -551,6 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--camera", default="default", choices=list(PROFILES),
                         help="camera randomisation profile of the training windows "
                              "(export.camera_aug.PROFILES)")
+    parser.add_argument("--scale-range", type=float, nargs=2, default=[0.6, 2.0],
+                        metavar=("LO", "HI"),
+                        help="zoom of the training windows, drawn log-uniformly (default: "
+                             "0.6 2.0)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="per-frame cap while tuning the threshold (default: the node's "
                         "proposer.max_candidates in configs/node.yaml)")
@@ -558,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    lo, hi = args.scale_range
+    if not 0 < lo <= hi:
+        raise DataError(f"--scale-range {lo:g} {hi:g}: need 0 < LO <= HI")
     if args.input_size is None:
         args.input_size = 640 if args.stem.startswith("patch4") else 320
     if args.crop is None:
@@ -593,14 +600,15 @@ def run(args: argparse.Namespace) -> int:
     # Each run is one stage (warm-up and cosine decay); a model trained further with --init
     # carries the stages before it, so its metadata tells the whole schedule.
     stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
-                   "init": args.init, "camera": args.camera})
+                   "init": args.init, "camera": args.camera,
+                   "scale_range": list(args.scale_range)})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     camera = PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
-          augmentation={"camera": camera})
+          augmentation={"camera": camera, "scale_range": tuple(args.scale_range)})
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
                 "stages": stages}, out / "best.pt")

@@ -203,6 +203,15 @@ def test_onnx_export_matches_torch_and_carries_metadata(tmp_path, stem):
                                       frame.transpose(2, 0, 1).astype(np.float32))
 
 
+@pytest.mark.parametrize("scale", [("0", "1.5"), ("1.5", "1.0")])
+def test_a_bad_scale_range_is_refused_before_any_work(tmp_path, scale, capsys):
+    from export.proposer_train import main as proposer_main
+
+    assert proposer_main(["--out", str(tmp_path / "run"), "--scale-range", *scale]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scale-range" in err[0] and not (tmp_path / "run").exists()
+
+
 def test_init_checkpoint_must_match_the_stem(tmp_path):
     net = ConeHeatmapNet(stem="patch4")
     path = tmp_path / "best.pt"
