@@ -209,14 +209,14 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.peer}: peer detector not found")
     data = LabelledCrops(args.data, args.max_crops) if args.data else None
     out_dir = Path(args.out_dir)
-    sized: dict[str, Path] = {}  # "WxH" -> folder of the source's frames at that size
+    sized: dict[tuple[int, int], Path] = {}  # (w, h) -> the source's frames at that size
     for w, h in getattr(args, "frame_sizes", []) if args.source else []:
         folder = out_dir / "sizes" / f"{w}x{h}"
         try:
             write_sized_frames(args.source, (w, h), args.frames, folder)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
-        sized[f"{w}x{h}"] = folder
+        sized[(w, h)] = folder
     print(describe(env), file=sys.stderr, flush=True)
     if busy_warning(env):
         print(busy_warning(env), file=sys.stderr, flush=True)
@@ -248,8 +248,8 @@ def _run(args: argparse.Namespace) -> int:
                                                    sync=mode == "sync"))
                 if peer is not None:
                     runs["peer"].append(run_peer(peer, args.source, args.frames))
-            by_size = [_size_point(name, folder, config, backend, args.rounds)
-                       for name, folder in sized.items()]
+            by_size = [_size_point(size, folder, config, backend, args.rounds)
+                       for size, folder in sized.items()]
         e2e = {mode: median_run(r) for mode, r in runs.items() if r}
         for point in points:
             rows.append(_row(run_id, model_info, point, accuracy, e2e, args, env))
@@ -324,15 +324,15 @@ def _peer_providers(backend: Any) -> list[str]:
     return list(getattr(backend, "providers", None) or ["CPUExecutionProvider"])
 
 
-def _size_point(name: str, folder: Path, config: Any, backend: Any, rounds: int
+def _size_point(size: tuple[int, int], folder: Path, config: Any, backend: Any, rounds: int
                 ) -> dict[str, Any]:
     """The pipelined node over the frames resized to one size: the median of ``rounds``."""
     from node.bench.measure import median_run, proposer_input, run_pipeline
 
-    w, h = (int(v) for v in name.split("x"))
     run = median_run([run_pipeline(config, backend, str(folder), 0, sync=False)
                       for _ in range(rounds)])
-    return {"size": name, "proposer_input": proposer_input(config.proposer, w, h),
+    return {"size": f"{size[0]}x{size[1]}", "proposer_input": proposer_input(config.proposer,
+                                                                          *size),
             "fps": run["fps"], "fps_runs": run["fps_runs"], "frames": run["frames"],
             "proposer_ms_p50": run["propose_ms"].get("p50_ms"),
             "candidates_per_frame": run["candidates_per_frame"]}
