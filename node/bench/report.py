@@ -67,11 +67,13 @@ def _fmt(value, fmt: str) -> str:
     return format(float(value), fmt)
 
 
-def markdown_table(rows: Sequence[dict]) -> str:
-    """The rows as a GitHub markdown table (numbers right-aligned; ``–`` where not measured)."""
-    headers = [h for h, _, _ in TABLE_COLUMNS]
-    body = [[_fmt(row.get(key), fmt) for _, key, fmt in TABLE_COLUMNS] for row in rows]
-    align = ["---" if fmt == "s" else "---:" for _, _, fmt in TABLE_COLUMNS]
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS
+                   ) -> str:
+    """The rows as a GitHub markdown table of ``columns`` (header, key, format): numbers
+    right-aligned, ``–`` where not measured."""
+    headers = [h for h, _, _ in columns]
+    body = [[_fmt(row.get(key), fmt) for _, key, fmt in columns] for row in rows]
+    align = ["---" if fmt == "s" else "---:" for _, _, fmt in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
@@ -91,18 +93,13 @@ SIZE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 def size_table(rows: Sequence[dict]) -> str:
     """The ``e2e_by_size`` points of the rows as a markdown table, each model once."""
-    lines = ["| " + " | ".join(h for h, _, _ in SIZE_COLUMNS) + " |",
-             "|" + "|".join("---" if f == "s" else "---:" for _, _, f in SIZE_COLUMNS) + "|"]
-    seen: set[str] = set()
+    points, seen = [], set()
     for row in rows:
         if row.get("path") in seen or not row.get("e2e_by_size"):
             continue
         seen.add(row.get("path"))
-        for point in row["e2e_by_size"]:
-            cells = {**point, "model": row.get("model")}
-            lines.append("| " + " | ".join(_fmt(cells.get(key), fmt)
-                                           for _, key, fmt in SIZE_COLUMNS) + " |")
-    return "\n".join(lines)
+        points += [{**point, "model": row.get("model")} for point in row["e2e_by_size"]]
+    return markdown_table(points, SIZE_COLUMNS)
 
 
 def parse_markdown_table(text: str) -> list[dict[str, str]]:
