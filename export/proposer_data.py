@@ -94,15 +94,14 @@ def native_frame(image: np.ndarray, boxes: np.ndarray, max_pixels: int, min_pixe
     """A frame and its pixel boxes at the scale the node's ``keep_aspect`` input has: as they
     are, shrunk by one factor to ``max_pixels``, or enlarged to ``min_pixels``
     (``node.propose.heatmap.input_geometry``)."""
-    from node.propose.heatmap import ProposerMetadata, input_geometry
+    from node.propose.heatmap import ProposerMetadata, input_geometry, resize_image
 
     h, w = image.shape[:2]
     geo = input_geometry(w, h, ProposerMetadata(), "keep_aspect", max_pixels, [0.0, 1.0],
                          min_pixels)
     if geo.size == (w, h):
         return image, np.asarray(boxes, np.float32).reshape(-1, 4)
-    small = cv2.resize(image, geo.size, interpolation=cv2.INTER_LINEAR if geo.size[0] > w
-                       else cv2.INTER_AREA)
+    small = resize_image(image, geo.size)
     scale = np.array([1 / geo.scale[0], 1 / geo.scale[1]] * 2, np.float32)
     return small, np.asarray(boxes, np.float32).reshape(-1, 4) * scale
 

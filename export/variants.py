@@ -94,10 +94,11 @@ def horizon_at(target: float) -> Callable:
 def resize_and_pad(image: np.ndarray, boxes: np.ndarray, content: tuple[int, int],
                    canvas: tuple[int, int]) -> tuple:
     """Resize the frame to ``content`` (w, h) and centre it on a grey ``canvas`` (w, h)."""
+    from node.propose.heatmap import resize_image
+
     h, w = image.shape[:2]
     cw, ch = content
-    small = cv2.resize(image, (cw, ch), interpolation=cv2.INTER_AREA if cw * ch < w * h
-                       else cv2.INTER_LINEAR)
+    small = resize_image(image, (cw, ch))
     out = np.full((canvas[1], canvas[0], 3), GREY[0], np.uint8)
     ox, oy = (canvas[0] - cw) // 2, (canvas[1] - ch) // 2
     out[oy:oy + ch, ox:ox + cw] = small

@@ -177,6 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         LabelledCrops,
         evaluate_accuracy,
         median_run,
+        proposer_input,
         run_pipeline,
         write_sized_frames,
     )
@@ -209,14 +210,15 @@ def _run(args: argparse.Namespace) -> int:
         raise BenchError(f"{args.peer}: peer detector not found")
     data = LabelledCrops(args.data, args.max_crops) if args.data else None
     out_dir = Path(args.out_dir)
-    sized: dict[tuple[int, int], Path] = {}  # (w, h) -> the source's frames at that size
-    for w, h in getattr(args, "frame_sizes", []) if args.source else []:
+    # (w, h) -> the source's frames at that size, and the proposer's network input for them
+    sized: dict[tuple[int, int], tuple[Path, str | None]] = {}
+    for w, h in args.frame_sizes if args.source else []:
         folder = out_dir / "sizes" / f"{w}x{h}"
         try:
             write_sized_frames(args.source, (w, h), args.frames, folder)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
-        sized[(w, h)] = folder
+        sized[(w, h)] = folder, proposer_input(config.proposer, w, h)
     print(describe(env), file=sys.stderr, flush=True)
     if busy_warning(env):
         print(busy_warning(env), file=sys.stderr, flush=True)
@@ -248,8 +250,8 @@ def _run(args: argparse.Namespace) -> int:
                                                    sync=mode == "sync"))
                 if peer is not None:
                     runs["peer"].append(run_peer(peer, args.source, args.frames))
-            by_size = [_size_point(size, folder, config, backend, args.rounds)
-                       for size, folder in sized.items()]
+            by_size = [_size_point(size, folder, network_input, config, backend, args.rounds)
+                       for size, (folder, network_input) in sized.items()]
         e2e = {mode: median_run(r) for mode, r in runs.items() if r}
         for point in points:
             rows.append(_row(run_id, model_info, point, accuracy, e2e, args, env))
@@ -324,15 +326,14 @@ def _peer_providers(backend: Any) -> list[str]:
     return list(getattr(backend, "providers", None) or ["CPUExecutionProvider"])
 
 
-def _size_point(size: tuple[int, int], folder: Path, config: Any, backend: Any, rounds: int
-                ) -> dict[str, Any]:
+def _size_point(size: tuple[int, int], folder: Path, network_input: str | None, config: Any,
+                backend: Any, rounds: int) -> dict[str, Any]:
     """The pipelined node over the frames resized to one size: the median of ``rounds``."""
-    from node.bench.measure import median_run, proposer_input, run_pipeline
+    from node.bench.measure import median_run, run_pipeline
 
     run = median_run([run_pipeline(config, backend, str(folder), 0, sync=False)
                       for _ in range(rounds)])
-    return {"size": f"{size[0]}x{size[1]}", "proposer_input": proposer_input(config.proposer,
-                                                                          *size),
+    return {"size": f"{size[0]}x{size[1]}", "proposer_input": network_input,
             "fps": run["fps"], "fps_runs": run["fps_runs"], "frames": run["frames"],
             "proposer_ms_p50": run["propose_ms"].get("p50_ms"),
             "candidates_per_frame": run["candidates_per_frame"]}

@@ -289,6 +289,8 @@ def write_sized_frames(uri: str, size: tuple[int, int], limit: int, folder: Any)
     import shutil
     from pathlib import Path
 
+    from node.propose.heatmap import resize_image
+
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
@@ -299,10 +301,7 @@ def write_sized_frames(uri: str, size: tuple[int, int], limit: int, folder: Any)
         for frame in source:
             if frame.image is None:
                 continue
-            h, w = frame.image.shape[:2]
-            shrink = size[0] * size[1] < w * h
-            image = cv2.resize(frame.image, size, interpolation=cv2.INTER_AREA if shrink
-                               else cv2.INTER_LINEAR)
+            image = resize_image(frame.image, size)
             if not cv2.imwrite(str(folder / f"frame{written:05d}.jpg"), image,
                                [cv2.IMWRITE_JPEG_QUALITY, 95]):
                 raise ValueError(f"{folder}: cannot write the resized frames")

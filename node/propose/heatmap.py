@@ -250,13 +250,22 @@ def input_geometry(frame_w: int, frame_h: int, meta: ProposerMetadata, resize: s
     return InputGeometry((w, h), (pw, ph), heatmap_band(rows, h, ph), (frame_w / w, frame_h / h))
 
 
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``image`` at ``size`` (width, height): area interpolation when it shrinks, bilinear
+    when it grows (as the proposer training's scale jitter); ``image`` itself at its size."""
+    h, w = image.shape[:2]
+    if (w, h) == tuple(size):
+        return image
+    grows = size[0] * size[1] > w * h
+    return cv2.resize(image, tuple(size),
+                      interpolation=cv2.INTER_LINEAR if grows else cv2.INTER_AREA)
+
+
 def frame_tensor(image: np.ndarray, meta: ProposerMetadata, geo: InputGeometry) -> np.ndarray:
-    """BGR frame → (1, 3, rows, padded width) float32 network input of ``geo``: area
-    resize (bilinear when enlarging, as the training's scale jitter), zero padding (after
-    normalisation: the mean colour) and the band of rows."""
-    small = image if image.shape[1::-1] == geo.size else cv2.resize(
-        image, geo.size, interpolation=cv2.INTER_LINEAR if geo.size[0] > image.shape[1]
-        else cv2.INTER_AREA)
+    """BGR frame → (1, 3, rows, padded width) float32 network input of ``geo``: resized
+    (``resize_image``), zero padded (after normalisation: the mean colour), the band of
+    rows."""
+    small = resize_image(image, geo.size)
     pad_w, pad_h = geo.padded[0] - geo.size[0], geo.padded[1] - geo.size[1]
     if pad_w or pad_h:
         fill = [round(255 * m) for m in meta.mean]
