@@ -250,10 +250,11 @@ def optimizer_step(loss: torch.Tensor, opt, scaler, sched) -> None:
 
 
 def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, epoch, dist,
-                    device, freeze_bn: bool = False, stop=None) -> float:
+                    device, freeze_bn: bool = False, stop=None, teacher=None) -> float:
     """One epoch's draw of crops; ``freeze_bn`` keeps the BatchNorms in eval mode (a model
     imported from ONNX, ``export.checkpoint.import_classifier``); ``stop()`` true ends the
-    epoch early (after one step at least: a deadline)."""
+    epoch early (after one step at least: a deadline); with a ``teacher``, ``loss_fn`` is an
+    ``export.distill.DistillLoss`` and gets the teacher's logits of the same batch."""
     from tqdm import tqdm
 
     model.train()
@@ -272,7 +273,12 @@ def train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, ep
         b = idx[start:start + bs]
         x, target = augmenter(data["x"][b], data["y"][b])
         with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            loss = loss_fn(model(x), target)
+            if teacher is None:
+                loss = loss_fn(model(x), target)
+            else:
+                with torch.no_grad():
+                    soft = teacher(x)
+                loss = loss_fn(model(x), target, soft)
         optimizer_step(loss, opt, scaler, sched)
         total += loss.item()
         count += 1
@@ -286,6 +292,13 @@ def train(cfg: TrainConfig) -> dict:
     """Run one training; returns the last epoch's held-out metrics plus run facts."""
     dist = setup_distributed()
     device = build_device(cfg, dist)
+    teacher = None
+    if cfg.distill.teacher:  # checked before the crops are built (minutes)
+        from export.distill import load_teacher
+        from node.node_config import resolve_path
+
+        teacher = load_teacher(resolve_path(cfg.distill.teacher), list(CLASSIFIER_CLASSES),
+                               cfg.model.input_size, MEAN, STD, device)
     crops = build_crops(cfg)
     data = build_tensors(crops, cfg, device)
     num_classes = len(crops.classes)
@@ -295,6 +308,13 @@ def train(cfg: TrainConfig) -> dict:
     steps = max(1, cfg.optim.samples_per_epoch // (cfg.optim.batch_size * dist.world))
     opt, sched = build_optimizer(cfg, model, steps)
     loss_fn = build_loss(cfg, data["y"], num_classes).to(device)
+    if teacher is not None:
+        from export.distill import DistillLoss
+
+        if list(crops.classes) != list(CLASSIFIER_CLASSES):
+            raise ValueError(f"distill.teacher: the crops' classes {list(crops.classes)} "
+                             f"differ from the teacher's {list(CLASSIFIER_CLASSES)}")
+        loss_fn = DistillLoss(loss_fn, cfg.distill.weight, cfg.distill.temperature)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.run.amp and device.type == "cuda")
     out = Path(cfg.run.out)
     if dist.main:
@@ -308,7 +328,7 @@ def train(cfg: TrainConfig) -> dict:
     best, metrics, t0 = -1.0, {}, time.perf_counter()
     for epoch in range(cfg.optim.epochs):
         loss = train_one_epoch(model, data, augmenter, loss_fn, opt, sched, scaler, cfg, epoch,
-                               dist, device)
+                               dist, device, teacher=teacher)
         last = epoch + 1 == cfg.optim.epochs
         if not dist.main or not (last or (epoch + 1) % cfg.run.eval_every == 0):
             continue

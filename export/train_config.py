@@ -147,6 +147,13 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = None
+    weight: float = spec(0.7, min=0.0, max=1.0)
+    temperature: float = spec(2.0, min=0.1, max=20.0)
+
+
+@dataclass
 class RunConfig:
     out: str = "runs/train"
     seed: int = 0
@@ -163,6 +170,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
