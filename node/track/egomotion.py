@@ -88,11 +88,14 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     cands[first] = t0
     cands[~first, 0] = hx[ok]
     cands[~first, 1] = hz[ok]
-    # (hypotheses, T, D) squared distances over squared gates, each track to each detection
-    dx = (rx[turn] + cands[:, :1])[:, :, None] - meas[None, None, :, 0]
-    dz = (rz[turn] + cands[:, 1:])[:, :, None] - meas[None, None, :, 1]
-    ratio2 = np.where(compat[None], (dx * dx + dz * dz) * inv_gate2[None], np.inf)
-    hit = np.sqrt(ratio2.min(axis=2))
+    # (hypotheses, pairs) squared distances over squared gates, for the compatible (track,
+    # detection) pairs only (row-major: grouped by track), then each track's nearest.
+    pair_t, pair_d = np.nonzero(compat)
+    dx = (rx[turn][:, pair_t] + cands[:, :1]) - meas[pair_d, 0]
+    dz = (rz[turn][:, pair_t] + cands[:, 1:]) - meas[pair_d, 1]
+    ratio2 = (dx * dx + dz * dz) * inv_gate2[pair_t, pair_d]
+    starts = np.flatnonzero(np.r_[True, pair_t[1:] != pair_t[:-1]])  # every track has one
+    hit = np.sqrt(np.minimum.reduceat(ratio2, starts, axis=1))
     inl = hit < 1.0
     count = inl.sum(axis=1)
     spread = np.where(inl, hit, 0.0).sum(axis=1)
