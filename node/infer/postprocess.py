@@ -42,10 +42,11 @@ def overlap_areas(a: np.ndarray, b: np.ndarray
     # of two, and these run on every frame (NMS, tracking) for a few dozen boxes.
     ax1, ay1, ax2, ay2 = (a[:, i, None] for i in range(4))
     bx1, by1, bx2, by2 = b.T
-    inter = (np.clip(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0, None)
-             * np.clip(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0, None))
-    area_a = np.clip(ax2 - ax1, 0, None) * np.clip(ay2 - ay1, 0, None)
-    area_b = np.clip(bx2 - bx1, 0, None) * np.clip(by2 - by1, 0, None)
+    # np.maximum(x, 0.0), not np.clip(x, 0, None): the same values, a fifth of the overhead.
+    inter = (np.maximum(np.minimum(ax2, bx2) - np.maximum(ax1, bx1), 0.0)
+             * np.maximum(np.minimum(ay2, by2) - np.maximum(ay1, by1), 0.0))
+    area_a = np.maximum(ax2 - ax1, 0.0) * np.maximum(ay2 - ay1, 0.0)
+    area_b = np.maximum(bx2 - bx1, 0.0) * np.maximum(by2 - by1, 0.0)
     return inter, area_a, area_b
 
 
