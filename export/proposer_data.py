@@ -224,8 +224,11 @@ def augment_frame(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator
     warped = cv2.warpAffine(image, mat, (out, out), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_REFLECT_101)
     b = np.asarray(boxes, np.float32).reshape(-1, 4)
-    xs = b[:, [0, 2]] * sx + tx
-    ys = b[:, [1, 3]] * zoom + ty
+    # warpAffine maps pixel centres (index u to sx * u + tx); boxes are in edge coordinates
+    # (pixel u spans [u, u + 1)), which therefore move by sx * x + tx + (1 - sx) / 2: a
+    # mirrored window would otherwise place its boxes (1 + zx) / 2 pixels left of the cones.
+    xs = b[:, [0, 2]] * sx + tx + 0.5 * (1.0 - sx)
+    ys = b[:, [1, 3]] * zoom + ty + 0.5 * (1.0 - zoom)
     nb = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], 1)
     clipped = np.clip(nb, 0, out)
     area = np.prod(nb[:, 2:] - nb[:, :2], 1)
