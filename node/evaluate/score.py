@@ -36,6 +36,9 @@ from node.evaluate.splits import TRAIN_CONFIG, EvaluateError, select_samples
 from node.infer.postprocess import iou_matrix
 
 IOU_MATCH = 0.5
+IOU_NEAR = 0.3
+"""A labelled cone with a detection at this IoU or more is found but misplaced when that IoU
+is under ``IOU_MATCH``: ``placement`` in the report tells box placement from missed cones."""
 HEIGHT_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("<12", 0.0, 12.0), ("12-24", 12.0, 24.0), ("24-48", 24.0, 48.0), (">=48", 48.0, np.inf))
 RECALL_MIN_PX = 12.0
@@ -87,6 +90,12 @@ class Tally:
     det_scores: list[float] = field(default_factory=list)
     det_matched: list[bool] = field(default_factory=list)
     confusion: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Per labelled cone >= RECALL_MIN_PX: its bucket, its best IoU with any detection and,
+    # against that detection, the centre offset over the cone's width and height and the log
+    # width and height ratios (detection over label).
+    near_bucket: list[int] = field(default_factory=list)
+    near_iou: list[float] = field(default_factory=list)
+    near_error: list[tuple[float, float, float, float]] = field(default_factory=list)
 
     def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
             truth: np.ndarray, truth_labels: list[str], label_scale: float = 1.0) -> None:
@@ -108,6 +117,7 @@ class Tally:
             in_bucket = (th >= lo) & (th < hi)
             self.truth_by_bucket[k] += in_bucket.sum()
             self.hit_by_bucket[k] += (in_bucket & hit).sum()
+        self._add_placement(pred, truth, th)
         tall = (pred[:, 3] - pred[:, 1]) * shrink >= PRECISION_MIN_PX
         self.det_tall += int(tall.sum())
         self.tp_tall += int((tall & (match >= 0)).sum())
@@ -128,6 +138,53 @@ class Tally:
             self.hit_min += int((tall_truth & hit).sum())
             if right is not None:
                 self.correct_min += int(right[tall_truth[gt]].sum())
+
+    def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray) -> None:
+        """Each labelled cone >= ``RECALL_MIN_PX``'s nearest detection (not one to one)."""
+        for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS):
+            if lo < RECALL_MIN_PX:
+                continue
+            rows = np.flatnonzero((heights >= lo) & (heights < hi))
+            if not len(rows):
+                continue
+            self.near_bucket.extend([k] * len(rows))
+            if not len(pred):
+                self.near_iou.extend([0.0] * len(rows))
+                self.near_error.extend([(np.nan,) * 4] * len(rows))
+                continue
+            overlap = iou_matrix(truth[rows], pred)
+            best = overlap.argmax(axis=1)
+            t, q = truth[rows], pred[best]
+            tw = np.maximum(t[:, 2] - t[:, 0], 1e-6)
+            th = np.maximum(t[:, 3] - t[:, 1], 1e-6)
+            qw = np.maximum(q[:, 2] - q[:, 0], 1e-6)
+            qh = np.maximum(q[:, 3] - q[:, 1], 1e-6)
+            dx = ((q[:, 0] + q[:, 2]) - (t[:, 0] + t[:, 2])) / 2 / tw
+            dy = ((q[:, 1] + q[:, 3]) - (t[:, 1] + t[:, 3])) / 2 / th
+            self.near_iou.extend(overlap[np.arange(len(rows)), best].tolist())
+            self.near_error.extend(zip(dx.tolist(), dy.tolist(), np.log(qw / tw).tolist(),
+                                       np.log(qh / th).tolist()))
+
+    def placement(self) -> dict:
+        """By height bucket (cones >= ``RECALL_MIN_PX``): the share with a detection at IoU >=
+        ``IOU_NEAR`` (found, placed well or not), and over those, the median centre offset
+        in cone widths and heights (right and down positive) and the median log size ratio
+        (detection over label: positive is too big)."""
+        buckets = np.asarray(self.near_bucket, np.int64)
+        ious = np.asarray(self.near_iou, np.float64)
+        errors = np.asarray(self.near_error, np.float64).reshape(-1, 4)
+        out = {}
+        for k, (name, lo, _) in enumerate(HEIGHT_BUCKETS):
+            if lo < RECALL_MIN_PX:
+                continue
+            mine = buckets == k
+            near = mine & (ious >= IOU_NEAR)
+            med = (np.median(errors[near], axis=0) if near.any() else [None] * 4)
+            out[name] = {"cones": int(mine.sum()),
+                         "near": round(float(near.sum() / mine.sum()), 4) if mine.any() else None,
+                         **{key: (round(float(v), 4) if v is not None else None)
+                            for key, v in zip(("dx", "dy", "log_w", "log_h"), med)}}
+        return out
 
     def _count_pairs(self, pred_labels: list[str], truth_labels: list[str], match: np.ndarray,
                      hit: np.ndarray) -> None:
@@ -166,6 +223,7 @@ class Tally:
             "detections_ge20": self.det_tall,
             "label_accuracy": ratio(self.label_correct, self.matched),
             "matched": self.matched,
+            "placement": self.placement(),
         }
         if self.min_px is not None:
             out["recall_min_px"] = {"min_px": self.min_px,
@@ -285,6 +343,12 @@ def format_table(report: dict, title: str) -> str:
     rows += [(f"| precision >= 20 px | {pct(report['precision_ge20'])} "
               f"(of {report['detections_ge20']}) |"),
              f"| label accuracy | {pct(report['label_accuracy'])} (of {report['matched']}) |"]
+    for name, v in report.get("placement", {}).items():
+        if v["near"] is None or v["dx"] is None:
+            continue
+        rows.append(f"| a box at IoU >= {IOU_NEAR:g}, {name} px | {pct(v['near'])}; median "
+                    f"centre {v['dx']:+.3f} w, {v['dy']:+.3f} h; size log w {v['log_w']:+.3f}, "
+                    f"log h {v['log_h']:+.3f} |")
     if "candidates_per_frame" in report:
         rows.append(f"| candidates per frame | {report['candidates_per_frame']} "
                     f"({report['candidates_per_labelled_cone']} x labelled cones) |")

@@ -12,7 +12,7 @@ import pytest
 
 from node.__main__ import main as node_main
 from node.evaluate.datasets import Sample
-from node.evaluate.score import Tally, match_greedy
+from node.evaluate.score import Tally, format_table, match_greedy
 from node.evaluate.splits import in_clips, parse_clip_rules, select_samples
 
 # Ground truth: one cone per height bucket (10, 18, 30, 60 px tall).
@@ -45,6 +45,31 @@ def test_recall_by_bucket_precision_over_20_px_and_label_accuracy():
     assert report["detections_ge20"] == 3 and report["precision_ge20"] == pytest.approx(2 / 3,
                                                                                          abs=1e-4)
     assert report["matched"] == 3 and report["label_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_placement_tells_misplaced_boxes_from_missed_cones():
+    """Three 20 px cones, 10 px wide: one found in place, one by a box 4 px to the right and
+    20 % too wide (IoU under 0.5, over 0.3: found, misplaced), one missed."""
+    truth = np.array([[0, 0, 10, 20], [50, 0, 60, 20], [100, 0, 110, 20]], np.float64)
+    pred = np.array([[0, 0, 10, 20], [53, 0, 65, 20], [300, 0, 310, 20]], np.float64)
+    tally = Tally()
+    tally.add(pred, np.array([0.9, 0.8, 0.7]), ["blue_cone"] * 3, truth, ["blue_cone"] * 3)
+    report = tally.report()
+    assert report["recall_by_height"]["12-24"]["recall"] == pytest.approx(1 / 3, abs=1e-4)
+    small = report["placement"]["12-24"]
+    assert small["cones"] == 3 and small["near"] == pytest.approx(2 / 3, abs=1e-4)
+    # medians of the two near pairs: offsets 0 and 0.4 widths, sizes log 1 and log 1.2
+    assert small["dx"] == pytest.approx(0.2, abs=1e-4) and small["dy"] == 0.0
+    assert small["log_w"] == pytest.approx(np.log(1.2) / 2, abs=1e-4)
+    assert small["log_h"] == 0.0
+    assert report["placement"]["24-48"] == {"cones": 0, "near": None, "dx": None, "dy": None,
+                                            "log_w": None, "log_h": None}
+    assert "<12" not in report["placement"]
+    assert "a box at IoU >= 0.3, 12-24 px | 66.7%; median centre +0.200 w" in \
+        format_table(report, "t")
+    nothing = Tally()
+    nothing.add(np.zeros((0, 4)), np.zeros(0), [], truth, ["blue_cone"] * 3)
+    assert nothing.report()["placement"]["12-24"]["near"] == 0.0
 
 
 def test_an_enlarged_frame_is_scored_by_the_sizes_its_cones_had_where_they_were_labelled():
