@@ -8,8 +8,9 @@ targets and the teacher's softened class probabilities (Hinton, Vinyals and Dean
 
     loss = (1 - weight) * CE(student, target) + weight * T² * KL(p_teacher^T ‖ p_student^T)
 
-where ``p^T = softmax(logits / T)``. The use here is a cheaper student architecture for a
-2-core CPU that keeps the teacher's accuracy. The teacher must take the student's crops: the
+where ``p^T = softmax(logits / T)``. It was built to teach a cheaper student architecture,
+for a 2-core CPU, the teacher's accuracy (``docs/experiments.md`` has how far that went). The
+teacher must take the student's crops: the
 same classes in the same order, the same input size, normalisation and channel order. It
 must not have been trained on the student's held-out clips (the bundled models hold out the
 same clips as ``configs/train.yaml``).
