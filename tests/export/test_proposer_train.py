@@ -85,7 +85,7 @@ def test_augmented_boxes_stay_centred_on_their_cones():
     """A bright 4x4 block and its box through zoom, stretch and mirroring: the block's centre
     of mass (pixel u spans [u, u + 1)) and the box's centre agree in the window to 0.2 px
     (bilinear sampling), mirrored or not. Boxes moved as pixel indices once sat (1 - sx) / 2
-    pixels off their cones, up to 1.3 px in a mirrored window."""
+    pixels off their cones, (1 + zoom * stretch) / 2 to the left in a mirrored window."""
     img = np.zeros((96, 96, 3), np.uint8)
     img[40:44, 46:50] = 255
     box = np.array([[46, 40, 50, 44]], np.float32)
