@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace) -> int:
         LabelledCrops,
         evaluate_accuracy,
         median_run,
-        proposer_input,
+        proposer_inputs,
         run_pipeline,
         write_sized_frames,
     )
@@ -212,13 +212,15 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     # (w, h) -> the source's frames at that size, and the proposer's network input for them
     sized: dict[tuple[int, int], tuple[Path, str | None]] = {}
-    for w, h in args.frame_sizes if args.source else []:
+    sizes = args.frame_sizes if args.source else []
+    inputs = proposer_inputs(config.proposer, sizes) if sizes else {}
+    for w, h in sizes:
         folder = out_dir / "sizes" / f"{w}x{h}"
         try:
             write_sized_frames(args.source, (w, h), args.frames, folder)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
-        sized[(w, h)] = folder, proposer_input(config.proposer, w, h)
+        sized[(w, h)] = folder, inputs[(w, h)]
     print(describe(env), file=sys.stderr, flush=True)
     if busy_warning(env):
         print(busy_warning(env), file=sys.stderr, flush=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,20 +313,22 @@ def write_sized_frames(uri: str, size: tuple[int, int], limit: int, folder: Any)
     return written
 
 
-def proposer_input(proposer_config: Any, width: int, height: int) -> str | None:
-    """The network input the proposer makes of a ``width`` x ``height`` frame (``"WxH"``,
-    after ``heatmap_max_pixels`` / ``heatmap_min_pixels``), or None for a proposer without one
-    (colour windows, external boxes)."""
+def proposer_inputs(proposer_config: Any, sizes: Sequence[tuple[int, int]]
+                    ) -> dict[tuple[int, int], str | None]:
+    """The network input (``"WxH"``, after ``heatmap_max_pixels`` / ``heatmap_min_pixels``)
+    the proposer makes of each (width, height) frame size, from one proposer; None for a
+    proposer without one (colour windows, external boxes)."""
     from node.propose import build_proposer
 
     proposer = build_proposer(proposer_config)
     try:
-        for candidate in (proposer, getattr(proposer, "inner", None)):
-            geometry = getattr(candidate, "geometry", None)
-            if callable(geometry):
-                w, h = geometry(width, height).size
-                return f"{w}x{h}"
-        return None
+        geometry = next((g for g in (getattr(c, "geometry", None)
+                                     for c in (proposer, getattr(proposer, "inner", None)))
+                         if callable(g)), None)
+        out: dict[tuple[int, int], str | None] = {}
+        for w, h in sizes:
+            out[(w, h)] = None if geometry is None else "{}x{}".format(*geometry(w, h).size)
+        return out
     finally:
         proposer.close()
 

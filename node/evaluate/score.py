@@ -141,29 +141,27 @@ class Tally:
 
     def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray) -> None:
         """Each labelled cone >= ``RECALL_MIN_PX``'s nearest detection (not one to one)."""
-        for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS):
-            if lo < RECALL_MIN_PX:
-                continue
-            rows = np.flatnonzero((heights >= lo) & (heights < hi))
-            if not len(rows):
-                continue
-            self.near_bucket.extend([k] * len(rows))
-            if not len(pred):
-                self.near_iou.extend([0.0] * len(rows))
-                self.near_error.extend([(np.nan,) * 4] * len(rows))
-                continue
-            overlap = iou_matrix(truth[rows], pred)
-            best = overlap.argmax(axis=1)
-            t, q = truth[rows], pred[best]
-            tw = np.maximum(t[:, 2] - t[:, 0], 1e-6)
-            th = np.maximum(t[:, 3] - t[:, 1], 1e-6)
-            qw = np.maximum(q[:, 2] - q[:, 0], 1e-6)
-            qh = np.maximum(q[:, 3] - q[:, 1], 1e-6)
-            dx = ((q[:, 0] + q[:, 2]) - (t[:, 0] + t[:, 2])) / 2 / tw
-            dy = ((q[:, 1] + q[:, 3]) - (t[:, 1] + t[:, 3])) / 2 / th
-            self.near_iou.extend(overlap[np.arange(len(rows)), best].tolist())
-            self.near_error.extend(zip(dx.tolist(), dy.tolist(), np.log(qw / tw).tolist(),
-                                       np.log(qh / th).tolist()))
+        rows = np.flatnonzero(heights >= RECALL_MIN_PX)
+        if not len(rows):
+            return
+        self.near_bucket.extend(next(k for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS)
+                                     if lo <= h < hi) for h in heights[rows].tolist())
+        if not len(pred):
+            self.near_iou.extend([0.0] * len(rows))
+            self.near_error.extend([(np.nan,) * 4] * len(rows))
+            return
+        overlap = iou_matrix(truth[rows], pred)
+        best = overlap.argmax(axis=1)
+        t, q = truth[rows], pred[best]
+        tw = np.maximum(t[:, 2] - t[:, 0], 1e-6)
+        th = np.maximum(t[:, 3] - t[:, 1], 1e-6)
+        qw = np.maximum(q[:, 2] - q[:, 0], 1e-6)
+        qh = np.maximum(q[:, 3] - q[:, 1], 1e-6)
+        dx = ((q[:, 0] + q[:, 2]) - (t[:, 0] + t[:, 2])) / 2 / tw
+        dy = ((q[:, 1] + q[:, 3]) - (t[:, 1] + t[:, 3])) / 2 / th
+        self.near_iou.extend(overlap[np.arange(len(rows)), best].tolist())
+        self.near_error.extend(zip(dx.tolist(), dy.tolist(), np.log(qw / tw).tolist(),
+                                   np.log(qh / th).tolist()))
 
     def placement(self) -> dict:
         """By height bucket (cones >= ``RECALL_MIN_PX``): the share with a detection at IoU >=

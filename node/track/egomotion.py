@@ -91,8 +91,9 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     # (hypotheses, pairs) squared distances over squared gates, for the compatible (track,
     # detection) pairs only (row-major: grouped by track), then each track's nearest.
     pair_t, pair_d = np.nonzero(compat)
-    dx = (rx[turn][:, pair_t] + cands[:, :1]) - meas[pair_d, 0]
-    dz = (rz[turn][:, pair_t] + cands[:, 1:]) - meas[pair_d, 1]
+    gather = (turn[:, None], pair_t[None, :])  # one (hypotheses, pairs) gather per axis
+    dx = (rx[gather] + cands[:, :1]) - meas[pair_d, 0]
+    dz = (rz[gather] + cands[:, 1:]) - meas[pair_d, 1]
     ratio2 = (dx * dx + dz * dz) * inv_gate2[pair_t, pair_d]
     starts = np.flatnonzero(np.r_[True, pair_t[1:] != pair_t[:-1]])  # every track has one
     hit = np.sqrt(np.minimum.reduceat(ratio2, starts, axis=1))

@@ -262,7 +262,7 @@ def test_fps_by_frame_size(bench_files, tmp_path, capsys):
 
 
 def test_frame_sizes_are_checked_and_the_proposer_input_reported(bench_files, capsys):
-    from node.bench.measure import proposer_input
+    from node.bench.measure import proposer_inputs
     from node.node_config import load_node_config
 
     for bad, says in (("80by60", "WIDTHxHEIGHT"), ("16x16", "32..8192")):
@@ -273,9 +273,10 @@ def test_frame_sizes_are_checked_and_the_proposer_input_reported(bench_files, ca
                       "--sizes", "800x320"]) == 1
     assert "--sizes needs a source" in capsys.readouterr().err
     proposer = load_node_config(None, []).proposer  # the default learned heatmap
-    assert proposer_input(proposer, 800, 320) == "1011x404"  # enlarged (heatmap_min_pixels)
-    assert proposer_input(proposer, 640, 640) == "640x640"
-    assert proposer_input(proposer, 2592, 640) == "2592x640"
+    inputs = proposer_inputs(proposer, [(800, 320), (640, 640), (2592, 640)])
+    assert inputs[(800, 320)] == "1011x404"  # enlarged (heatmap_min_pixels)
+    assert inputs[(640, 640)] == "640x640"
+    assert inputs[(2592, 640)] == "2592x640"
 
 
 def test_csv_with_other_columns_is_refused(tmp_path):
