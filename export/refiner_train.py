@@ -30,6 +30,7 @@ import export.train_extra  # noqa: F401 (before torch: a one-line hint when it i
 # isort: split
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -266,7 +267,7 @@ def export_refiner(net: BoxRefinerNet, meta: RefinerMetadata, path: str | Path) 
 
     extra = dict(meta.extra)
     extra["torch"] = torch.__version__
-    value = RefinerMetadata(meta.input_size, meta.context, meta.min_side, extra).to_json()
+    value = dataclasses.replace(meta, extra=extra).to_json()
     dummy = torch.zeros(2, 3, meta.input_size, meta.input_size)
     return export_with_metadata(net.cpu().eval(), dummy, path, [INPUT], [OUTPUT], METADATA_KEY,
                                 value, "cone_node.export.refiner_train",
@@ -303,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-only", action="store_true",
                         help="train on the real frames of the cache only (no synthetic scenes)")
     parser.add_argument("--input-size", type=int, default=32, help="crop side in px")
+    parser.add_argument("--min-aspect", type=float, default=1.0,
+                        help="each side of a crop window at least this fraction (0..1] of "
+                             "the other; 1 = the square of twice the longer side")
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS),
                         help="one stride-2 convolution per entry")
     parser.add_argument("--batch-size", type=int, default=256)
@@ -325,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
     if args.input_size % (1 << len(args.channels)) or args.input_size < 8:
         raise DataError(f"--input-size {args.input_size}: must be a multiple of "
                         f"{1 << len(args.channels)} for {len(args.channels)} --channels")
+    if not 0.0 < args.min_aspect <= 1.0:
+        raise DataError(f"--min-aspect {args.min_aspect}: must be in (0, 1]")
     if args.epochs < 1 or args.copies < 0:
         raise DataError(f"--epochs {args.epochs} and --copies {args.copies}: need at least "
                         f"one epoch and no negative copies")
@@ -343,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = proposer_pairs(train_frames, build_proposer(proposer_cfg))
     print(f"{sum(len(p[0]) for p in pairs)} proposer boxes on labelled cones in "
           f"{len(train_frames)} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
-    meta = RefinerMetadata(input_size=args.input_size)
+    meta = RefinerMetadata(input_size=args.input_size, min_aspect=args.min_aspect)
     device = pick_device(args.device)
     net = BoxRefinerNet(args.input_size, tuple(args.channels))
     (out / "history.jsonl").write_text("")

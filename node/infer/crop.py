@@ -68,17 +68,21 @@ class CropPolicy:
         }
 
 
-def sampling_grid(squares: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def sampling_grid(squares: np.ndarray, size: int, square: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Source-pixel coordinates for every output pixel of every crop.
 
     Returns two float32 arrays of shape (N*size, size) for ``cv2.remap``: pixel centres of the
-    output grid mapped into each square.
+    output grid mapped into each square. With ``square`` False the regions may be rectangles
+    (the refiner's narrower windows), each stretched to the square output; with True their
+    width sets both steps.
     """
     n = squares.shape[0]
-    step = (squares[:, 2] - squares[:, 0]) / size  # (N,)
+    step_x = (squares[:, 2] - squares[:, 0]) / size  # (N,)
+    step_y = step_x if square else (squares[:, 3] - squares[:, 1]) / size
     t = np.arange(size, dtype=np.float32) + 0.5  # pixel centres of the output grid
-    xs = squares[:, 0, None] + t[None, :] * step[:, None] - 0.5  # (N, size)
-    ys = squares[:, 1, None] + t[None, :] * step[:, None] - 0.5
+    xs = squares[:, 0, None] + t[None, :] * step_x[:, None] - 0.5  # (N, size)
+    ys = squares[:, 1, None] + t[None, :] * step_y[:, None] - 0.5
     map_x = np.broadcast_to(xs[:, None, :], (n, size, size)).reshape(n * size, size)
     map_y = np.broadcast_to(ys[:, :, None], (n, size, size)).reshape(n * size, size)
     return np.ascontiguousarray(map_x, np.float32), np.ascontiguousarray(map_y, np.float32)

@@ -51,20 +51,51 @@ class RefinerMetadata:
             a square twice the longer side).
         min_side: smallest square side in frame pixels.
         extra: anything else recorded at export (training clips, validation scores).
+        min_aspect: each side of the crop window is at least this fraction (0..1] of the
+            other (1, the default, is the square of twice the longer side). Below 1 a thin
+            cone's window is narrower than it is tall, so the crop keeps more of the cone's
+            width: a 6 x 25 px cone is 4 px wide in a 32 px square crop, 8 px wide at 0.5.
     """
 
     input_size: int = 32
     context: float = 0.5
     min_side: float = 16.0
     extra: dict = field(default_factory=dict)
+    min_aspect: float = 1.0
 
     @property
     def policy(self) -> CropPolicy:
         return CropPolicy(context=self.context, pad="replicate", min_side=self.min_side)
 
+    def windows(self, boxes: np.ndarray) -> np.ndarray:
+        """The crop window (x1, y1, x2, y2) of each box: centred on it, each side
+        ``1 + 2 * context`` times the box's side along it or ``min_aspect`` times the other
+        side, whichever is longer, and at least ``min_side``. With ``min_aspect`` 1 these are
+        the policy's squares."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if self.min_aspect >= 1.0:
+            return self.policy.square_boxes(boxes)
+        w = np.abs(boxes[:, 2] - boxes[:, 0])
+        h = np.abs(boxes[:, 3] - boxes[:, 1])
+        grow = 1.0 + 2.0 * self.context
+        half_w = 0.5 * np.maximum(np.maximum(w, self.min_aspect * h) * grow, self.min_side)
+        half_h = 0.5 * np.maximum(np.maximum(h, self.min_aspect * w) * grow, self.min_side)
+        cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+        cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+        return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
+
+    def window_sides(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, 4) the width, height, width and height of each box's window: the units of
+        the four edge offsets."""
+        win = self.windows(boxes)
+        w = win[:, 2] - win[:, 0]
+        h = w if self.min_aspect >= 1.0 else win[:, 3] - win[:, 1]
+        return np.stack([w, h, w, h], axis=1)
+
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "input_size": self.input_size,
                            "context": self.context, "min_side": self.min_side,
+                           "min_aspect": self.min_aspect,
                            "channel_order": "BGR", "input": INPUT, "output": OUTPUT,
                            "extra": self.extra}, sort_keys=True)
 
@@ -76,8 +107,10 @@ class RefinerMetadata:
             if d.get("format") != FORMAT:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
             meta = cls(int(d["input_size"]), float(d["context"]), float(d["min_side"]),
-                       dict(d.get("extra", {})))
+                       dict(d.get("extra", {})), float(d.get("min_aspect", 1.0)))
             meta.policy  # noqa: B018 (validates context and min_side)
+            if not 0.0 < meta.min_aspect <= 1.0:
+                raise ValueError(f"min_aspect {meta.min_aspect} is not in (0, 1]")
         except (ValueError, KeyError, TypeError) as exc:
             raise RefinerModelError(f"{origin}: bad {METADATA_KEY} metadata ({exc})") from None
         if meta.input_size < 8:
@@ -99,28 +132,28 @@ def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
     if n == 0:
         return out[:0]
     policy = meta.policy
-    squares = policy.square_boxes(boxes)
+    windows = meta.windows(boxes)
+    square = meta.min_aspect >= 1.0
     per_call = max(1, _MAX_REMAP_ROWS // s)
     for a in range(0, n, per_call):
         b = min(n, a + per_call)
         # Fixed-point maps: converting costs less than it saves in the remap.
-        map_xy, map_frac = cv2.convertMaps(*sampling_grid(squares[a:b], s), cv2.CV_16SC2)
+        map_xy, map_frac = cv2.convertMaps(*sampling_grid(windows[a:b], s, square),
+                                           cv2.CV_16SC2)
         out[a:b] = cv2.remap(image, map_xy, map_frac, cv2.INTER_LINEAR,
                              borderMode=PAD_MODES[policy.pad]).reshape(b - a, s, s, 3)
     return out[:n]
 
 
 def apply_deltas(boxes: np.ndarray, deltas: np.ndarray, meta: RefinerMetadata) -> np.ndarray:
-    """Refined boxes: each edge moved by its delta times the side of the box's crop square."""
-    squares = meta.policy.square_boxes(boxes)
-    side = (squares[:, 2] - squares[:, 0])[:, None]
+    """Refined boxes: each edge moved by its delta times its crop window's side along it."""
+    side = meta.window_sides(boxes)
     return (np.asarray(boxes, np.float32) + deltas.astype(np.float32) * side).astype(np.float32)
 
 
 def box_targets(boxes: np.ndarray, targets: np.ndarray, meta: RefinerMetadata) -> np.ndarray:
     """The deltas that move ``boxes`` onto ``targets`` (the inverse of ``apply_deltas``)."""
-    squares = meta.policy.square_boxes(boxes)
-    side = (squares[:, 2] - squares[:, 0])[:, None]
+    side = meta.window_sides(boxes)
     return ((np.asarray(targets, np.float32) - boxes) / side).astype(np.float32)
 
 

@@ -75,13 +75,42 @@ def test_crops_sample_the_square_about_each_box():
     assert refiner_crops(image, np.zeros((0, 4), np.float32), meta).shape == (0, 16, 16, 3)
 
 
+def test_narrow_windows_keep_a_thin_cones_width():
+    # min_aspect 0.5: a 6 x 24 px box gets a 24 x 48 px window (twice max(6, 12) by twice 24),
+    # a 30 x 20 px box a 60 x 40 px one (its height is at least half its width, 15 < 20).
+    meta = RefinerMetadata(input_size=16, context=0.5, min_side=8.0, min_aspect=0.5)
+    boxes = np.array([[100, 60, 106, 84], [200, 100, 230, 120]], np.float32)
+    np.testing.assert_allclose(meta.windows(boxes),
+                               [[91, 48, 115, 96], [185, 90, 245, 130]], atol=1e-4)
+    target = boxes + np.array([[-1, 2, 1, -3], [3, 0, -3, 2]], np.float32)
+    deltas = box_targets(boxes, target, meta)
+    # Each edge's offset is in units of its window's side along it.
+    np.testing.assert_allclose(deltas[0], [-1 / 24, 2 / 48, 1 / 24, -3 / 48], atol=1e-6)
+    np.testing.assert_allclose(apply_deltas(boxes, deltas, meta), target, atol=1e-4)
+    # The crop samples the window: 1.5 px a step across, 3 px a step down.
+    h, w = 240, 320
+    ys, xs = np.mgrid[0:h, 0:w]
+    image = np.dstack([xs % 256, ys % 256, np.zeros_like(xs)]).astype(np.uint8)
+    crops = refiner_crops(image, boxes[:1], meta)
+    np.testing.assert_allclose(crops[0, 0, :, 0], 91 + 1.5 * np.arange(16) + 0.25, atol=1)
+    np.testing.assert_allclose(crops[0, :, 0, 1], 48 + 3 * np.arange(16) + 1, atol=1)
+    # The square window (the default) of the same box is 48 px across: the cone spans 2 crop
+    # pixels there against 4 in the narrow window.
+    square = RefinerMetadata(input_size=16, context=0.5, min_side=8.0)
+    np.testing.assert_allclose(square.windows(boxes[:1]), [[79, 48, 127, 96]], atol=1e-4)
+
+
 def test_metadata_round_trip_and_rejects_bad_contracts():
-    meta = RefinerMetadata(24, 0.4, 12.0, {"training_clips": ["autox"]})
+    meta = RefinerMetadata(24, 0.4, 12.0, {"training_clips": ["autox"]}, min_aspect=0.6)
     back = RefinerMetadata.from_json(meta.to_json(), "m.onnx")
-    assert (back.input_size, back.context, back.min_side, back.extra) == \
-        (24, 0.4, 12.0, {"training_clips": ["autox"]})
+    assert (back.input_size, back.context, back.min_side, back.extra, back.min_aspect) == \
+        (24, 0.4, 12.0, {"training_clips": ["autox"]}, 0.6)
     bad = json.loads(meta.to_json())
-    for key, value in (("format", "cone-proposer/1"), ("context", 5.0), ("input_size", 4)):
+    # Models exported before min_aspect existed read as square windows.
+    old = {k: v for k, v in bad.items() if k != "min_aspect"}
+    assert RefinerMetadata.from_json(json.dumps(old), "m.onnx").min_aspect == 1.0
+    for key, value in (("format", "cone-proposer/1"), ("context", 5.0), ("input_size", 4),
+                       ("min_aspect", 0.0), ("min_aspect", 1.5)):
         broken = dict(bad, **{key: value})
         with pytest.raises(RefinerModelError, match=r"^m\.onnx: "):
             RefinerMetadata.from_json(json.dumps(broken), "m.onnx")
