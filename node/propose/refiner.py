@@ -5,8 +5,9 @@ cell of a stride-4 grid, so a 16 px cone's box is often a few pixels off, and Io
 for a 9 px wide box with 3 px of error. The refiner is the box-regression head of a two-stage
 detector (Fast R-CNN, Girshick 2015), made tiny: every candidate of a frame is cropped by one
 ``cv2.remap`` (``refiner_crops``, on ``node.infer.crop``'s sampling grid) into a square of twice the
-box's longer side, resized to the model's input (32 px), and a small CNN (``export.refiner_train``) predicts the four
-edge offsets of the cone's box as fractions of that square. It runs on at most
+box's longer side (a narrower window for a model whose ``min_aspect`` is below 1), resized to
+the model's input (32 px), and a small CNN (``export.refiner_train``) predicts the four
+edge offsets of the cone's box as fractions of that window. It runs on at most
 ``proposer.max_candidates`` boxes per frame, after the proposer's cap, in its own ONNX
 Runtime session on one thread (on the CPU unless ``proposer.providers`` says otherwise).
 

@@ -121,15 +121,17 @@ def test_refiner_starts_as_the_identity_and_its_loss_falls_on_tiny_data():
     assert history[-1] < 0.7 * history[0]
 
 
-def test_export_matches_torch_through_the_node_refiner(tmp_path):
+@pytest.mark.parametrize("min_aspect", [1.0, 0.5])
+def test_export_matches_torch_through_the_node_refiner(tmp_path, min_aspect):
     frames = tiny_frames(2)
     meta = RefinerMetadata(input_size=16, context=0.5, min_side=8.0,
-                           extra={"training_clips": ["synth"]})
+                           extra={"training_clips": ["synth"]}, min_aspect=min_aspect)
     net = BoxRefinerNet(16, (8, 16)).eval()
     torch.nn.init.normal_(net.head[-1].weight, std=0.05)  # not the identity
     path = export_refiner(net, meta, tmp_path / "r.onnx")
     refiner = BoxRefiner(path, max_boxes=2)
     assert refiner.meta.extra["training_clips"] == ["synth"]
+    assert refiner.meta.min_aspect == min_aspect  # the window travels with the model
     boxes = frames.frame_boxes(0) + np.array([1, -1, 2, 1], np.float32)
     # More boxes than the preallocated buffer: it grows.
     boxes = np.concatenate([boxes, boxes + 3])
@@ -147,6 +149,8 @@ def test_cli_rejects_bad_sizes_and_missing_caches_in_one_line(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "r"), "--input-size", "30"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --input-size 30: must be a multiple of 8 for 3 --channels")
+    assert main(["--out", str(tmp_path / "r"), "--min-aspect", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --min-aspect 0.0: must be in (0, 1]"
     missing = tmp_path / "nope"
     code = main(["--out", str(tmp_path / "r"), "--cache", str(tmp_path / "c.npz"),
                  "--data", str(missing), "--synth-frames", "0"])
