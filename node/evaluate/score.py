@@ -90,10 +90,10 @@ class Tally:
     det_scores: list[float] = field(default_factory=list)
     det_matched: list[bool] = field(default_factory=list)
     confusion: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Per labelled cone >= RECALL_MIN_PX: its bucket, its best IoU with any detection and,
+    # Per labelled cone >= RECALL_MIN_PX: its height, its best IoU with any detection and,
     # against that detection, the centre offset over the cone's width and height and the log
     # width and height ratios (detection over label).
-    near_bucket: list[int] = field(default_factory=list)
+    near_height: list[float] = field(default_factory=list)
     near_iou: list[float] = field(default_factory=list)
     near_error: list[tuple[float, float, float, float]] = field(default_factory=list)
 
@@ -144,8 +144,7 @@ class Tally:
         rows = np.flatnonzero(heights >= RECALL_MIN_PX)
         if not len(rows):
             return
-        self.near_bucket.extend(next(k for k, (_, lo, hi) in enumerate(HEIGHT_BUCKETS)
-                                     if lo <= h < hi) for h in heights[rows].tolist())
+        self.near_height.extend(heights[rows].tolist())
         if not len(pred):
             self.near_iou.extend([0.0] * len(rows))
             self.near_error.extend([(np.nan,) * 4] * len(rows))
@@ -168,14 +167,14 @@ class Tally:
         ``IOU_NEAR`` (found, placed well or not), and over those, the median centre offset
         in cone widths and heights (right and down positive) and the median log size ratio
         (detection over label: positive is too big)."""
-        buckets = np.asarray(self.near_bucket, np.int64)
+        heights = np.asarray(self.near_height, np.float64)
         ious = np.asarray(self.near_iou, np.float64)
         errors = np.asarray(self.near_error, np.float64).reshape(-1, 4)
         out = {}
-        for k, (name, lo, _) in enumerate(HEIGHT_BUCKETS):
+        for name, lo, hi in HEIGHT_BUCKETS:
             if lo < RECALL_MIN_PX:
                 continue
-            mine = buckets == k
+            mine = (heights >= lo) & (heights < hi)
             near = mine & (ious >= IOU_NEAR)
             med = (np.median(errors[near], axis=0) if near.any() else [None] * 4)
             out[name] = {"cones": int(mine.sum()),

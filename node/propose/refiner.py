@@ -68,13 +68,18 @@ class RefinerMetadata:
     def policy(self) -> CropPolicy:
         return CropPolicy(context=self.context, pad="replicate", min_side=self.min_side)
 
+    @property
+    def square(self) -> bool:
+        """Whether the windows are the policy's squares (``min_aspect`` 1)."""
+        return self.min_aspect >= 1.0
+
     def windows(self, boxes: np.ndarray) -> np.ndarray:
         """The crop window (x1, y1, x2, y2) of each box: centred on it, each side
         ``1 + 2 * context`` times the box's side along it or ``min_aspect`` times the other
         side, whichever is longer, and at least ``min_side``. With ``min_aspect`` 1 these are
         the policy's squares."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        if self.min_aspect >= 1.0:
+        if self.square:
             return self.policy.square_boxes(boxes)
         w = np.abs(boxes[:, 2] - boxes[:, 0])
         h = np.abs(boxes[:, 3] - boxes[:, 1])
@@ -90,7 +95,7 @@ class RefinerMetadata:
         the four edge offsets."""
         win = self.windows(boxes)
         w = win[:, 2] - win[:, 0]
-        h = w if self.min_aspect >= 1.0 else win[:, 3] - win[:, 1]
+        h = w if self.square else win[:, 3] - win[:, 1]
         return np.stack([w, h, w, h], axis=1)
 
     def to_json(self) -> str:
@@ -134,12 +139,11 @@ def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
         return out[:0]
     policy = meta.policy
     windows = meta.windows(boxes)
-    square = meta.min_aspect >= 1.0
     per_call = max(1, _MAX_REMAP_ROWS // s)
     for a in range(0, n, per_call):
         b = min(n, a + per_call)
         # Fixed-point maps: converting costs less than it saves in the remap.
-        map_xy, map_frac = cv2.convertMaps(*sampling_grid(windows[a:b], s, square),
+        map_xy, map_frac = cv2.convertMaps(*sampling_grid(windows[a:b], s, meta.square),
                                            cv2.CV_16SC2)
         out[a:b] = cv2.remap(image, map_xy, map_frac, cv2.INTER_LINEAR,
                              borderMode=PAD_MODES[policy.pad]).reshape(b - a, s, s, 3)
