@@ -101,6 +101,7 @@ class ProposerConfig:
     body_mask: list[list[float]] = field(default_factory=list)
     heatmap_model: str = "models/cone_proposer.onnx"
     heatmap_threshold: float = spec(0.25, min=0.0, max=1.0)
+    heatmap_shoulders: bool = True
     heatmap_threads: int = spec(1, min=1, max=64)
     heatmap_resize: str = spec("keep_aspect", choices=("keep_aspect", "square"))
     heatmap_max_pixels: int = spec(2_000_000, min=4096, max=50_000_000)

@@ -135,8 +135,8 @@ def normalise(small: np.ndarray, meta: ProposerMetadata) -> np.ndarray:
 
 def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, stride: int,
                    threshold: float, top_k: int, scale: tuple[float, float] = (1.0, 1.0),
-                   frame_size: tuple[int, int] | None = None, top_row: int = 0
-                   ) -> tuple[np.ndarray, np.ndarray]:
+                   frame_size: tuple[int, int] | None = None, top_row: int = 0,
+                   shoulders: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """CenterNet decoding of one image's outputs into boxes.
 
     Args:
@@ -149,29 +149,73 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
         scale: (x, y) frame pixels per input pixel.
         frame_size: (width, height) to clip the boxes to; None leaves them unclipped.
         top_row: input row of the heatmap's first row (the network saw a band of rows).
+        shoulders: also decode the cone whose heat is a shoulder of a neighbour's peak
+            (``shoulder_cells``), as two cones that overlap in the image leave.
 
     Returns:
         (N, 4) float32 x1, y1, x2, y2 in frame pixels, and (N,) float32 peak scores, best first.
     """
     heat = np.asarray(heat, np.float32)
-    peaks = (heat == cv2.dilate(heat, np.ones((3, 3), np.uint8))) & (heat >= threshold)
-    ys, xs = np.nonzero(peaks)
-    if len(ys) == 0:
-        return _EMPTY.copy(), np.zeros(0, np.float32)
+    ys, xs = np.nonzero(heat >= threshold)
     scores = heat[ys, xs]
+    peak = scores == cv2.dilate(heat, np.ones((3, 3), np.uint8))[ys, xs]
+    if not peak.any():
+        return _EMPTY.copy(), np.zeros(0, np.float32)
+    boxes = cell_boxes(ys, xs, log_size, offset, stride, scale, top_row)
+    if shoulders:  # the peaks (row-major, as found), then the shoulders, strongest first
+        rest = np.flatnonzero(~peak)
+        taken = rest[shoulder_cells(boxes[rest], scores[rest], boxes[peak])]
+        boxes = np.concatenate([boxes[peak], boxes[taken]])
+        scores = np.concatenate([scores[peak], scores[taken]])
+    else:
+        boxes, scores = boxes[peak], scores[peak]
     order = np.argsort(-scores, kind="stable")[:top_k]
-    ys, xs, scores = ys[order], xs[order], scores[order]
-    cx = (xs + offset[0, ys, xs]) * stride * scale[0]
-    cy = ((ys + offset[1, ys, xs]) * stride + top_row) * scale[1]
-    half_h = 0.5 * np.exp(np.clip(log_size[0, ys, xs], -2.0, 8.0)) * scale[1]
-    half_w = 0.5 * np.exp(np.clip(log_size[1, ys, xs], -2.0, 8.0)) * scale[0]
-    boxes = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).astype(np.float32)
+    boxes, scores = boxes[order], scores[order]
     if frame_size is not None:
         np.clip(boxes[:, 0::2], 0.0, float(frame_size[0]), out=boxes[:, 0::2])
         np.clip(boxes[:, 1::2], 0.0, float(frame_size[1]), out=boxes[:, 1::2])
         keep = (boxes[:, 2] - boxes[:, 0] >= 1.0) & (boxes[:, 3] - boxes[:, 1] >= 1.0)
         boxes, scores = boxes[keep], scores[keep]
     return boxes, scores.astype(np.float32)
+
+
+def cell_boxes(ys: np.ndarray, xs: np.ndarray, log_size: np.ndarray, offset: np.ndarray,
+               stride: int, scale: tuple[float, float] = (1.0, 1.0), top_row: int = 0
+               ) -> np.ndarray:
+    """(N, 4) float32 x1, y1, x2, y2 in frame pixels that the cells (``ys``, ``xs``) decode
+    to (``decode_heatmap``'s arguments)."""
+    cx = (xs + offset[0, ys, xs]) * stride * scale[0]
+    cy = ((ys + offset[1, ys, xs]) * stride + top_row) * scale[1]
+    half_h = 0.5 * np.exp(np.clip(log_size[0, ys, xs], -2.0, 8.0)) * scale[1]
+    half_w = 0.5 * np.exp(np.clip(log_size[1, ys, xs], -2.0, 8.0)) * scale[0]
+    return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1).astype(np.float32)
+
+
+def shoulder_cells(boxes: np.ndarray, scores: np.ndarray, peak_boxes: np.ndarray) -> np.ndarray:
+    """Which of the heatmap's other cells above the threshold stand for a cone of their own:
+    indices into ``boxes`` (the boxes those cells decode to), strongest first.
+
+    Two cones that overlap in the image, or stand a cell or two apart, often leave one peak: the
+    weaker cone's heat is a shoulder on its neighbour's, above the threshold but not a local
+    maximum. Such a cell is a cone of its own when the centre of its box lies outside every
+    peak's box (``peak_boxes``) and outside the box of every stronger cell taken before it.
+    The rest of a cone's own heat decodes into that cone's box, or lies inside it, and is never
+    taken.
+    """
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) * 0.5, (boxes[:, 1] + boxes[:, 3]) * 0.5
+
+    def centres_inside(rows: np.ndarray, of: np.ndarray) -> np.ndarray:
+        return ((cx[rows, None] >= of[:, 0]) & (cx[rows, None] <= of[:, 2])
+                & (cy[rows, None] >= of[:, 1]) & (cy[rows, None] <= of[:, 3]))
+
+    free = np.flatnonzero(~centres_inside(np.arange(len(boxes)), peak_boxes).any(axis=1))
+    free = free[np.argsort(-scores[free], kind="stable")]
+    covered = centres_inside(free, boxes[free])  # [i, j]: free[i]'s centre in free[j]'s box
+    taken: list[int] = []
+    for i in range(len(free)):
+        if not covered[i, taken].any():
+            taken.append(i)
+    return free[taken]
 
 
 def open_session(path: str | Path, threads: int = 1,
@@ -361,7 +405,8 @@ class HeatmapProposer(Proposer):
             # Every peak above the threshold is decoded; the base class caps after the body
             # mask and frame clipping, so a smaller cap is always a prefix of a larger one.
             found.append(decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
-                                        heat.size, geo.scale, (w, h), geo.rows[0]))
+                                        heat.size, geo.scale, (w, h), geo.rows[0],
+                                        self.config.heatmap_shoulders))
         boxes, scores = found[0]
         if len(found) > 1:  # one box per cone over the levels, the more confident one
             boxes = np.concatenate([b for b, _ in found])
