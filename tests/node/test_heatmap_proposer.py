@@ -333,6 +333,26 @@ def test_shipped_model_finds_synthetic_cones_within_the_cap():
 
 
 @needs_model
+def test_shoulders_add_boxes_and_keep_every_peaks_box():
+    """On rendered scenes the shipped network's peaks give the same boxes with shoulders on,
+    in the same order among themselves; shoulders only add boxes."""
+    pytest.importorskip("export.synth")
+    from export.synth import render_scene
+
+    heat_config = {"kind": "heatmap", "max_candidates": 200, "refiner_model": None}
+    peaks = HeatmapProposer(ProposerConfig(**heat_config, heatmap_shoulders=False))
+    both = HeatmapProposer(ProposerConfig(**heat_config))
+    added = 0
+    for seed in range(90000, 90004):
+        frame = Frame(0, 0.0, render_scene(seed, 640, 640).image)
+        only, more = peaks.propose(frame), both.propose(frame)
+        is_peak = (more[:, None] == only[None]).all(axis=2).any(axis=1)
+        np.testing.assert_array_equal(more[is_peak], only)
+        added += int((~is_peak).sum())
+    assert added > 0
+
+
+@needs_model
 def test_a_band_of_rows_finds_the_same_cones_below_its_top():
     """The network sees only rows 0.3..1 of the frame: no box is centred above the band, and
     the cones well inside it get the same boxes as from the whole frame."""
