@@ -8,8 +8,11 @@ keeps at least its pixels; a small fully-convolutional network (``export.propose
 predicts at output stride 4 a cone-centre heatmap (sigmoid), the box size (log height and log
 width, input pixels) and the centre's offset from its cell. Decoding is CenterNet's: a 3x3
 max filter keeps local peaks, a score threshold and a top-K cap select them, and each peak
-becomes one class-agnostic box, mapped back to frame pixels and clipped to the frame. The
-classifier labels the boxes (``background`` included).
+becomes one class-agnostic box, mapped back to frame pixels and clipped to the frame. With
+``proposer.heatmap_shoulders`` (the default) a cell above the threshold that is no peak becomes
+a box too when its box lies clear of every stronger one (``shoulder_cells``): the weaker of
+two cones that overlap in the image has no peak of its own. The classifier labels the boxes
+(``background`` included).
 
 The model runs in its own ``onnxruntime.InferenceSession`` with one intra-op thread (the
 proposer runs on the capture thread, next to the classifier's worker), not through
@@ -149,8 +152,8 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
         scale: (x, y) frame pixels per input pixel.
         frame_size: (width, height) to clip the boxes to; None leaves them unclipped.
         top_row: input row of the heatmap's first row (the network saw a band of rows).
-        shoulders: also decode the cone whose heat is a shoulder of a neighbour's peak
-            (``shoulder_cells``), as two cones that overlap in the image leave.
+        shoulders: also decode the cells whose heat is a shoulder on a neighbour's peak
+            (``shoulder_cells``): the weaker of two cones that overlap in the image.
 
     Returns:
         (N, 4) float32 x1, y1, x2, y2 in frame pixels, and (N,) float32 peak scores, best first.
@@ -336,7 +339,7 @@ class HeatmapProposer(Proposer):
 
     Args:
         config: the ``proposer`` section (``heatmap_model``, ``heatmap_threshold``,
-            ``heatmap_threads``, ``heatmap_resize``, ``heatmap_max_pixels``,
+            ``heatmap_shoulders``, ``heatmap_threads``, ``heatmap_resize``, ``heatmap_max_pixels``,
             ``heatmap_min_pixels``, ``heatmap_rows``,
             ``max_candidates``, ``body_mask``).
 
@@ -402,8 +405,9 @@ class HeatmapProposer(Proposer):
         found = []
         for level, geo in enumerate(self.levels(w, h)):
             heat, size, offset = self.raw_outputs(image, level)
-            # Every peak above the threshold is decoded; the base class caps after the body
-            # mask and frame clipping, so a smaller cap is always a prefix of a larger one.
+            # Every peak (and shoulder) above the threshold is decoded; the base class caps
+            # after the body mask and frame clipping, so a smaller cap is always a prefix of a
+            # larger one.
             found.append(decode_heatmap(heat, size, offset, self.meta.stride, self.threshold,
                                         heat.size, geo.scale, (w, h), geo.rows[0],
                                         self.config.heatmap_shoulders))
