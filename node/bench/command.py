@@ -5,8 +5,9 @@ In the style of trtexec's timing report and Ultralytics' benchmark table: for ev
 throughput and latency percentiles at several batch sizes, top-1 accuracy on labelled crops
 (``--data``), the model's size, end-to-end pipeline FPS on a replay source (``--source``,
 pipelined and sync), with ``--sizes``, the pipelined node on the source's frames resized to
-each given frame size, and with ``--peer``, a single-stage detector timed on the same frames
-under the same runtime and thread count. The environment is recorded with every row. Output:
+each given frame size, with ``--peer``, a single-stage detector timed on the same frames
+under the same runtime and thread count, and with ``--against KEY=VALUE``, the pipelined node
+with that setting changed, in the same rounds, and its FPS as a ratio to the config's. The environment is recorded with every row. Output:
 a markdown table on stdout, rows appended to a CSV and a JSON-lines log, and a PNG plot.
 
 The same command runs on a CPU and on a Jetson: the backend is picked by file suffix
@@ -79,6 +80,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "if present, else built-in defaults)")
     parser.add_argument("--set", metavar="KEY.PATH=VALUE", action="append", default=[],
                         dest="overrides", help="override a node config value (repeatable)")
+    parser.add_argument("--against", metavar="KEY.PATH=VALUE", action="append", default=[],
+                        help="also time the pipelined node with this override on top of the "
+                             "config (repeatable: all of them together), in the same rounds, "
+                             "alternating which goes first; reports its FPS and the median "
+                             "per-round ratio to the config's: what a setting costs here")
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help=f"where logs and plot go by default (default: {DEFAULT_OUT_DIR})")
     parser.add_argument("--csv", help="CSV log to append to (default: OUT_DIR/bench.csv)")
@@ -124,6 +130,9 @@ def _check_args(args: argparse.Namespace) -> None:
                          "the same frames")
     if args.sizes and args.source is not None and args.source.lower() == "none":
         raise BenchError("--sizes needs a source (not --source none): its frames are resized")
+    if args.against and args.source is not None and args.source.lower() == "none":
+        raise BenchError("--against needs a source (not --source none): both configs are "
+                         "timed on its frames")
     from node.bench.measure import parse_frame_size
 
     try:
@@ -159,13 +168,13 @@ def _providers(args: argparse.Namespace) -> Any:
     return [p.strip() for p in args.providers.split(",") if p.strip()]
 
 
-def _node_config(args: argparse.Namespace) -> Any:
+def _node_config(args: argparse.Namespace, against: Sequence[str] = ()) -> Any:
     from node.node_config import load_node_config
 
     path = resolve_path(args.config)
     if not path.is_file() and args.config != DEFAULT_CONFIG:
         raise BenchError(f"{args.config}: config file not found")
-    overrides = list(args.overrides)
+    overrides = [*args.overrides, *against]
     if args.threads:
         overrides.append(f"model.threads={args.threads}")
     return load_node_config(path if path.is_file() else None, overrides)
@@ -200,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     run_id = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     providers = _providers(args)
     config = _node_config(args)
+    other = _node_config(args, args.against) if args.against and args.source else None
     # The classifier runs as the node would run it: with the config's threads unless told.
     threads = args.threads or config.model.threads
     if args.source:  # fail before minutes of timing, not after
@@ -245,11 +255,13 @@ def _run(args: argparse.Namespace) -> int:
             points = [_time_point(backend, path, batch, args) for batch in args.batches
                       if _fits(backend, path, batch)]
             accuracy = evaluate_accuracy(backend, data) if data else {}
-            runs: dict[str, list] = {"pipelined": [], "sync": [], "peer": []}
-            for _ in range(args.rounds if args.source else 0):  # interleaved: fair when busy
-                for mode in ("pipelined", "sync"):
-                    runs[mode].append(run_pipeline(config, backend, args.source, args.frames,
-                                                   sync=mode == "sync"))
+            runs: dict[str, list] = {"pipelined": [], "against": [], "sync": [], "peer": []}
+            for i in range(args.rounds if args.source else 0):  # interleaved: fair when busy
+                pair = [("pipelined", config), ("against", other)]
+                for mode, cfg in (pair if i % 2 == 0 else pair[::-1]) + [("sync", config)]:
+                    if cfg is not None:
+                        runs[mode].append(run_pipeline(cfg, backend, args.source, args.frames,
+                                                       sync=mode == "sync"))
                 if peer is not None:
                     runs["peer"].append(run_peer(peer, args.source, args.frames))
             by_size = [_size_point(size, folder, network_input, config, backend, args.rounds)
@@ -258,7 +270,10 @@ def _run(args: argparse.Namespace) -> int:
         for point in points:
             rows.append(_row(run_id, model_info, point, accuracy, e2e, args, env))
             rows[-1]["e2e_by_size"] = by_size or None
-        _print_progress(path, points, accuracy, e2e)
+        against = _against(args.against, runs) if other is not None else None
+        for row in rows[len(rows) - len(points):]:
+            row["against"] = against
+        _print_progress(path, points, accuracy, e2e, against)
 
     if not rows:
         raise BenchError("no model could be benchmarked (see the warnings above)")
@@ -266,6 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     if sized:
         table += "\n\nFrames per second by frame size (the source's frames resized to each):\n\n"
         table += size_table(rows)
+    table += "".join(against_lines(rows))
     print(table)
     csv_path = append_csv(args.csv or out_dir / "bench.csv", rows)
     json_path = append_jsonl(args.json or out_dir / "bench.jsonl", rows)
@@ -371,16 +387,53 @@ def _row(run_id: str, info: dict, point: dict, accuracy: dict, e2e: dict,
     return row
 
 
-def _print_progress(path: Path, points: list, accuracy: dict, e2e: dict) -> None:
+def _against(settings: Sequence[str], runs: dict[str, list]) -> dict[str, Any]:
+    """``--against``'s result: its settings, its median-run FPS, and the median over rounds
+    of its FPS over the config's in the same round."""
+    import statistics
+
+    from node.bench.measure import median_run
+
+    ratios = [b["fps"] / a["fps"] for a, b in zip(runs["pipelined"], runs["against"],
+                                                   strict=True) if a["fps"] > 0]
+    median = median_run(runs["against"])
+    return {"set": list(settings), "fps": median["fps"],
+            "candidates_per_frame": median["candidates_per_frame"],
+            "fps_runs": [r["fps"] for r in runs["against"]],
+            "ratio": statistics.median(ratios) if ratios else math.nan,
+            "ratio_runs": ratios}
+
+
+def against_lines(rows: Sequence[dict]) -> list[str]:
+    """One line per model timed ``--against`` other settings, for the printed table."""
+    lines, seen = [], set()
+    for row in rows:
+        a = row.get("against")
+        if a and row.get("path") not in seen:
+            seen.add(row.get("path"))
+            lines.append(f"\n\n{row.get('model')}: pipelined with {' '.join(a['set'])}: "
+                         f"{a['fps']:.1f} FPS, {a['ratio']:.3f}x the config's "
+                         f"(median of {len(a['ratio_runs'])} rounds' ratios)")
+    return lines
+
+
+def _print_progress(path: Path, points: list, accuracy: dict, e2e: dict,
+                    against: dict | None = None) -> None:
     parts = [f"b{p['batch']}: {p['crops_per_s']:.0f} crops/s" for p in points]
     if accuracy:
         parts.append(f"top-1 {100 * accuracy['accuracy']:.1f}% on {accuracy['crops']} crops")
     if "pipelined" in e2e:
         parts.append(f"proposer p50 {e2e['pipelined']['propose_ms']['p50_ms']:.1f} ms")
     for mode, result in e2e.items():
+        if mode == "against":
+            continue
         parts.append(f"{mode} {result['fps']:.1f} FPS"
                      + (f" (median of {len(result['fps_runs'])})"
                         if len(result["fps_runs"]) > 1 else ""))
+    if against is not None:
+        parts.append(f"with {' '.join(against['set'])}: pipelined {against['fps']:.1f} FPS, "
+                     f"{against['ratio']:.3f}x the config's (median of "
+                     f"{len(against['ratio_runs'])} rounds' ratios)")
     print(f"{path.name}: " + ", ".join(parts), file=sys.stderr, flush=True)
 
 

@@ -261,6 +261,39 @@ def test_fps_by_frame_size(bench_files, tmp_path, capsys):
     assert "frame size" in (out / "bench.md").read_text()
 
 
+def test_against_times_a_setting_in_the_same_rounds(bench_files, tmp_path, capsys):
+    """--against times the pipelined node again with the setting changed, in every round; the
+    ratio is the median of the rounds' own ratios, and the line lands in the printed table.
+    Here the other setting caps the candidates at 1 of the frames' 3: fewer crops to classify,
+    and the count says the setting was applied."""
+    out = tmp_path / "bench"
+    argv = ["bench", "--models", str(bench_files["model"]), "--batches", "1", "--iters", "5",
+            "--warmup", "1", "--seconds", "0.1", "--source",
+            str(bench_files["data"] / "images"), "--rounds", "3", "--threads", "1",
+            "--out-dir", str(out), "--set", "proposer.kind=hsv",
+            "--set", "proposer.refiner_model=null", "--against", "proposer.max_candidates=1"]
+    assert node_main(argv) == 0
+    captured = capsys.readouterr()
+    (row,) = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    against = row["against"]
+    assert against["set"] == ["proposer.max_candidates=1"]
+    pipelined = row["e2e_fps_runs"]["pipelined"]
+    assert len(pipelined) == len(against["fps_runs"]) == len(against["ratio_runs"]) == 3
+    assert against["ratio_runs"] == pytest.approx(
+        [b / a for a, b in zip(pipelined, against["fps_runs"])])
+    assert against["ratio"] == pytest.approx(sorted(against["ratio_runs"])[1])
+    assert against["fps"] in against["fps_runs"]
+    assert (row["candidates_per_frame"], against["candidates_per_frame"]) == (3.0, 1.0)
+    assert "pipelined with proposer.max_candidates=1" in captured.out
+    assert "pipelined with proposer.max_candidates=1" in (out / "bench.md").read_text()
+    assert node_main(argv[:-2] + ["--against", "proposer.max_candidates=0"]) == 2  # config
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_candidates" in err[0]
+    assert node_main(argv[:-2] + ["--against", "proposer.max_candidates=1", "--source",
+                                  "none"]) == 1
+    assert "--against needs a source" in capsys.readouterr().err
+
+
 def test_frame_sizes_are_checked_and_the_proposer_input_reported(bench_files, capsys):
     from node.bench.measure import proposer_inputs
     from node.node_config import load_node_config
