@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from export.background import HeightByRow, contact_sheet, mine_background
@@ -165,6 +166,75 @@ def crops_of_sample(image: np.ndarray, boxes: np.ndarray, labels: list[str], siz
     return crop_batch(image, boxes, size, policy), y
 
 
+def cone_mask(height: int, width: int) -> np.ndarray:
+    """A cone's silhouette in its box, as a bool (height, width) mask: a trapezoid from a tip a
+    fifth of the box wide down to the full width at the base."""
+    rows = (np.arange(height) + 0.5) / max(height, 1)
+    half = 0.5 * width * (0.2 + 0.8 * rows)[:, None]
+    cols = np.abs(np.arange(width) + 0.5 - 0.5 * width)[None, :]
+    return cols <= half
+
+
+def crowd_frame(image: np.ndarray, target: np.ndarray, donor: np.ndarray,
+                rng: np.random.Generator) -> np.ndarray:
+    """A copy of ``image`` with the cone of box ``donor`` pasted beside the cone of box
+    ``target`` (x1, y1, x2, y2): scaled to ×0.75–1.33 of the target's height, its base within
+    15 % of the target's height of the target's base, to the left or right with 40 % of their
+    widths overlapping down to a gap of a tenth; in front of the target or behind it (the
+    target's own silhouette kept). Only the pixels of the donor's silhouette change."""
+    out = image.copy()
+    h_img, w_img = image.shape[:2]
+    tx1, ty1, tx2, ty2 = (float(v) for v in target)
+    dx1, dy1, dx2, dy2 = (round(float(v)) for v in donor)
+    patch = image[max(dy1, 0):min(dy2, h_img), max(dx1, 0):min(dx2, w_img)]
+    th, tw = ty2 - ty1, tx2 - tx1
+    if patch.size == 0 or th < 2 or tw < 1:
+        return out
+    ph = max(2, round(th * np.exp(rng.uniform(np.log(0.75), np.log(1.33)))))
+    pw = max(1, round(patch.shape[1] * ph / patch.shape[0]))
+    patch = cv2.resize(patch, (pw, ph), interpolation=cv2.INTER_LINEAR)
+    gap = 0.5 * (tw + pw) * rng.uniform(0.6, 1.1)
+    cx = 0.5 * (tx1 + tx2) + (gap if rng.random() < 0.5 else -gap)
+    bottom = ty2 + rng.uniform(-0.15, 0.15) * th
+    x0, y0 = round(cx - pw / 2), round(bottom - ph)
+    mask = cone_mask(ph, pw)
+    ys, xs = np.nonzero(mask)
+    fx, fy = xs + x0, ys + y0
+    inside = (fx >= 0) & (fx < w_img) & (fy >= 0) & (fy < h_img)
+    out[fy[inside], fx[inside]] = patch[ys[inside], xs[inside]]
+    if rng.random() < 0.5:  # behind: the target stands in front
+        ix1, iy1 = round(tx1), round(ty1)
+        own = cone_mask(round(ty2) - iy1, round(tx2) - ix1)
+        oy, ox = np.nonzero(own)
+        oy, ox = oy + iy1, ox + ix1
+        ok = (ox >= 0) & (ox < w_img) & (oy >= 0) & (oy < h_img)
+        out[oy[ok], ox[ok]] = image[oy[ok], ox[ok]]
+    return out
+
+
+def crowd_crops(image: np.ndarray, boxes: np.ndarray, labels: list[str], size: int,
+                policy: CropPolicy, copies: int, jitter, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``copies`` crops per known cone box of a frame with another of its cones pasted beside
+    it (``crowd_frame``), jittered as the plain crops; the label stays the box's own. A frame
+    with fewer than two known cones gives none."""
+    keep = [i for i, name in enumerate(labels) if name in CLASS_INDEX and name != BACKGROUND]
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[keep]
+    if copies < 1 or len(keep) < 2:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)
+    xs, ys = [], []
+    for k, i in enumerate(keep):
+        for _ in range(copies):
+            d = int(rng.integers(len(keep) - 1))
+            d += d >= k  # any other cone of the frame
+            frame = crowd_frame(image, boxes[k], boxes[d], rng)
+            box = jitter_boxes(boxes[k:k + 1], rng, jitter.shift, jitter.scale_min,
+                               jitter.scale_max, jitter.aspect)
+            xs.append(crop_batch(frame, box, size, policy))
+            ys.append(CLASS_INDEX[labels[i]])
+    return np.concatenate(xs), np.array(ys, np.int64)
+
+
 def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
                rng: np.random.Generator, heights: HeightByRow
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -181,6 +251,10 @@ def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
         clip, _ = clip_and_frame(sample.image_path)
         x, y = crops_of_sample(image, sample.boxes, sample.labels, size, policy,
                                cfg.copies_per_class, cfg.jitter, None if heldout else rng)
+        if not heldout and cfg.crowd_copies:
+            cx, cy = crowd_crops(image, sample.boxes, sample.labels, size, policy,
+                                 cfg.crowd_copies, cfg.jitter, rng)
+            x, y = np.concatenate([x, cx]), np.concatenate([y, cy])
         mined = mine_background(image, sample.boxes, rng, cfg.background, heights)
         for kind, boxes in mined.items():
             bx = crop_batch(image, boxes, size, policy)

@@ -76,6 +76,7 @@ class DataConfig:
     duplicate_threshold: float = spec(5.0, min=0.0)
     copies_per_class: dict = field(default_factory=lambda: {
         "blue_cone": 2, "yellow_cone": 2, "orange_cone": 6, "large_orange_cone": 3})
+    crowd_copies: int = spec(0, min=0, max=8)
     seed: int = 0
     crop: CropConfig = field(default_factory=CropConfig)
     jitter: JitterConfig = field(default_factory=JitterConfig)
