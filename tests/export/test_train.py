@@ -23,7 +23,10 @@ from export.background import HeightByRow, far_from_all, grown, mine_background
 from export.data import (
     CLASS_INDEX,
     CropSet,
+    cone_mask,
     crops_to_tensor,
+    crowd_crops,
+    crowd_frame,
     is_heldout,
     jitter_boxes,
     load_cache,
@@ -92,6 +95,39 @@ def test_jitter_stays_within_configured_error() -> None:
     assert np.abs(shift_x).max() <= 0.15 + 1e-5 and np.abs(shift_x).max() > 0.12
     area_ratio = (j[:, 2] - j[:, 0]) * (j[:, 3] - j[:, 1]) / 800
     assert 0.8**2 - 1e-3 <= area_ratio.min() and area_ratio.max() <= 1.25**2 + 1e-3
+
+
+def test_a_crowd_crop_pastes_a_cone_of_the_frame_beside_the_box() -> None:
+    """A blue cone (silhouette on grey) and a yellow one far from it: the yellow one is pasted
+    beside the blue one, its base near the blue one's; the changed pixels are mostly yellow,
+    and the labels stay those of the boxes cropped."""
+    image = np.full((200, 300, 3), 110, np.uint8)
+    blue, yellow = np.array([100, 60, 120, 110]), np.array([240, 80, 260, 130])
+    for (x1, y1, x2, y2), colour in ((blue, (200, 70, 20)), (yellow, (20, 210, 230))):
+        image[y1:y2, x1:x2][cone_mask(y2 - y1, x2 - x1)] = colour
+    changed_any = False
+    for seed in range(20):
+        out = crowd_frame(image, blue.astype(np.float32), yellow.astype(np.float32),
+                          np.random.default_rng(seed))
+        changed = (out != image).any(axis=2)
+        assert not changed[:, 230:].any()  # the donor's own place is untouched
+        ys, xs = np.nonzero(changed)
+        if len(xs):
+            changed_any = True
+            # beside the box: the pasted cone's middle is off the blue cone's middle column
+            assert abs(xs.mean() - 110) >= 5
+            assert (out[ys, xs] == (20, 210, 230)).all(axis=1).mean() > 0.5
+            assert ys.max() <= 110 + 0.15 * 50 + 1 and ys.min() >= 110 - 1.33 * 50 - 0.15 * 50 - 1
+    assert changed_any
+    data = load_train_config(None, []).data
+    policy, rng = data.crop.policy(), np.random.default_rng(0)
+    x, y = crowd_crops(image, np.array([blue, yellow], np.float32), ["blue_cone", "yellow_cone"],
+                       32, policy, 2, data.jitter, rng)
+    assert x.shape == (4, 32, 32, 3)
+    assert y.tolist() == [CLASS_INDEX["blue_cone"]] * 2 + [CLASS_INDEX["yellow_cone"]] * 2
+    x, y = crowd_crops(image, blue[None].astype(np.float32), ["blue_cone"], 32, policy, 2,
+                       data.jitter, rng)
+    assert len(x) == len(y) == 0  # no other cone in the frame
 
 
 def test_torch_normalisation_equals_the_runtime_one() -> None:
