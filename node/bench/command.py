@@ -7,8 +7,9 @@ throughput and latency percentiles at several batch sizes, top-1 accuracy on lab
 pipelined and sync), with ``--sizes``, the pipelined node on the source's frames resized to
 each given frame size, with ``--peer``, a single-stage detector timed on the same frames
 under the same runtime and thread count, and with ``--against KEY=VALUE``, the pipelined node
-with that setting changed, in the same rounds, and its FPS as a ratio to the config's. The environment is recorded with every row. Output:
-a markdown table on stdout, rows appended to a CSV and a JSON-lines log, and a PNG plot.
+with that setting changed, in the same rounds, and its FPS as a ratio to the config's. The
+environment is recorded with every row. Output: a markdown table on stdout, rows appended to
+a CSV and a JSON-lines log, and a PNG plot.
 
 The same command runs on a CPU and on a Jetson: the backend is picked by file suffix
 (``node.infer``), and nothing here assumes a particular device.
