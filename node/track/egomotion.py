@@ -10,10 +10,10 @@ here on the ground plane from the range estimates instead of from image features
 The transform is found RANSAC-style (Fischler & Bolles 1981): each pair (track, detection of
 a compatible class) within ``max_step_m`` of the constant-velocity prior proposes a
 translation for each of a few turns around the prior (the car never reverses); the one that
-brings tracks within a gate of the most distinct detections wins (then the one that brings the
-most tracks: counted per track, a shift by the spacing of a regular line of cones can win by
-landing several tracks on one detection), and a weighted 2D Kabsch fit on its inliers gives
-rotation and translation.
+brings the most tracks within a gate of a detection wins, and among those the one that reaches
+the most distinct detections (a shift by the spacing of a regular line of cones can bring in
+as many tracks by landing several on one detection), and a weighted 2D Kabsch fit on its
+inliers gives rotation and translation.
 What the ground-plane fit leaves (yaw error, the pitch jitter of the body) is a near-uniform
 image shift, which the tracker removes with ``median_shift`` before its final association.
 """
@@ -102,18 +102,18 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     nearest2 = np.minimum.reduceat(ratio2, starts, axis=1)
     hit = np.sqrt(nearest2)
     inl = hit < 1.0
-    # Static cones map one to one: an inlier counts once per detection it lands on. A shift by
-    # the spacing of a regular line of cones lands several tracks on one detection; counted
-    # per track it could outvote the true motion.
+    # Static cones map one to one. A shift by the spacing of a regular line of cones lands
+    # several tracks on one detection: between hypotheses that bring in as many tracks, the
+    # one reaching more distinct detections is the true motion.
     group = np.cumsum(np.r_[True, pair_t[1:] != pair_t[:-1]]) - 1  # pair -> its track's column
     h_idx, p_idx = np.nonzero((ratio2 <= nearest2[:, group]) & (ratio2 < 1.0))
     landed = np.zeros((len(cands), len(meas)), bool)
     landed[h_idx, pair_d[p_idx]] = True
     count = landed.sum(axis=1)
     spread = np.where(inl, hit, 0.0).sum(axis=1)
-    # Most detections reached, then most tracks, then least spread, then the earliest turn
-    # and hypothesis.
-    k = int(np.lexsort((spread, -inl.sum(axis=1), -count))[0])
+    # Most tracks brought in, then most detections reached, then least spread, then the
+    # earliest turn and hypothesis.
+    k = int(np.lexsort((spread, -count, -inl.sum(axis=1)))[0])
     angle_h, t = float(angles[turn[k]]), cands[k]
     rot_prev = prev @ rotation(angle_h).T
     d = np.hypot(rot_prev[:, None, 0] + t[0] - meas[None, :, 0],

@@ -159,21 +159,21 @@ def test_ego_motion_estimate_keeps_the_prior_when_no_track_may_match():
 
 
 def test_ego_motion_is_not_fooled_by_a_shift_of_one_cone_spacing():
-    """A line of cones 2 m apart, driven 0.5 m: shifted by 2.5 m instead, the line matches all
+    """A line of cones 2 m apart, driven 0.5 m. Shifted by 2.5 m instead, the line matches all
     but its nearest cone, and three tracks of a tight group (a timing-gate cluster tracked as
-    three) land on one detection the true motion leaves alone, while their own detection is
-    missed. Counted per track the shift wins (4 + 3 against 6); counted once per detection
-    reached it loses (4 + 1 against 6)."""
+    three) land on one detection the true motion leaves alone, while their own is missed:
+    7 tracks brought in either way, and the shift's fit is tighter (the two lone cones off the
+    line were measured 0.3 m off). The true motion reaches 7 distinct detections, the shift 5."""
     from node.track import egomotion
 
     line = [[1.5, z] for z in (3.0, 5.0, 7.0, 9.0, 11.0)]
-    prev = np.array(line + [[-1.5, 4.0], [-1.5, 9.8], [-1.5, 10.0], [-1.5, 10.2]])
-    meas = np.array([[1.5, z - 0.5] for _, z in line] + [[-1.5, 3.5], [-1.5, 7.5]])
+    prev = np.array(line + [[-1.5, 4.0], [0.0, 6.0], [-1.5, 9.8], [-1.5, 10.0], [-1.5, 10.2]])
+    meas = np.array([[1.5, z - 0.5] for _, z in line] + [[-1.5, 3.8], [0.0, 5.8], [-1.5, 7.5]])
     compat = np.ones((len(prev), len(meas)), bool)
     angle, trans, inliers = egomotion.estimate(prev, np.full(len(prev), 0.2), meas,
                                                np.full(len(meas), 0.2), compat,
                                                (0.0, np.zeros(2)), 3.0)
-    assert inliers == 6 and abs(angle) < 1e-6 and np.allclose(trans, [0.0, -0.5], atol=1e-6)
+    assert inliers == 7 and abs(angle) < 0.05 and np.allclose(trans, [0.0, -0.5], atol=0.15)
 
 
 def test_many_tracks_are_dropped_in_order_and_ids_stay_unique():
