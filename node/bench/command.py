@@ -268,12 +268,11 @@ def _run(args: argparse.Namespace) -> int:
             by_size = [_size_point(size, folder, network_input, config, backend, args.rounds)
                        for size, (folder, network_input) in sized.items()]
         e2e = {mode: median_run(r) for mode, r in runs.items() if r}
+        against = _against(args.against, runs) if other is not None else None
         for point in points:
             rows.append(_row(run_id, model_info, point, accuracy, e2e, args, env))
             rows[-1]["e2e_by_size"] = by_size or None
-        against = _against(args.against, runs) if other is not None else None
-        for row in rows[len(rows) - len(points):]:
-            row["against"] = against
+            rows[-1]["against"] = against
         _print_progress(path, points, accuracy, e2e, against)
 
     if not rows:

@@ -164,14 +164,15 @@ def decode_heatmap(heat: np.ndarray, log_size: np.ndarray, offset: np.ndarray, s
     peak = scores == cv2.dilate(heat, np.ones((3, 3), np.uint8))[ys, xs]
     if not peak.any():
         return _EMPTY.copy(), np.zeros(0, np.float32)
-    boxes = cell_boxes(ys, xs, log_size, offset, stride, scale, top_row)
     if shoulders:  # the peaks (row-major, as found), then the shoulders, strongest first
+        boxes = cell_boxes(ys, xs, log_size, offset, stride, scale, top_row)
         rest = np.flatnonzero(~peak)
         taken = rest[shoulder_cells(boxes[rest], scores[rest], boxes[peak])]
         boxes = np.concatenate([boxes[peak], boxes[taken]])
         scores = np.concatenate([scores[peak], scores[taken]])
     else:
-        boxes, scores = boxes[peak], scores[peak]
+        boxes = cell_boxes(ys[peak], xs[peak], log_size, offset, stride, scale, top_row)
+        scores = scores[peak]
     order = np.argsort(-scores, kind="stable")[:top_k]
     boxes, scores = boxes[order], scores[order]
     if frame_size is not None:

@@ -90,12 +90,11 @@ class RefinerMetadata:
         cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
         return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
 
-    def window_sides(self, boxes: np.ndarray) -> np.ndarray:
-        """(N, 4) the width, height, width and height of each box's window: the units of
-        the four edge offsets."""
-        win = self.windows(boxes)
-        w = win[:, 2] - win[:, 0]
-        h = w if self.square else win[:, 3] - win[:, 1]
+    def window_sides(self, windows: np.ndarray) -> np.ndarray:
+        """(N, 4) the width, height, width and height of each window (``windows``): the
+        units of the four edge offsets."""
+        w = windows[:, 2] - windows[:, 0]
+        h = w if self.square else windows[:, 3] - windows[:, 1]
         return np.stack([w, h, w, h], axis=1)
 
     def to_json(self) -> str:
@@ -126,10 +125,12 @@ class RefinerMetadata:
 
 
 def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, windows: np.ndarray | None = None
+                  ) -> np.ndarray:
     """The refiner's input crops (N, S, S, 3) uint8 of ``boxes`` in ``image``, by one bilinear
     ``cv2.remap`` (no pyramid, unlike the classifier's ``crop_batch``: the refiner wants edges,
-    and a pyramid level costs a full-frame ``pyrDown``). Training crops the same way."""
+    and a pyramid level costs a full-frame ``pyrDown``). Training crops the same way.
+    ``windows``: ``meta.windows(boxes)`` when the caller has them already."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     s = meta.input_size
     n = len(boxes)
@@ -138,7 +139,7 @@ def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
     if n == 0:
         return out[:0]
     policy = meta.policy
-    windows = meta.windows(boxes)
+    windows = meta.windows(boxes) if windows is None else windows
     per_call = max(1, _MAX_REMAP_ROWS // s)
     for a in range(0, n, per_call):
         b = min(n, a + per_call)
@@ -150,15 +151,17 @@ def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
     return out[:n]
 
 
-def apply_deltas(boxes: np.ndarray, deltas: np.ndarray, meta: RefinerMetadata) -> np.ndarray:
-    """Refined boxes: each edge moved by its delta times its crop window's side along it."""
-    side = meta.window_sides(boxes)
+def apply_deltas(boxes: np.ndarray, deltas: np.ndarray, meta: RefinerMetadata,
+                 windows: np.ndarray | None = None) -> np.ndarray:
+    """Refined boxes: each edge moved by its delta times its crop window's side along it
+    (``windows``: ``meta.windows(boxes)`` when the caller has them already)."""
+    side = meta.window_sides(meta.windows(boxes) if windows is None else windows)
     return (np.asarray(boxes, np.float32) + deltas.astype(np.float32) * side).astype(np.float32)
 
 
 def box_targets(boxes: np.ndarray, targets: np.ndarray, meta: RefinerMetadata) -> np.ndarray:
     """The deltas that move ``boxes`` onto ``targets`` (the inverse of ``apply_deltas``)."""
-    side = meta.window_sides(boxes)
+    side = meta.window_sides(meta.windows(boxes))
     return ((np.asarray(targets, np.float32) - boxes) / side).astype(np.float32)
 
 
@@ -213,10 +216,11 @@ class BoxRefiner:
             self._crops = np.empty((len(boxes),) + self._crops.shape[1:], np.uint8)
         h, w = image.shape[:2]
         for _ in range(self.passes):
-            crops = refiner_crops(image, boxes, self.meta, self._crops)
+            windows = self.meta.windows(boxes)  # one per box, for the crop and the offsets
+            crops = refiner_crops(image, boxes, self.meta, self._crops, windows)
             x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32)
             (deltas,) = self.session.run(None, {INPUT: x})
-            moved = apply_deltas(boxes, deltas, self.meta)
+            moved = apply_deltas(boxes, deltas, self.meta, windows)
             # A move that leaves under a pixel inside the frame (a degenerate crop can ask
             # for that) is not taken: the box stays where it was.
             iw = np.clip(moved[:, 2], 0, w) - np.clip(moved[:, 0], 0, w)

@@ -98,22 +98,28 @@ def estimate(prev: np.ndarray, prev_sd: np.ndarray, meas: np.ndarray, meas_sd: n
     dx = (rx[gather] + cands[:, :1]) - meas[pair_d, 0]
     dz = (rz[gather] + cands[:, 1:]) - meas[pair_d, 1]
     ratio2 = (dx * dx + dz * dz) * inv_gate2[pair_t, pair_d]
-    starts = np.flatnonzero(np.r_[True, pair_t[1:] != pair_t[:-1]])  # every track has one
+    new_track = np.r_[True, pair_t[1:] != pair_t[:-1]]  # pairs are grouped by track
+    starts = np.flatnonzero(new_track)  # every track has one
     nearest2 = np.minimum.reduceat(ratio2, starts, axis=1)
     hit = np.sqrt(nearest2)
     inl = hit < 1.0
-    # Static cones map one to one. A shift by the spacing of a regular line of cones lands
-    # several tracks on one detection: between hypotheses that bring in as many tracks, the
-    # one reaching more distinct detections is the true motion.
-    group = np.cumsum(np.r_[True, pair_t[1:] != pair_t[:-1]]) - 1  # pair -> its track's column
-    h_idx, p_idx = np.nonzero((ratio2 <= nearest2[:, group]) & (ratio2 < 1.0))
-    landed = np.zeros((len(cands), len(meas)), bool)
-    landed[h_idx, pair_d[p_idx]] = True
-    count = landed.sum(axis=1)
+    tracks = inl.sum(axis=1)
     spread = np.where(inl, hit, 0.0).sum(axis=1)
+    # Static cones map one to one. A shift by the spacing of a regular line of cones lands
+    # several tracks on one detection: between hypotheses that bring in the most tracks, the
+    # one reaching more distinct detections is the true motion.
+    reached = np.zeros(len(cands), np.int64)
+    tied = np.flatnonzero(tracks == tracks.max())
+    if len(tied) > 1:
+        group = np.cumsum(new_track) - 1  # pair -> its track's column of nearest2
+        near = (ratio2[tied] <= nearest2[tied][:, group]) & (ratio2[tied] < 1.0)
+        h_idx, p_idx = np.nonzero(near)
+        landed = np.zeros((len(tied), len(meas)), bool)
+        landed[h_idx, pair_d[p_idx]] = True
+        reached[tied] = landed.sum(axis=1)
     # Most tracks brought in, then most detections reached, then least spread, then the
     # earliest turn and hypothesis.
-    k = int(np.lexsort((spread, -count, -inl.sum(axis=1)))[0])
+    k = int(np.lexsort((spread, -reached, -tracks))[0])
     angle_h, t = float(angles[turn[k]]), cands[k]
     rot_prev = prev @ rotation(angle_h).T
     d = np.hypot(rot_prev[:, None, 0] + t[0] - meas[None, :, 0],
