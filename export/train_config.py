@@ -31,9 +31,10 @@ class CropConfig:
     pad: str = spec(_CROP.pad, choices=("constant", "replicate"))
     pad_value: int = spec(_CROP.pad_value, min=0, max=255)
     min_side: float = spec(_CROP.min_side, min=1.0)
+    min_aspect: float = spec(_CROP.min_aspect, min=0.05, max=1.0)
 
     def policy(self) -> CropPolicy:
-        return CropPolicy(self.context, self.pad, self.pad_value, self.min_side)
+        return CropPolicy(self.context, self.pad, self.pad_value, self.min_side, self.min_aspect)
 
 
 @dataclass

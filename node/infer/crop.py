@@ -1,5 +1,10 @@
 """Crop policy: how a candidate box becomes a square classifier input.
 
+A box's window is a square of its longer side plus context (the default), or with
+``min_aspect`` below 1 a rectangle whose shorter side is at least that fraction of the longer,
+stretched to the square input: a thin cone then fills more of its crop, and less of its
+neighbours shows.
+
 The same function crops for training (``export``) and at runtime, so the classifier always
 sees crops made the way the node makes them. All crops of a frame are sampled by one
 ``cv2.remap`` call over a stacked sampling grid: no per-crop Python loop in the hot path.
@@ -28,12 +33,15 @@ class CropPolicy:
             the frame.
         pad_value: grey level used by ``constant`` padding.
         min_side: smallest square side in pixels, so that tiny boxes are not over-magnified.
+        min_aspect: each side of the window is at least this fraction (0..1] of the other; 1
+            (the default) is the square of the longer side.
     """
 
     context: float = 0.15
     pad: str = "constant"
     pad_value: int = 114
     min_side: float = 8.0
+    min_aspect: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.context <= 2.0:
@@ -44,6 +52,13 @@ class CropPolicy:
             raise ValueError(f"crop pad_value must be in [0, 255], got {self.pad_value}")
         if self.min_side <= 0:
             raise ValueError(f"crop min_side must be > 0, got {self.min_side}")
+        if not 0.0 < self.min_aspect <= 1.0:
+            raise ValueError(f"crop min_aspect must be in (0, 1], got {self.min_aspect}")
+
+    @property
+    def square(self) -> bool:
+        """Whether the windows are squares (``min_aspect`` 1)."""
+        return self.min_aspect >= 1.0
 
     def square_boxes(self, boxes: np.ndarray) -> np.ndarray:
         """Square regions (x1, y1, x2, y2) centred on each box, with context added.
@@ -59,13 +74,33 @@ class CropPolicy:
         half = side * 0.5
         return np.stack([cx - half, cy - half, cx + half, cy + half], axis=1)
 
+    def windows(self, boxes: np.ndarray) -> np.ndarray:
+        """The crop window (x1, y1, x2, y2) of each box, centred on it: each side ``1 + 2 *
+        context`` times the box's side along it or ``min_aspect`` times the other side,
+        whichever is longer, and at least ``min_side``. With ``min_aspect`` 1 these are
+        ``square_boxes``."""
+        if self.square:
+            return self.square_boxes(boxes)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        w = np.abs(boxes[:, 2] - boxes[:, 0])
+        h = np.abs(boxes[:, 3] - boxes[:, 1])
+        grow = 1.0 + 2.0 * self.context
+        half_w = 0.5 * np.maximum(np.maximum(w, self.min_aspect * h) * grow, self.min_side)
+        half_h = 0.5 * np.maximum(np.maximum(h, self.min_aspect * w) * grow, self.min_side)
+        cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+        cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+        return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "context": self.context,
             "pad": self.pad,
             "pad_value": self.pad_value,
             "min_side": self.min_side,
         }
+        if not self.square:  # a square policy's dict stays what older nodes read
+            d["min_aspect"] = self.min_aspect
+        return d
 
 
 def sampling_grid(squares: np.ndarray, size: int, square: bool = True
@@ -95,7 +130,8 @@ def crop_batch(
     policy: CropPolicy = CropPolicy(),
     out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Crop every box of a frame into one uint8 batch of square crops.
+    """Crop every box of a frame into one uint8 batch of square crops (each box's
+    ``policy.windows`` window, stretched to the square where it is a rectangle).
 
     Args:
         frame: H×W×3 uint8 image (BGR as read by OpenCV).
@@ -122,13 +158,15 @@ def crop_batch(
         raise ValueError(f"out buffer {out.shape} {out.dtype} cannot hold {n} crops of {size}")
     if n == 0:
         return out[:0]
-    squares = policy.square_boxes(boxes)
+    squares = policy.windows(boxes)
+    square = policy.square
     border = PAD_MODES[policy.pad]
     value = (policy.pad_value,) * 3
     # Shrinking by more than 2x with bilinear sampling aliases (stripes turn to moire), so
-    # each crop samples the pyramid level that brings its shrink factor under 2. The level
-    # depends only on the crop itself, so a crop is the same whatever else is in the batch.
-    scale = (squares[:, 2] - squares[:, 0]) / size
+    # each crop samples the pyramid level that brings its shrink factor under 2 (along the
+    # window's longer side). The level depends only on the crop itself, so a crop is the same
+    # whatever else is in the batch.
+    scale = np.maximum(squares[:, 2] - squares[:, 0], squares[:, 3] - squares[:, 1]) / size
     levels = np.clip(np.floor(np.log2(np.maximum(scale, 1.0))), 0, _MAX_LEVEL).astype(int)
     per_call = max(1, _MAX_REMAP_ROWS // size)
     for level in np.unique(levels).tolist():
@@ -136,7 +174,7 @@ def crop_batch(
         src, origin = _pyramid_region(frame, squares[idx], level)
         for start in range(0, idx.size, per_call):
             part = idx[start : start + per_call]
-            map_x, map_y = sampling_grid(squares[part] / float(2**level), size)
+            map_x, map_y = sampling_grid(squares[part] / float(2**level), size, square)
             # Shifting by whole pixels after the grid is built keeps every coordinate exact,
             # so a crop does not depend on which other crops set the region.
             map_x -= origin[0]

@@ -66,29 +66,17 @@ class RefinerMetadata:
 
     @property
     def policy(self) -> CropPolicy:
-        return CropPolicy(context=self.context, pad="replicate", min_side=self.min_side)
+        return CropPolicy(context=self.context, pad="replicate", min_side=self.min_side,
+                          min_aspect=self.min_aspect)
 
     @property
     def square(self) -> bool:
         """Whether the windows are the policy's squares (``min_aspect`` 1)."""
-        return self.min_aspect >= 1.0
+        return self.policy.square
 
     def windows(self, boxes: np.ndarray) -> np.ndarray:
-        """The crop window (x1, y1, x2, y2) of each box: centred on it, each side
-        ``1 + 2 * context`` times the box's side along it or ``min_aspect`` times the other
-        side, whichever is longer, and at least ``min_side``. With ``min_aspect`` 1 these are
-        the policy's squares."""
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        if self.square:
-            return self.policy.square_boxes(boxes)
-        w = np.abs(boxes[:, 2] - boxes[:, 0])
-        h = np.abs(boxes[:, 3] - boxes[:, 1])
-        grow = 1.0 + 2.0 * self.context
-        half_w = 0.5 * np.maximum(np.maximum(w, self.min_aspect * h) * grow, self.min_side)
-        half_h = 0.5 * np.maximum(np.maximum(h, self.min_aspect * w) * grow, self.min_side)
-        cx = (boxes[:, 0] + boxes[:, 2]) * 0.5
-        cy = (boxes[:, 1] + boxes[:, 3]) * 0.5
-        return np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
+        """The crop window (x1, y1, x2, y2) of each box (``CropPolicy.windows``)."""
+        return self.policy.windows(boxes)
 
     def window_sides(self, windows: np.ndarray) -> np.ndarray:
         """(N, 4) the width, height, width and height of each window (``windows``): the

@@ -49,6 +49,31 @@ def test_crop_square_uses_longer_side_with_context():
     np.testing.assert_allclose(sq, [15 - side / 2, 30 - side / 2, 15 + side / 2, 30 + side / 2])
 
 
+def test_crop_min_aspect_narrows_a_thin_box_window_and_stretches_it():
+    policy = CropPolicy(context=0.25, min_aspect=0.5)
+    box = np.array([[10, 10, 20, 50]], np.float32)  # 10 x 40: window 20 x 40, times 1.5
+    np.testing.assert_allclose(policy.windows(box)[0], [0, 0, 30, 60])
+    np.testing.assert_allclose(policy.windows(np.array([[0, 0, 40, 30]]))[0],
+                               [-10, -7.5, 50, 37.5])  # a wide box: each side its own
+    square = CropPolicy(context=0.25)
+    np.testing.assert_array_equal(square.windows(box), square.square_boxes(box))
+    # Vertical stripes 2 px wide: the 10 x 20 box's window is the box itself, its 10
+    # columns stretched over the crop's 16 (a square window would take 20).
+    frame = np.zeros((80, 80, 3), np.uint8)
+    frame[:, (np.arange(80) // 2) % 2 == 1] = 255
+    crop = crop_batch(frame, np.array([[30, 20, 40, 40]]), 16,
+                      CropPolicy(context=0.0, min_aspect=0.5))[0, :, :, 0]
+    np.testing.assert_array_equal(crop, crop[:1].repeat(16, 0))  # rows unchanged down
+    cols = (np.arange(16) + 0.5) * 10 / 16 + 30 - 0.5  # source pixel centres sampled
+    lo = np.floor(cols).astype(int)
+    ref = frame[0, lo, 0] * (1 - (cols - lo)) + frame[0, lo + 1, 0] * (cols - lo)
+    np.testing.assert_allclose(crop[0], ref, atol=1)
+    assert CropPolicy(min_aspect=0.5).to_dict()["min_aspect"] == 0.5
+    assert "min_aspect" not in CropPolicy().to_dict()  # square policies read as before
+    with pytest.raises(ValueError, match="min_aspect"):
+        CropPolicy(min_aspect=0.0)
+
+
 @pytest.mark.parametrize("box", [[-30, -30, -5, -5], [70, 50, 100, 90], [-8, 10, 8, 26]])
 def test_crop_pads_at_frame_edges(box):
     frame = np.full((60, 80, 3), 200, np.uint8)
