@@ -95,13 +95,16 @@ class BatchAugmenter:
         num_classes: width of the soft targets.
         mean, std: normalisation in RGB order on a 0..1 scale (from the model metadata).
         pad_value: grey for pixels uncovered by geometric ops.
+        blur_x_scale: horizontal stretch of the camera blur, ``1 / min_aspect`` of the crop
+            policy (a narrower window stretches a frame's blur across a thin cone's crop).
     """
 
     def __init__(self, cfg, num_classes: int, mean: Sequence[float], std: Sequence[float],
-                 pad_value: int = 114) -> None:
+                 pad_value: int = 114, blur_x_scale: float = 1.0) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
         self.pad_value = pad_value
+        self.blur_x_scale = blur_x_scale
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         ra = cfg.randaugment
@@ -124,7 +127,7 @@ class BatchAugmenter:
         camera = getattr(self.cfg, "camera", None)
         if camera is not None and camera.enabled:
             images = other_cameras(images, camera.prob, tuple(camera.aspect), self.pad_value,
-                                   getattr(camera, "profile", "crop"))
+                                   getattr(camera, "profile", "crop"), self.blur_x_scale)
         if self.cfg.hflip:  # cones are left-right symmetric
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
@@ -141,14 +144,16 @@ class BatchAugmenter:
 
 
 def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float],
-                  pad_value: int = 114, profile: str = "crop") -> torch.Tensor:
+                  pad_value: int = 114, profile: str = "crop",
+                  blur_x_scale: float = 1.0) -> torch.Tensor:
     """Each uint8 RGB crop, with probability ``prob``, as another camera would have seen it:
     a horizontal stretch drawn from ``aspect`` (centre-cropped, or padded with ``pad_value``
     where it narrows) and ``export.camera_aug.random_camera`` (exposure, white balance, blur,
     noise, lens drops, JPEG) with the named ``export.camera_aug.PROFILES`` entry: ``crop``
     sizes blur and drops to the crop, ``default`` as on a whole frame (so a 32 px crop gets at
-    most half the frame's blur). The random draws come from torch's generator, so a seeded
-    run repeats."""
+    most half the frame's blur); ``blur_x_scale`` stretches the blur horizontally (crops
+    from windows narrower than the square). The random draws come from torch's generator, so a
+    seeded run repeats."""
     import cv2
     import numpy as np
 
@@ -173,7 +178,7 @@ def other_cameras(images: torch.Tensor, prob: float, aspect: tuple[float, float]
                 crop = np.full_like(crop, pad_value)
                 x0 = (w - new_w) // 2
                 crop[:, x0:x0 + new_w] = wide
-        arr[i] = random_camera(np.ascontiguousarray(crop), rng, look)
+        arr[i] = random_camera(np.ascontiguousarray(crop), rng, look, blur_x_scale)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous().to(images.device)
 
 

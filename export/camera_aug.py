@@ -101,8 +101,10 @@ def random_aspect(rng: np.random.Generator, lo: float = 0.8, hi: float = 2.0) ->
 
 
 def random_camera(image: np.ndarray, rng: np.random.Generator,
-                  cfg: CameraRandomisation = DEFAULT) -> np.ndarray:
-    """``image`` as a randomly drawn other camera would have recorded it (uint8, same size)."""
+                  cfg: CameraRandomisation = DEFAULT, blur_x_scale: float = 1.0) -> np.ndarray:
+    """``image`` as a randomly drawn other camera would have recorded it (uint8, same size).
+    ``blur_x_scale`` stretches the blur horizontally, as a crop window narrower than the
+    square (``CropPolicy.min_aspect``) stretches a frame's blur (the same random draws)."""
     f = image.astype(np.float32) / 255.0
     gamma = log_uniform(rng, *cfg.gamma)
     f = np.power(f, gamma)
@@ -116,7 +118,8 @@ def random_camera(image: np.ndarray, rng: np.random.Generator,
         out = scale_saturation(out, log_uniform(rng, *cfg.saturation))
     h, w = image.shape[:2]
     if rng.random() < cfg.p_blur and min(h, w) >= 8:
-        out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / cfg.blur_full_side))
+        out = blur(out, rng, cfg.max_blur_px * min(1.0, min(h, w) / cfg.blur_full_side),
+                   blur_x_scale)
     if rng.random() < cfg.p_drops and min(h, w) >= 32:
         out = lens_drops(out, rng, cfg.drop_count, cfg.drop_radius)
     if rng.random() < cfg.p_noise:
@@ -139,17 +142,23 @@ def scale_saturation(f: np.ndarray, factor: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR) * 255.0
 
 
-def blur(f: np.ndarray, rng: np.random.Generator, max_px: float) -> np.ndarray:
-    """Defocus (Gaussian) or linear motion blur of random direction, up to ``max_px``."""
+def blur(f: np.ndarray, rng: np.random.Generator, max_px: float,
+         x_scale: float = 1.0) -> np.ndarray:
+    """Defocus (Gaussian) or linear motion blur of random direction, up to ``max_px``;
+    ``x_scale`` stretches either horizontally after it is drawn."""
     if max_px < 1.5:
         return f
     if rng.random() < 0.5:
-        return cv2.GaussianBlur(f, (0, 0), rng.uniform(0.5, max(0.6, max_px / 3.0)))
+        sigma = rng.uniform(0.5, max(0.6, max_px / 3.0))
+        return cv2.GaussianBlur(f, (0, 0), sigmaX=sigma * x_scale, sigmaY=sigma)
     k = int(rng.integers(3, max(4, int(max_px)) + 1)) | 1
     kernel = np.zeros((k, k), np.float32)
     kernel[k // 2] = 1.0
     rot = cv2.getRotationMatrix2D(((k - 1) / 2, (k - 1) / 2), rng.uniform(0, 180), 1.0)
     kernel = cv2.warpAffine(kernel, rot, (k, k))
+    if x_scale != 1.0:
+        kernel = cv2.resize(kernel, (max(1, round(k * x_scale)) | 1, k),
+                            interpolation=cv2.INTER_LINEAR)
     return cv2.filter2D(f, -1, kernel / max(float(kernel.sum()), 1e-6))
 
 

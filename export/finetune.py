@@ -395,7 +395,8 @@ def finetune_classifier(bundled: Path, samples: list, budget_s: float, work: Pat
     t_train = time.perf_counter()
     opt, sched = build_optimizer(cfg, model, steps, budget_s=left)
     loss_fn = build_loss(cfg, data["y"], len(meta.classes)).to(device)
-    augmenter = BatchAugmenter(cfg.augment, len(meta.classes), MEAN, STD, policy.pad_value)
+    augmenter = BatchAugmenter(cfg.augment, len(meta.classes), MEAN, STD, policy.pad_value,
+                               1.0 / policy.min_aspect)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
     losses: list[float] = []
     def over() -> bool:

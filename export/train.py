@@ -304,7 +304,8 @@ def train(cfg: TrainConfig) -> dict:
     num_classes = len(crops.classes)
     model = build_model(cfg, crops.classes, device, dist)
     seed_everything(cfg.run.seed * 1000 + dist.rank)  # augmentation differs per rank
-    augmenter = BatchAugmenter(cfg.augment, num_classes, MEAN, STD, crops.crop["pad_value"])
+    augmenter = BatchAugmenter(cfg.augment, num_classes, MEAN, STD, crops.crop["pad_value"],
+                               1.0 / float(crops.crop.get("min_aspect", 1.0)))
     steps = max(1, cfg.optim.samples_per_epoch // (cfg.optim.batch_size * dist.world))
     opt, sched = build_optimizer(cfg, model, steps)
     loss_fn = build_loss(cfg, data["y"], num_classes).to(device)

@@ -139,3 +139,22 @@ def test_saturation_is_scaled_keeping_hue_and_value_and_drawn_only_when_asked():
     pale_and_vivid = saturations(CROP_SATURATION)
     assert min(pale_and_vivid) < 0.5 * hsv[1] and max(pale_and_vivid) > 0.95 * hsv[1]
     assert min(saturations(CROP)) > 0.7 * hsv[1]
+
+
+def test_blur_x_scale_stretches_the_same_blur_horizontally():
+    point = np.zeros((63, 63, 3), np.float32)
+    point[31, 31] = 1000.0
+
+    def spread(img: np.ndarray) -> tuple[float, float]:
+        w = img[..., 0] / img[..., 0].sum()
+        ys, xs = np.mgrid[:63, :63]
+        return float((w * (xs - 31) ** 2).sum()), float((w * (ys - 31) ** 2).sum())
+
+    for seed in range(12):  # both kinds: defocus and motion blur of random direction
+        vx1, vy1 = spread(blur(point, np.random.default_rng(seed), 12.0))
+        vx2, vy2 = spread(blur(point, np.random.default_rng(seed), 12.0, x_scale=2.0))
+        assert abs(vy2 - vy1) <= 0.05 * vy1 + 0.05  # vertically the same blur
+        assert 3.5 * vx1 <= vx2 <= 5.5 * vx1 + 1.5  # twice as wide: about 4x the variance
+    # x_scale 1 is the blur as it was: the same draws and the same pixels.
+    a = blur(point, np.random.default_rng(3), 12.0)
+    np.testing.assert_array_equal(a, blur(point, np.random.default_rng(3), 12.0, x_scale=1.0))
