@@ -4,8 +4,10 @@ Detection scoring in the PASCAL VOC / COCO manner, reduced to what a cone node n
 frame, detections are matched to ground-truth boxes greedily, highest score first, one to one,
 at IoU >= 0.5. Reported are recall per box-height bucket (< 12, 12-24, 24-48, >= 48 px) and
 for cones >= 12 px; precision of detections >= 20 px tall (the real data leaves many smaller
-cones unlabelled); label accuracy of matched pairs; candidates per frame (from an optional
-``candidates`` key of the records, else the replay ``--summary`` JSON); proposer time.
+cones unlabelled), with its false detections sorted by their best overlap with a label
+(``FALSE_KINDS``; ``--false-sheet`` draws those away from every label, to be looked at); label
+accuracy of matched pairs; candidates per frame (from an optional ``candidates`` key of the
+records, else the replay ``--summary`` JSON); proposer time.
 
 Two modes:
 
@@ -39,6 +41,12 @@ IOU_MATCH = 0.5
 IOU_NEAR = 0.3
 """A labelled cone with a detection at this IoU or more is found but misplaced when that IoU
 is under ``IOU_MATCH``: ``placement`` in the report tells box placement from missed cones."""
+IOU_TOUCH = 0.1
+FALSE_KINDS = ("second_box", "misplaced", "overlapping", "away")
+"""What a false detection >= ``PRECISION_MIN_PX`` is, by its best IoU with any label: a second
+box on a cone another detection already matched (>= ``IOU_MATCH``), a misplaced box (>=
+``IOU_NEAR``), one overlapping a label (>= ``IOU_TOUCH``), or one away from every label
+(background, or a cone nobody labelled: look at those before trusting the precision)."""
 HEIGHT_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("<12", 0.0, 12.0), ("12-24", 12.0, 24.0), ("24-48", 24.0, 48.0), (">=48", 48.0, np.inf))
 RECALL_MIN_PX = 12.0
@@ -96,10 +104,17 @@ class Tally:
     near_height: list[float] = field(default_factory=list)
     near_iou: list[float] = field(default_factory=list)
     near_error: list[tuple[float, float, float, float]] = field(default_factory=list)
+    false_kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FALSE_KINDS, 0))
+    # The "away" false detections as (image path, box), for a contact sheet; filled by
+    # ``add`` when given the frame's ``image``.
+    away: list[tuple[Path, tuple[float, float, float, float]]] = field(default_factory=list)
 
     def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
-            truth: np.ndarray, truth_labels: list[str], label_scale: float = 1.0) -> None:
-        """Score one frame's detections (``pred_labels`` None: proposals, no labels).
+            truth: np.ndarray, truth_labels: list[str], label_scale: float = 1.0,
+            image: Path | None = None) -> None:
+        """Score one frame's detections (``pred_labels`` None: proposals, no labels); with
+        ``image`` (the frame's file) its false detections away from every label are listed
+        in ``away``.
 
         ``label_scale``: how many times taller things are in this frame than in the frame
         they were labelled on (a rescaled camera variant). Above 1, heights are divided by it
@@ -121,6 +136,7 @@ class Tally:
         tall = (pred[:, 3] - pred[:, 1]) * shrink >= PRECISION_MIN_PX
         self.det_tall += int(tall.sum())
         self.tp_tall += int((tall & (match >= 0)).sum())
+        self._add_false(pred[tall & (match < 0)], truth, image)
         # Per matched pair: its ground-truth index and whether the label is right.
         pairs = np.flatnonzero(match >= 0)
         gt = match[pairs]
@@ -138,6 +154,17 @@ class Tally:
             self.hit_min += int((tall_truth & hit).sum())
             if right is not None:
                 self.correct_min += int(right[tall_truth[gt]].sum())
+
+    def _add_false(self, false: np.ndarray, truth: np.ndarray, image: Path | None) -> None:
+        """Sort the frame's unmatched tall detections into ``FALSE_KINDS``."""
+        if not len(false):
+            return
+        best = iou_matrix(false, truth).max(axis=1) if len(truth) else np.zeros(len(false))
+        kind = np.searchsorted([IOU_TOUCH, IOU_NEAR, IOU_MATCH], best, side="right")
+        for k, name in enumerate(reversed(FALSE_KINDS)):
+            self.false_kinds[name] += int((kind == k).sum())
+        if image is not None:
+            self.away += [(image, tuple(float(v) for v in box)) for box in false[kind == 0]]
 
     def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray) -> None:
         """Each labelled cone >= ``RECALL_MIN_PX``'s nearest detection (not one to one)."""
@@ -218,6 +245,7 @@ class Tally:
             "recall_ge12": ratio(self.hit_by_bucket[big].sum(), self.truth_by_bucket[big].sum()),
             "precision_ge20": ratio(self.tp_tall, self.det_tall),
             "detections_ge20": self.det_tall,
+            "false_ge20": dict(self.false_kinds),
             "label_accuracy": ratio(self.label_correct, self.matched),
             "matched": self.matched,
             "placement": self.placement(),
@@ -282,7 +310,7 @@ def tally_run(jsonl: str | Path, samples: list, summary: str | Path | None = Non
         seen.add(stem)
         boxes = np.array([c["box"] for c in cones], np.float64).reshape(-1, 4)
         tally.add(boxes, np.array([c["score"] for c in cones]), [c["label"] for c in cones],
-                  sample.boxes, sample.labels)
+                  sample.boxes, sample.labels, image=sample.image_path)
         if "candidates" in rec:
             tally.candidates.append(int(rec["candidates"]))
         if "propose" in rec.get("latency_ms", {}):
@@ -323,6 +351,12 @@ def score_proposals(proposer, samples: list, min_px: float | None = None) -> dic
     return tally.report()
 
 
+FALSE_TEXT = {"second_box": "a second box on a found cone",
+              "misplaced": f"on a label at IoU {IOU_NEAR:g}-{IOU_MATCH:g}",
+              "overlapping": f"overlapping a label at IoU {IOU_TOUCH:g}-{IOU_NEAR:g}",
+              "away": "away from every label (background or unlabelled cones)"}
+
+
 def format_table(report: dict, title: str) -> str:
     """A small Markdown table of a report."""
     def pct(v: float | None) -> str:
@@ -340,6 +374,10 @@ def format_table(report: dict, title: str) -> str:
     rows += [(f"| precision >= 20 px | {pct(report['precision_ge20'])} "
               f"(of {report['detections_ge20']}) |"),
              f"| label accuracy | {pct(report['label_accuracy'])} (of {report['matched']}) |"]
+    false = report.get("false_ge20")
+    if false and any(false.values()):
+        rows.append("| false detections >= 20 px | " + ", ".join(
+            f"{n} {FALSE_TEXT[k]}" for k, n in false.items() if n) + " |")
     for name, v in report.get("placement", {}).items():
         if v["near"] is None or v["dx"] is None:
             continue
@@ -353,6 +391,40 @@ def format_table(report: dict, title: str) -> str:
         rows.append(f"| proposer ms median / p90 | {report['propose_ms']['median']} / "
                     f"{report['propose_ms']['p90']} |")
     return "\n".join(rows)
+
+
+def false_sheet(away: list, path: str | Path, tile: int = 128, columns: int = 8) -> Path:
+    """A contact sheet of false detections (``Tally.away``): each box in green, centred in a
+    square of three times its longer side (at least 48 px) of its frame, scaled to ``tile``;
+    so that unlabelled cones can be told from background by eye before the precision is
+    trusted. Frames that cannot be read give grey tiles."""
+    import cv2
+
+    tiles = []
+    for image_path, box in away:
+        frame = cv2.imread(str(image_path))
+        if frame is None:
+            tiles.append(np.full((tile, tile, 3), 128, np.uint8))
+            continue
+        x1, y1, x2, y2 = box
+        side = max(3.0 * max(x2 - x1, y2 - y1), 48.0)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        scale = tile / side
+        shift = np.float32([[scale, 0, tile / 2 - cx * scale], [0, scale, tile / 2 - cy * scale]])
+        crop = cv2.warpAffine(frame, shift, (tile, tile), flags=cv2.INTER_AREA,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        corners = np.array([[x1, y1, 1.0], [x2, y2, 1.0]]) @ shift.T
+        (a, b), (c, d) = np.round(corners).astype(int).tolist()
+        cv2.rectangle(crop, (a, b), (c, d), (0, 255, 0), 1)
+        tiles.append(crop)
+    if not tiles:
+        tiles.append(np.zeros((tile, tile, 3), np.uint8))
+    tiles += [np.zeros((tile, tile, 3), np.uint8)] * (-len(tiles) % columns)
+    rows = [np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)]
+    out = Path(path)
+    if not cv2.imwrite(str(out), np.vstack(rows)):
+        raise EvaluateError(f"{out}: cannot write the contact sheet")
+    return out
 
 
 # --------------------------------------------------------------------------- CLI
@@ -379,6 +451,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PNG of the precision-recall curve, confusion matrix and recall by "
                              "height (default: beside RUN.jsonl as RUN.evaluate.png; needs "
                              "matplotlib)")
+    parser.add_argument("--false-sheet", metavar="FILE.png",
+                        help="also write a contact sheet of the false detections >= 20 px "
+                             "away from every label (background, or cones nobody labelled)")
     parser.add_argument("--recall-min-px", type=float, metavar="PX",
                         help="also report recall (and label accuracy) of the cones at least "
                              "PX tall, e.g. 16 for issue 5's synthetic clips")
@@ -409,6 +484,9 @@ def main(args: argparse.Namespace) -> int:
         tally, report = tally_run(args.run, samples, args.summary, args.recall_min_px)
         title = f"{Path(args.run).name}, split {args.split}"
     print(format_table(report, title))
+    if args.false_sheet and not args.proposals_only:
+        print(f"false detections away from every label: {len(tally.away)}, "
+              f"sheet {false_sheet(tally.away, args.false_sheet)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if not args.proposals_only:

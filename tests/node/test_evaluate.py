@@ -12,7 +12,7 @@ import pytest
 
 from node.__main__ import main as node_main
 from node.evaluate.datasets import Sample
-from node.evaluate.score import Tally, format_table, match_greedy
+from node.evaluate.score import Tally, false_sheet, format_table, match_greedy
 from node.evaluate.splits import in_clips, parse_clip_rules, select_samples
 
 # Ground truth: one cone per height bucket (10, 18, 30, 60 px tall).
@@ -45,6 +45,41 @@ def test_recall_by_bucket_precision_over_20_px_and_label_accuracy():
     assert report["detections_ge20"] == 3 and report["precision_ge20"] == pytest.approx(2 / 3,
                                                                                          abs=1e-4)
     assert report["matched"] == 3 and report["label_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_false_detections_are_sorted_by_their_best_overlap_with_a_label(tmp_path):
+    """A 40 and a 100 px cone. Besides a hit on the first: a lower-scored second box on it, a
+    box on the second at IoU 0.4 (misplaced), one at IoU 0.2, one away from both, and a 15 px
+    one (under the precision's 20 px: not counted)."""
+    truth = np.array([[0, 0, 20, 40], [100, 0, 120, 100]], np.float64)
+    pred = np.array([[0, 0, 20, 40], [0, 2, 20, 42],       # hit, second box (IoU 0.90)
+                     [100, 0, 120, 40],                    # IoU 0.40 with the second cone
+                     [100, 0, 120, 20],                    # IoU 0.20
+                     [300, 0, 320, 40],                    # away
+                     [400, 0, 410, 15]], np.float64)       # too short to count
+    tally = Tally()
+    frame = tmp_path / "f.png"
+    cv2.imwrite(str(frame), np.full((120, 500, 3), 90, np.uint8))
+    tally.add(pred, np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]), ["blue_cone"] * 6, truth,
+              ["blue_cone"] * 2, image=frame)
+    report = tally.report()
+    assert report["false_ge20"] == {"second_box": 1, "misplaced": 1, "overlapping": 1,
+                                    "away": 1}
+    assert report["detections_ge20"] == 5 and report["precision_ge20"] == 0.2
+    assert ("| false detections >= 20 px | 1 a second box on a found cone, 1 on a label at "
+            "IoU 0.3-0.5, 1 overlapping a label at IoU 0.1-0.3, 1 away from every label") in \
+        format_table(report, "t")
+    assert tally.away == [(frame, (300.0, 0.0, 320.0, 40.0))]
+    sheet = cv2.imread(str(false_sheet(tally.away, tmp_path / "sheet.png", tile=64, columns=4)))
+    assert sheet.shape == (64, 256, 3)
+    green = (sheet[..., 1] == 255) & (sheet[..., 0] == 0) & (sheet[..., 2] == 0)
+    assert green[:, :64].sum() > 20 and not green[:, 64:].any()  # the box, in the first tile
+    # The frame's grey around it, scaled: a 40 px box in a 120 px square of a 64 px tile.
+    assert sheet[32, 5].tolist() == [90, 90, 90]
+    nothing = Tally()
+    nothing.add(pred[:1], np.ones(1), ["blue_cone"], truth, ["blue_cone"] * 2)
+    assert not any(nothing.report()["false_ge20"].values())
+    assert "false detections" not in format_table(nothing.report(), "t")
 
 
 def test_placement_tells_misplaced_boxes_from_missed_cones():
@@ -164,6 +199,12 @@ def test_the_evaluate_command_scores_a_replay_jsonl(tmp_path, capsys):
     assert json.loads(out.read_text())["recall_min_px"] == {
         "min_px": 30.0, "recall": 1.0, "cones": 2, "label_accuracy": 0.5}
     assert "| recall >= 30 px | 100.0% (of 2; label accuracy 50.0%) |" in capsys.readouterr().out
+    sheet = tmp_path / "false.png"
+    assert node_main(["evaluate", str(run), "--data", f"yolo:{root}", "--false-sheet",
+                      str(sheet)]) == 0
+    # The 50 px yellow detection on frame a lies away from both of its labels.
+    assert "false detections away from every label: 1" in capsys.readouterr().out
+    assert cv2.imread(str(sheet)).shape == (128, 1024, 3)
 
 
 def test_a_video_run_is_matched_by_frame_index_and_plotted(tmp_path, capsys):
