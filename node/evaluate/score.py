@@ -400,9 +400,10 @@ def false_sheet(away: list, path: str | Path, tile: int = 128, columns: int = 8)
     trusted. Frames that cannot be read give grey tiles."""
     import cv2
 
-    tiles = []
-    for image_path, box in away:
-        frame = cv2.imread(str(image_path))
+    tiles, last, frame = [], None, None
+    for image_path, box in away:  # in frame order: each frame is read once
+        if image_path != last:
+            last, frame = image_path, cv2.imread(str(image_path))
         if frame is None:
             tiles.append(np.full((tile, tile, 3), 128, np.uint8))
             continue
