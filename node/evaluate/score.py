@@ -54,9 +54,10 @@ PRECISION_MIN_PX = 20.0
 
 
 def match_greedy(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
-                 iou: float = IOU_MATCH) -> np.ndarray:
+                 iou: float = IOU_MATCH, overlap: np.ndarray | None = None) -> np.ndarray:
     """One-to-one greedy matching: detections in descending score take the free ground-truth
-    box they overlap most, if that IoU is at least ``iou``.
+    box they overlap most, if that IoU is at least ``iou`` (``overlap``: their IoU matrix,
+    when the caller has it).
 
     Returns:
         (len(pred),) index of the matched ground-truth box, or -1.
@@ -64,7 +65,7 @@ def match_greedy(pred: np.ndarray, scores: np.ndarray, truth: np.ndarray,
     out = np.full(len(pred), -1, np.int64)
     if len(pred) == 0 or len(truth) == 0:
         return out
-    overlap = iou_matrix(pred, truth)
+    overlap = iou_matrix(pred, truth) if overlap is None else overlap
     free = np.ones(len(truth), bool)
     for i in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
         cand = np.where(free, overlap[i], -1.0)
@@ -122,7 +123,10 @@ class Tally:
         labels are complete only above the cuts in the labelled frame's own pixels."""
         pred = np.asarray(pred, np.float64).reshape(-1, 4)
         truth = np.asarray(truth, np.float64).reshape(-1, 4)
-        match = match_greedy(pred, scores, truth)
+        # Every detection against every label, once: matching, placement and false detections.
+        overlap = iou_matrix(pred, truth) if len(pred) and len(truth) else \
+            np.zeros((len(pred), len(truth)))
+        match = match_greedy(pred, scores, truth, overlap=overlap)
         self.frames += 1
         shrink = 1.0 / max(float(label_scale), 1.0)
         th = (truth[:, 3] - truth[:, 1]) * shrink
@@ -132,11 +136,12 @@ class Tally:
             in_bucket = (th >= lo) & (th < hi)
             self.truth_by_bucket[k] += in_bucket.sum()
             self.hit_by_bucket[k] += (in_bucket & hit).sum()
-        self._add_placement(pred, truth, th)
+        self._add_placement(pred, truth, th, overlap)
         tall = (pred[:, 3] - pred[:, 1]) * shrink >= PRECISION_MIN_PX
         self.det_tall += int(tall.sum())
         self.tp_tall += int((tall & (match >= 0)).sum())
-        self._add_false(pred[tall & (match < 0)], truth, image)
+        false = tall & (match < 0)
+        self._add_false(pred[false], overlap[false], image)
         # Per matched pair: its ground-truth index and whether the label is right.
         pairs = np.flatnonzero(match >= 0)
         gt = match[pairs]
@@ -155,19 +160,22 @@ class Tally:
             if right is not None:
                 self.correct_min += int(right[tall_truth[gt]].sum())
 
-    def _add_false(self, false: np.ndarray, truth: np.ndarray, image: Path | None) -> None:
-        """Sort the frame's unmatched tall detections into ``FALSE_KINDS``."""
+    def _add_false(self, false: np.ndarray, overlap: np.ndarray, image: Path | None) -> None:
+        """Sort the frame's unmatched tall detections (their boxes, and their IoU with each
+        label) into ``FALSE_KINDS``."""
         if not len(false):
             return
-        best = iou_matrix(false, truth).max(axis=1) if len(truth) else np.zeros(len(false))
+        best = overlap.max(axis=1) if overlap.shape[1] else np.zeros(len(false))
         kind = np.searchsorted([IOU_TOUCH, IOU_NEAR, IOU_MATCH], best, side="right")
         for k, name in enumerate(reversed(FALSE_KINDS)):
             self.false_kinds[name] += int((kind == k).sum())
         if image is not None:
             self.away += [(image, tuple(float(v) for v in box)) for box in false[kind == 0]]
 
-    def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray) -> None:
-        """Each labelled cone >= ``RECALL_MIN_PX``'s nearest detection (not one to one)."""
+    def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray,
+                       overlap: np.ndarray) -> None:
+        """Each labelled cone >= ``RECALL_MIN_PX``'s nearest detection (not one to one;
+        ``overlap``: detections' IoU with the labels)."""
         rows = np.flatnonzero(heights >= RECALL_MIN_PX)
         if not len(rows):
             return
@@ -176,7 +184,7 @@ class Tally:
             self.near_iou.extend([0.0] * len(rows))
             self.near_error.extend([(np.nan,) * 4] * len(rows))
             return
-        overlap = iou_matrix(truth[rows], pred)
+        overlap = overlap[:, rows].T
         best = overlap.argmax(axis=1)
         t, q = truth[rows], pred[best]
         tw = np.maximum(t[:, 2] - t[:, 0], 1e-6)

@@ -132,7 +132,7 @@ def refiner_crops(image: np.ndarray, boxes: np.ndarray, meta: RefinerMetadata,
     for a in range(0, n, per_call):
         b = min(n, a + per_call)
         # Fixed-point maps: converting costs less than it saves in the remap.
-        map_xy, map_frac = cv2.convertMaps(*sampling_grid(windows[a:b], s, meta.square),
+        map_xy, map_frac = cv2.convertMaps(*sampling_grid(windows[a:b], s, policy.square),
                                            cv2.CV_16SC2)
         out[a:b] = cv2.remap(image, map_xy, map_frac, cv2.INTER_LINEAR,
                              borderMode=PAD_MODES[policy.pad]).reshape(b - a, s, s, 3)
