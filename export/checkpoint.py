@@ -47,9 +47,11 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
 def metadata_from_checkpoint(ckpt: dict) -> ModelMetadata:
     """The runtime preprocessing contract of a checkpoint (precision fp32)."""
     metrics = ckpt.get("metrics", {})
-    extra = {"epoch": ckpt.get("epoch"),
-             "heldout": ckpt.get("config", {}).get("data", {}).get("heldout"),
+    data = ckpt.get("config", {}).get("data", {})
+    extra = {"epoch": ckpt.get("epoch"), "heldout": data.get("heldout"),
              "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    if data.get("normalise") is not None:  # frames white-balanced as the node does (train.py)
+        extra["normalise"] = {"wb_tolerance": float(data["normalise"])}
     return ModelMetadata(classes=list(ckpt["classes"]), input_size=int(ckpt["input_size"]),
                          channel_order=ckpt.get("channel_order", "RGB"),
                          mean=list(ckpt["mean"]), std=list(ckpt["std"]), crop=dict(ckpt["crop"]),

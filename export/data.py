@@ -235,6 +235,19 @@ def crowd_crops(image: np.ndarray, boxes: np.ndarray, labels: list[str], size: i
     return np.concatenate(xs), np.array(ys, np.int64)
 
 
+def frame_normaliser(wb_tolerance: float | None):
+    """What a frame goes through before it is cropped: nothing when ``wb_tolerance`` is None
+    (``data.normalise``), else the node's exposure stage (``node.sources.exposure``: white
+    balance with that tolerance, dark frames brightened, pale colour raised), so that the
+    classifier learns the look every camera's frames are brought to."""
+    if wb_tolerance is None:
+        return lambda image: image
+    from node.node_config import ExposureConfig
+    from node.sources.exposure import Exposure
+
+    return Exposure(ExposureConfig(wb_tolerance=wb_tolerance))
+
+
 def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
                rng: np.random.Generator, heights: HeightByRow
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -246,8 +259,9 @@ def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
     """
     xs, ys, clips, bg_by_kind = [], [], [], {"random": [], "nose": [], "colour": []}
     bg_index = CLASS_INDEX[BACKGROUND]
+    prepare = frame_normaliser(cfg.normalise)
     for sample in samples:
-        image = sample.load()
+        image = prepare(sample.load())
         clip, _ = clip_and_frame(sample.image_path)
         x, y = crops_of_sample(image, sample.boxes, sample.labels, size, policy,
                                cfg.copies_per_class, cfg.jitter, None if heldout else rng)
@@ -279,11 +293,12 @@ def synth_crops(cfg, size: int, policy: CropPolicy, rng: np.random.Generator
     want = {CLASS_INDEX[k]: v for k, v in cfg.synth.per_class.items()}
     got: dict[int, list[np.ndarray]] = {k: [] for k in want}
     have = dict.fromkeys(want, 0)
+    prepare = frame_normaliser(cfg.normalise)
     for i in range(cfg.synth.frames):
         if all(have[k] >= want[k] for k in want):
             break
         scene = render_scene(cfg.synth.seed + i, cfg.synth.width, cfg.synth.height)
-        x, y = crops_of_sample(scene.image, scene.boxes, list(scene.labels), size, policy,
+        x, y = crops_of_sample(prepare(scene.image), scene.boxes, list(scene.labels), size, policy,
                                cfg.synth.copies_per_box, cfg.jitter, rng)
         for k in want:
             part = x[y == k][: max(0, want[k] - have[k])]
@@ -323,7 +338,7 @@ def build_cropset(cfg, size: int, sheet_path: str | Path | None = None) -> CropS
     sx, sy = (synth_crops(cfg, size, policy, rng) if cfg.synth.enabled and cfg.synth.frames
               else (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)))
     info = {"heldout": list(cfg.heldout), "train_frames": len(train), "heldout_frames": len(held),
-            "dropped_duplicates": [list(d) for d in dups],
+            "dropped_duplicates": [list(d) for d in dups], "normalise": cfg.normalise,
             "heldout_clips": sorted(set(vclip.tolist())), "height_by_row": heights.to_list()}
     return CropSet(tx, ty, vx, vy, sx, sy, tclip, vclip, list(CLASSIFIER_CLASSES), size,
                    policy.to_dict(), info)

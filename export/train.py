@@ -96,6 +96,11 @@ def build_crops(cfg: TrainConfig) -> CropSet:
     """The crop cache when ``data.cache`` is set, else crops built from the real data."""
     if cfg.data.cache:
         crops = load_cache(cfg.data.cache)
+        built = crops.info.get("normalise")  # caches from before the key: frames as stored
+        if built != cfg.data.normalise:
+            raise DataError(f"{cfg.data.cache}: crops were built with data.normalise={built} "
+                            f"but the config has {cfg.data.normalise}; set it or rebuild the "
+                            f"cache")
     else:
         crops = build_cropset(cfg.data, cfg.model.input_size)
     if crops.input_size != cfg.model.input_size:

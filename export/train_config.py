@@ -78,6 +78,7 @@ class DataConfig:
     copies_per_class: dict = field(default_factory=lambda: {
         "blue_cone": 2, "yellow_cone": 2, "orange_cone": 6, "large_orange_cone": 3})
     crowd_copies: int = spec(0, min=0, max=8)
+    normalise: float | None = spec(None, min=0.0, max=1.0)
     seed: int = 0
     crop: CropConfig = field(default_factory=CropConfig)
     jitter: JitterConfig = field(default_factory=JitterConfig)

@@ -36,7 +36,7 @@ from node.infer.preprocess import Preprocessor
 from node.node_config import NodeConfig
 from node.propose import Proposer
 from node.publish.publishers import PublisherError, publish_all
-from node.sources.exposure import Exposure
+from node.sources.exposure import Exposure, training_mismatch
 from node.track import TrackingStage
 from node.types import Cone, Frame, FrameResult
 
@@ -109,6 +109,7 @@ class Pipeline:
         stage_config = config.tracking_stage_config()
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
         self.exposure = Exposure.from_config(config.exposure)
+        self.exposure_warning = training_mismatch(meta.extra, config.exposure)
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -425,6 +426,8 @@ class Pipeline:
             out["range"] = self.tracking.note  # says when no intrinsics are configured
         if self.exposure is not None:
             out["exposure"] = self.exposure.report()
+        if self.exposure_warning:
+            out["exposure_warning"] = self.exposure_warning
         if self.first_inference_error:
             out["first_inference_error"] = self.first_inference_error
         if self.stop_signal is not None:

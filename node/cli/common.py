@@ -127,6 +127,8 @@ def run_node(args: argparse.Namespace, uri: str, *, live: bool) -> int:
             progress = _progress_bar(source, enabled=not live and not args.no_progress)
             report = (lambda line: print(line, file=sys.stderr, flush=True)) if live else None
             pipeline = Pipeline(config, backend, proposer, publishers, tracker, progress, report)
+            if live and pipeline.exposure_warning:  # replays print it with the summary
+                print(f"warning: {pipeline.exposure_warning}", file=sys.stderr, flush=True)
             summary = pipeline.run(source)  # closes the source and the publishers
     finally:
         if progress is not None:
@@ -237,6 +239,8 @@ def format_summary(summary: dict) -> str:
     if summary.get("interrupted"):
         head += "  (interrupted: stopped by signal)"
     notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]
+    if summary.get("exposure_warning"):
+        notes.append(f"warning: {summary['exposure_warning']}")
     if summary.get("range"):
         notes.append(f"range: {summary['range']}")
     exposure = describe_exposure(summary.get("exposure") or {})

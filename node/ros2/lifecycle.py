@@ -298,6 +298,8 @@ def build_node_class() -> type:
             self._runner = PipelineThread(pipeline, self._source, self._pipeline_ended).start()
             self.active = True
             self.get_logger().info(f"active: {self._backend!r} on {self._input[1]}")
+            if pipeline.exposure_warning:
+                self.get_logger().warning(pipeline.exposure_warning)
             return super().on_activate(state) if self.is_lifecycle else self.Return.SUCCESS
 
         def on_deactivate(self, state: Any) -> Any:

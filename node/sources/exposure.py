@@ -106,9 +106,10 @@ def grey_gains(pixels: list[np.ndarray], max_gain: float = 2.0) -> np.ndarray:
 
 def beyond_tolerance(gains: np.ndarray, tolerance: float) -> np.ndarray:
     """``gains`` (3,) with the first ``tolerance`` (a fraction) of each channel's correction
-    left out, in log terms, and a mean of 1 again: a cast the networks were trained to take
-    (``export.camera_aug`` draws per-channel gains within +-12 %) is left alone, a stronger
-    one is brought back within it. Continuous in the measured gains."""
+    left out, in log terms, and a mean of 1 again: a cast too small to tell from the scene's
+    own colours is left alone, a stronger one is brought back within it (the networks were
+    trained on per-channel gains within +-12 %, ``export.camera_aug``). Continuous in the
+    measured gains."""
     log = np.log(np.asarray(gains, np.float64))
     shrunk = np.exp(np.sign(log) * np.maximum(np.abs(log) - np.log1p(tolerance), 0.0))
     return (shrunk / shrunk.mean()).astype(np.float32)
@@ -229,6 +230,23 @@ class Exposure:
         if self._saturated:
             out["mean_saturation"] = round(self._saturation_sum / self._saturated, 3)
         return out
+
+
+def training_mismatch(extra: dict, config: ExposureConfig) -> str | None:
+    """One line when the classifier was trained on frames this stage prepares differently:
+    its metadata's ``extra["normalise"]`` (``data.normalise`` in the training config) names
+    the ``wb_tolerance`` its training frames were white-balanced with. None when they agree
+    or the model says nothing."""
+    trained = (extra.get("normalise") or {}).get("wb_tolerance")
+    if not isinstance(trained, (int, float)) or isinstance(trained, bool):
+        return None
+    if not config.white_balance:
+        return (f"the classifier was trained on frames white-balanced with wb_tolerance "
+                f"{trained:g}, but exposure.white_balance is off")
+    if abs(config.wb_tolerance - trained) > 1e-6:
+        return (f"the classifier was trained on frames white-balanced with wb_tolerance "
+                f"{trained:g}, but exposure.wb_tolerance is {config.wb_tolerance:g}")
+    return None
 
 
 def describe(report: dict) -> str | None:

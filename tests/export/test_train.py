@@ -27,13 +27,17 @@ from export.data import (
     crops_to_tensor,
     crowd_crops,
     crowd_frame,
+    frame_normaliser,
     is_heldout,
     jitter_boxes,
     load_cache,
+    real_crops,
     save_cache,
 )
 from export.train_config import BackgroundConfig, ConfigError, load_train_config
 from node.classes import CLASSIFIER_CLASSES
+from node.evaluate.datasets import Sample
+from node.infer.crop import crop_batch
 from node.infer.preprocess import normalize
 
 from . import cone_patches
@@ -128,6 +132,39 @@ def test_a_crowd_crop_pastes_a_cone_of_the_frame_beside_the_box() -> None:
     x, y = crowd_crops(image, blue[None].astype(np.float32), ["blue_cone"], 32, policy, 2,
                        data.jitter, rng)
     assert len(x) == len(y) == 0  # no other cone in the frame
+
+
+def test_normalise_crops_the_frame_as_the_node_white_balances_it(tmp_path) -> None:
+    """``data.normalise``: a frame with a blue cast (grey asphalt recorded as B 150, G 120,
+    R 95) is cropped after the node's exposure stage at that tolerance: at 0 the asphalt
+    around a cone comes out grey and the crop is the stage's frame cropped; null crops the
+    frame as stored."""
+    from node.node_config import ExposureConfig
+    from node.sources.exposure import Exposure
+
+    image = np.empty((240, 320, 3), np.uint8)
+    image[:] = (150, 120, 95)
+    image[100:160, 140:170][cone_mask(60, 30)] = (40, 190, 230)  # a yellow cone
+    path = tmp_path / "autox_mp4-0_jpg.rf.0.jpg"
+    cv2.imwrite(str(path), image, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    box = np.array([[140, 100, 170, 160]], np.float32)
+    sample = Sample(path, box, ["yellow_cone"], (320, 240))
+    data = load_train_config(None, ["data.background.per_frame=0",
+                                    "data.background.nose_per_frame=0",
+                                    "data.background.colour_blobs_per_frame=0"]).data
+    assert data.normalise is None
+    policy = data.crop.policy()
+    heights = HeightByRow.fit([sample])
+    raw, y, _, _ = real_crops([sample], 32, policy, data, True, np.random.default_rng(0), heights)
+    assert y.tolist() == [CLASS_INDEX["yellow_cone"]]
+    assert np.array_equal(raw, crop_batch(sample.load(), box, 32, policy))
+    data.normalise = 0.0
+    flat, _, _, _ = real_crops([sample], 32, policy, data, True, np.random.default_rng(0), heights)
+    staged = Exposure(ExposureConfig(wb_tolerance=0.0))(sample.load())
+    assert np.array_equal(flat, crop_batch(staged, box, 32, policy))
+    raw_asphalt, flat_asphalt = (c[0, :3, :3].reshape(-1, 3).mean(axis=0) for c in (raw, flat))
+    assert np.ptp(raw_asphalt) > 50 and np.ptp(flat_asphalt) < 4
+    assert frame_normaliser(None)(image) is image
 
 
 def test_torch_normalisation_equals_the_runtime_one() -> None:
@@ -228,6 +265,27 @@ def tiny_run(tiny_cache, tmp_path_factory):
         "optim.batch_size=32", "optim.warmup_epochs=0.3"])
     metrics = train(cfg)
     return out, metrics
+
+
+def test_a_cache_built_with_other_frame_normalisation_is_refused(tiny_cache, tmp_path) -> None:
+    """The metadata tells the node how the training frames were white-balanced
+    (``data.normalise``): a crop cache built otherwise than the config says is refused, and a
+    checkpoint of a normalised run carries the tolerance into the model's metadata."""
+    from export.checkpoint import metadata_from_checkpoint
+    from export.data import DataError
+    from export.train import build_crops
+
+    cfg = load_train_config(CONFIG, [f"data.cache={tiny_cache}", "data.normalise=0"])
+    with pytest.raises(DataError, match=r"data\.normalise=None but the config has 0\.0"):
+        build_crops(cfg)
+    cfg.data.normalise = None
+    assert len(build_crops(cfg).train_y)
+    ckpt = {"classes": list(CLASSIFIER_CLASSES), "input_size": 32, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "crop": {}, "arch": "se_resnet_slim32",
+            "config": {"data": {"heldout": ["accel"], "normalise": 0.0}}}
+    assert metadata_from_checkpoint(ckpt).extra["normalise"] == {"wb_tolerance": 0.0}
+    ckpt["config"]["data"]["normalise"] = None
+    assert "normalise" not in metadata_from_checkpoint(ckpt).extra
 
 
 def test_tiny_model_learns_far_above_chance(tiny_run) -> None:

@@ -102,10 +102,13 @@ def test_only_the_part_of_a_cast_beyond_the_tolerance_is_corrected():
     edge = beyond_tolerance(np.array([1.101, 1.0, 1 / 1.101], np.float32), 0.1)
     np.testing.assert_allclose(edge, 1.0, atol=2e-3)
     # a frame whose cast is within the tolerance is not copied; a stronger one is corrected
-    within = road_frame((1.05, 1.0, 0.96))
-    assert Exposure(ExposureConfig(auto_gain=False))(within) is within
+    within = road_frame((1.03, 1.0, 0.97))
+    assert Exposure(ExposureConfig(auto_gain=False))(within) is within  # default 5 %
     beyond = road_frame((1.3, 1.0, 0.75))
     assert Exposure(ExposureConfig(auto_gain=False))(beyond) is not beyond
+    mild = road_frame((1.08, 1.0, 0.92))  # beyond 5 %, within 10 %
+    assert Exposure(ExposureConfig(auto_gain=False))(mild) is not mild
+    assert Exposure(ExposureConfig(auto_gain=False, wb_tolerance=0.1))(mild) is mild
 
 
 def test_white_balance_gains_are_bounded():
@@ -219,6 +222,27 @@ def test_exposure_settings_are_checked():
         load_node_config(None, {"exposure": {"min_chroma": 300}})
     section = load_node_config(None).exposure
     assert section.auto_gain and section.white_balance and section.saturation  # on by default
+
+
+def test_a_classifier_trained_on_other_white_balanced_frames_is_named_in_a_warning():
+    """A classifier whose metadata says its training frames were white-balanced with one
+    tolerance (``data.normalise``) gets a warning line when the config's stage differs, none
+    when it agrees or the model says nothing; the run summary prints it."""
+    from node.cli.common import format_summary
+    from node.sources.exposure import training_mismatch
+
+    trained = {"normalise": {"wb_tolerance": 0.0}}
+    assert training_mismatch({}, ExposureConfig()) is None
+    assert training_mismatch({"normalise": {"wb_tolerance": True}}, ExposureConfig()) is None
+    assert training_mismatch(trained, ExposureConfig(wb_tolerance=0.0)) is None
+    line = training_mismatch(trained, ExposureConfig(wb_tolerance=0.1))
+    assert line == ("the classifier was trained on frames white-balanced with wb_tolerance 0, "
+                    "but exposure.wb_tolerance is 0.1")
+    off = training_mismatch(trained, ExposureConfig(white_balance=False, wb_tolerance=0.0))
+    assert off is not None and "exposure.white_balance is off" in off
+    summary = {"mode": "sync", "cones": 0, "candidates_per_frame": 0.0, "frames": 0, "fps": 0.0,
+               "wall_s": 0.0, "dropped": 0, "errors": 0, "exposure_warning": line}
+    assert f"warning: {line}" in format_summary(summary).splitlines()
 
 
 @pytest.mark.skipif(not (BUNDLED.is_file() and PROPOSER.is_file()),
