@@ -13,7 +13,9 @@ camera would have recorded, with the boxes moved to match:
 * corruptions at three strengths (ImageNet-C's idea, Hendrycks and Dietterich 2019, with the
   kinds a car's camera meets): ``droplets`` (water on the lens), ``motion_blur``, ``noise``,
   ``low_light`` (dark and noisy), ``tint_cool`` and ``tint_warm`` (a white balance off
-  towards blue or orange), ``desaturate`` (weaker colour) and ``jpeg``.
+  towards blue or orange), ``desaturate`` (weaker colour), ``jpeg``, ``overexposed``
+  (bright sun on a camera exposing for the shade: bright surfaces burn out to white) and
+  ``defocus`` (a lens out of focus or fogged).
 
 The horizon of a clip is estimated from its labels: the median over its frames of the lowest
 box bottom (the most distant labelled cone stands nearest the horizon). Everything is
@@ -202,6 +204,18 @@ def desaturate(image, strength, rng):
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
 
 
+def overexposed(image, strength, rng):
+    """Bright sun on a camera that exposes for the shade: every channel times 1.5, 2 or 2.8,
+    clipped at 255 (bright surfaces burn out to white)."""
+    gain = (1.5, 2.0, 2.8)[strength - 1]
+    return cv2.convertScaleAbs(image, alpha=gain)
+
+
+def defocus(image, strength, rng):
+    """A lens out of focus (or fogged): a Gaussian blur of sigma 1, 2 or 3 px."""
+    return cv2.GaussianBlur(image, (0, 0), float(strength))
+
+
 def jpeg(image, strength, rng):
     quality = (40, 20, 10)[strength - 1]
     _ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -210,7 +224,8 @@ def jpeg(image, strength, rng):
 
 CORRUPTIONS = {"droplets": droplets, "motion_blur": motion_blur, "noise": noise,
                "low_light": low_light, "tint_cool": tint("cool"), "tint_warm": tint("warm"),
-               "desaturate": desaturate, "jpeg": jpeg}
+               "desaturate": desaturate, "jpeg": jpeg, "overexposed": overexposed,
+               "defocus": defocus}
 
 
 def corruption(fn: Callable, strength: int) -> Callable:

@@ -89,6 +89,21 @@ def test_corruptions_keep_the_frame_and_grow_with_strength(name):
     assert 0 < change[0] <= change[1] <= change[2]
 
 
+def test_overexposure_burns_bright_surfaces_out_and_defocus_spreads_an_edge():
+    """``overexposed``: grey 100 becomes 150, 200 and 255 (clipped); ``defocus``: a sharp
+    step spreads over more pixels at each strength."""
+    by_name = {v.name: v for v in build_variants(["overexposed", "defocus"])}
+    grey = np.full((H, W, 3), 100, np.uint8)
+    levels = [int(by_name[f"overexposed_{k}"].apply(grey, BOXES, 0.4, 0)[0][0, 0, 0])
+              for k in (1, 2, 3)]
+    assert levels == [150, 200, 255]
+    step = np.zeros((H, W, 3), np.uint8)
+    step[:, W // 2:] = 200
+    rows = [by_name[f"defocus_{k}"].apply(step, BOXES, 0.4, 0)[0][H // 2, :, 0] for k in (1, 2, 3)]
+    spread = [int((row % 200 != 0).sum()) for row in rows]  # neither 0 nor 200: the blurred edge
+    assert 0 < spread[0] < spread[1] < spread[2]
+
+
 def test_unknown_variant_is_named():
     with pytest.raises(ValueError, match="--variants fog: unknown variant"):
         build_variants(["fog"])
