@@ -14,8 +14,9 @@ camera would have recorded, with the boxes moved to match:
   kinds a car's camera meets): ``droplets`` (water on the lens), ``motion_blur``, ``noise``,
   ``low_light`` (dark and noisy), ``tint_cool`` and ``tint_warm`` (a white balance off
   towards blue or orange), ``desaturate`` (weaker colour), ``jpeg``, ``overexposed``
-  (bright sun on a camera exposing for the shade: bright surfaces burn out to white) and
-  ``defocus`` (a lens out of focus or fogged).
+  (bright sun on a camera exposing for the shade: bright surfaces burn out to white),
+  ``defocus`` (a lens out of focus) and ``haze`` (haze, a fogged lens or glare veiling the
+  frame in light).
 
 The horizon of a clip is estimated from its labels: the median over its frames of the lowest
 box bottom (the most distant labelled cone stands nearest the horizon). Everything is
@@ -216,6 +217,13 @@ def defocus(image, strength, rng):
     return cv2.GaussianBlur(image, (0, 0), float(strength))
 
 
+def haze(image, strength, rng):
+    """Haze, fog, a fogged lens or sun glare on the lens: the frame blended with light grey
+    (200) by 0.3, 0.5 or 0.7, which lifts its blacks and flattens its contrast."""
+    veil = (0.3, 0.5, 0.7)[strength - 1]
+    return cv2.addWeighted(image, 1.0 - veil, np.full_like(image, 200), veil, 0.0)
+
+
 def jpeg(image, strength, rng):
     quality = (40, 20, 10)[strength - 1]
     _ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
@@ -225,7 +233,7 @@ def jpeg(image, strength, rng):
 CORRUPTIONS = {"droplets": droplets, "motion_blur": motion_blur, "noise": noise,
                "low_light": low_light, "tint_cool": tint("cool"), "tint_warm": tint("warm"),
                "desaturate": desaturate, "jpeg": jpeg, "overexposed": overexposed,
-               "defocus": defocus}
+               "defocus": defocus, "haze": haze}
 
 
 def corruption(fn: Callable, strength: int) -> Callable:

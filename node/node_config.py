@@ -150,6 +150,8 @@ class ExposureConfig:
     white_balance: bool = True
     max_wb_gain: float = spec(2.0, min=1.0, max=8.0)
     wb_tolerance: float = spec(0.05, min=0.0, max=1.0)
+    black_level: bool = True
+    max_black: float = spec(30.0, min=0.0, max=255.0)
     auto_gain: bool = True
     target: float = spec(230.0, min=1.0, max=255.0)
     max_gain: float = spec(8.0, min=1.0, max=64.0)

@@ -1,9 +1,9 @@
-"""Frame normalisation for the networks: white balance, dark frames brightened, pale colour
-raised.
+"""Frame normalisation for the networks: white balance, veiled frames stretched, dark frames
+brightened, pale colour raised.
 
-Cameras differ in colour and brightness far more than the training frames did. Three corrections,
-each computed from the frame alone (nothing depends on the camera), bring every frame to the
-look the proposer and the classifier were trained on:
+Cameras differ in colour and brightness far more than the training frames did. Four
+corrections, each computed from the frame alone (nothing depends on the camera), bring every
+frame to the look the proposer and the classifier were trained on:
 
 * **White balance.** The frame's greyest pixels (the least coloured ``GREY_FRACTION`` of those
   neither dark nor saturated, once a grey-world guess has removed most of the cast: asphalt,
@@ -11,6 +11,11 @@ look the proposer and the classifier were trained on:
   The mean of the three gains is 1, so the brightness is kept. A camera whose white balance
   is off by a third turns blue cones teal and yellow ones green; without this the proposer
   loses most cones on such frames (docs/validation.md).
+* **Black level.** A frame whose dark end (a percentile of each pixel's darkest channel) lies
+  above ``max_black`` is stretched so that its dark end lands on ``max_black`` and its bright
+  end on the brightening's ``target`` (within ``max_gain``): haze, a fogged lens or sun glare
+  on the lens veil the whole frame in light and lift its blacks to grey, which the networks
+  never saw.
 * **Exposure.** A frame whose bright end (a percentile of its brightest channel) lies below
   ``target`` is scaled up to it, by at most ``max_gain``; a brighter frame is not touched. The
   gain also amplifies the sensor's noise, so a brightened frame is smoothed by a Gaussian whose
@@ -57,6 +62,9 @@ MIN_SIGMA = 0.3
 BRIGHT_PERCENTILE = 99.0
 """The percentile of the brightest channel that counts as a frame's bright end."""
 CHROMA_PERCENTILE = 99.0
+"""The percentile of the pixels' chroma that counts as a frame's most coloured."""
+DARK_PERCENTILE = 1.0
+"""The percentile of each pixel's darkest channel that counts as a frame's dark end."""
 """The percentile of the pixels' chroma that counts as a frame's most coloured."""
 LUMA = np.array([0.114, 0.587, 0.299], np.float32)
 """B, G, R weights of the luma (ITU-R BT.601) kept when the saturation is raised."""
@@ -130,6 +138,13 @@ def bright_level(pixels: list[np.ndarray], percentile: float = 99.0,
     return min(_kth(_max3(*_scaled(pixels, gains)), percentile / 100.0), 255.0)
 
 
+def dark_level(pixels: list[np.ndarray], percentile: float = 1.0,
+               gains: np.ndarray | None = None) -> float:
+    """The ``percentile`` (0..100) of the darkest channel of ``pixels`` (``sample_pixels``),
+    each channel scaled by ``gains`` first when given, in grey levels."""
+    return _kth(_min3(*_scaled(pixels, gains)), percentile / 100.0)
+
+
 def chroma_level(pixels: list[np.ndarray], percentile: float = 99.0,
                  gains: np.ndarray | None = None) -> float:
     """The ``percentile`` (0..100) of the chroma (brightest minus darkest channel) of
@@ -154,14 +169,18 @@ def colour_matrix(gains: np.ndarray, saturation: float = 1.0) -> np.ndarray:
 
 
 def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0,
-                saturation: float = 1.0) -> np.ndarray:
-    """``image`` with each channel scaled by ``gains`` (B, G, R), its saturation raised by
-    ``saturation`` (``colour_matrix``; saturating at 0 and 255), smoothed by a Gaussian of
-    ``denoise_sigma`` px; ``image`` itself when nothing would change."""
-    if (np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED)
+                saturation: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """``image`` with each channel scaled by ``gains`` (B, G, R), ``offset`` grey levels added
+    to every channel, its saturation raised by ``saturation`` (``colour_matrix``; saturating
+    at 0 and 255), smoothed by a Gaussian of ``denoise_sigma`` px; ``image`` itself when
+    nothing would change."""
+    if (np.all(np.abs(np.asarray(gains) - 1.0) < UNCHANGED) and abs(offset) < 0.5
             and abs(saturation - 1.0) < UNCHANGED and denoise_sigma < MIN_SIGMA):
         return image
-    out = cv2.transform(image, colour_matrix(gains, saturation))
+    matrix = colour_matrix(gains, saturation)
+    if abs(offset) >= 0.5:  # a uniform offset is grey: the saturation leaves it as it is
+        matrix = np.hstack([matrix, np.full((3, 1), offset, np.float32)])
+    out = cv2.transform(image, matrix)
     if denoise_sigma >= MIN_SIGMA:
         out = cv2.GaussianBlur(out, (0, 0), denoise_sigma)
     return out
@@ -174,35 +193,47 @@ class Exposure:
     def __init__(self, config: ExposureConfig | None = None) -> None:
         self.config = config or ExposureConfig()
         self._frames = self._balanced = self._brightened = self._saturated = 0
+        self._lowered = 0
         self._wb_sum = np.zeros(3)
-        self._gain_sum = self._saturation_sum = 0.0
+        self._gain_sum = self._saturation_sum = self._black_sum = 0.0
 
     @classmethod
     def from_config(cls, section: ExposureConfig) -> Exposure | None:
         """The stage for a config section; None when every correction is off."""
-        on = section.auto_gain or section.white_balance or section.saturation
+        on = (section.auto_gain or section.white_balance or section.saturation
+              or section.black_level)
         return cls(section) if on else None
 
-    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """The frame's white-balance gains (3,), its brightening (>= 1) and its saturation
-        gain (>= 1)."""
+    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+        """The frame's white-balance gains (3,), its brightening (>= 1), its saturation gain
+        (>= 1) and how far its dark end lies above ``max_black`` (grey levels after the white
+        balance; > 0: the brightening stretches about ``max_black``)."""
         c = self.config
         pixels = sample_pixels(image)
         wb = (beyond_tolerance(grey_gains(pixels, c.max_wb_gain), c.wb_tolerance)
               if c.white_balance else np.ones(3, np.float32))
-        gain = (exposure_gain(bright_level(pixels, BRIGHT_PERCENTILE, wb), c.target,
-                              c.max_gain) if c.auto_gain else 1.0)
+        black = (max(0.0, dark_level(pixels, DARK_PERCENTILE, wb) - c.max_black)
+                 if c.black_level else 0.0)
+        bright = bright_level(pixels, BRIGHT_PERCENTILE, wb)
+        if black > 0.0:  # veiled: dark end to max_black, bright end to target, in one stretch
+            gain = exposure_gain(bright - black - c.max_black, c.target - c.max_black,
+                                 c.max_gain)
+        else:
+            gain = exposure_gain(bright, c.target, c.max_gain) if c.auto_gain else 1.0
         saturation = 1.0
         if c.saturation:
             level = chroma_level(pixels, CHROMA_PERCENTILE, wb * gain)
             if level >= 1.0:  # a grey frame has no colour to raise
                 saturation = exposure_gain(level, c.min_chroma, c.max_saturation_gain)
-        return wb, gain, saturation
+        return wb, gain, saturation, black
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """The frame the networks see: ``image`` itself, or a corrected copy."""
-        wb, gain, saturation = self.gains(image)
+        wb, gain, saturation, black = self.gains(image)
         self._frames += 1
+        if black >= 0.5:
+            self._lowered += 1
+            self._black_sum += black
         if np.any(np.abs(wb - 1.0) >= UNCHANGED):
             self._balanced += 1
             self._wb_sum += wb
@@ -213,7 +244,8 @@ class Exposure:
             self._saturated += 1
             self._saturation_sum += saturation
         sigma = self.config.denoise_sigma * math.log2(gain)
-        return apply_gains(image, wb * gain, sigma, saturation)
+        offset = self.config.max_black * (1.0 - gain) - black * gain if black > 0.0 else 0.0
+        return apply_gains(image, wb * gain, sigma, saturation, offset)
 
     def report(self) -> dict:
         """What the stage did so far: frames seen, how many it white-balanced (and their mean
@@ -222,13 +254,16 @@ class Exposure:
         the training camera's look: its own white balance, exposure or saturation may be
         worth fixing."""
         out: dict = {"frames": self._frames, "white_balanced": self._balanced,
-                     "brightened": self._brightened, "saturated": self._saturated}
+                     "brightened": self._brightened, "saturated": self._saturated,
+                     "black_lowered": self._lowered}
         if self._balanced:
             out["mean_wb_gains"] = [round(float(g), 3) for g in self._wb_sum / self._balanced]
         if self._brightened:
             out["mean_brightening"] = round(self._gain_sum / self._brightened, 3)
         if self._saturated:
             out["mean_saturation"] = round(self._saturation_sum / self._saturated, 3)
+        if self._lowered:
+            out["mean_black_lowered"] = round(self._black_sum / self._lowered, 1)
         return out
 
 
@@ -252,13 +287,16 @@ def training_mismatch(extra: dict, config: ExposureConfig) -> str | None:
 def describe(report: dict) -> str | None:
     """One line for the run summary, or None when the stage changed no frame."""
     if not (report.get("white_balanced") or report.get("brightened")
-            or report.get("saturated")):
+            or report.get("saturated") or report.get("black_lowered")):
         return None
     parts = []
     if report.get("white_balanced"):
         b, g, r = report["mean_wb_gains"]
         parts.append(f"{report['white_balanced']} of {report['frames']} frames white-balanced "
                      f"(mean gains B {b:.2f} G {g:.2f} R {r:.2f})")
+    if report.get("black_lowered"):
+        parts.append(f"{report['black_lowered']} of {report['frames']} veiled, black level "
+                     f"lowered (mean {report['mean_black_lowered']:.0f} grey levels)")
     if report.get("brightened"):
         parts.append(f"{report['brightened']} of {report['frames']} brightened (mean "
                      f"x{report['mean_brightening']:.2f})")
