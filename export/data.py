@@ -238,8 +238,8 @@ def crowd_crops(image: np.ndarray, boxes: np.ndarray, labels: list[str], size: i
 def frame_normaliser(wb_tolerance: float | None):
     """What a frame goes through before it is cropped: nothing when ``wb_tolerance`` is None
     (``data.normalise``), else the node's exposure stage (``node.sources.exposure``: white
-    balance with that tolerance, dark frames brightened, pale colour raised), so that the
-    classifier learns the look every camera's frames are brought to."""
+    balance with that tolerance, veiled frames stretched, dark frames brightened, pale colour
+    raised), so that the classifier learns the look every camera's frames are brought to."""
     if wb_tolerance is None:
         return lambda image: image
     from node.node_config import ExposureConfig
@@ -298,8 +298,8 @@ def synth_crops(cfg, size: int, policy: CropPolicy, rng: np.random.Generator
         if all(have[k] >= want[k] for k in want):
             break
         scene = render_scene(cfg.synth.seed + i, cfg.synth.width, cfg.synth.height)
-        x, y = crops_of_sample(prepare(scene.image), scene.boxes, list(scene.labels), size, policy,
-                               cfg.synth.copies_per_box, cfg.jitter, rng)
+        x, y = crops_of_sample(prepare(scene.image), scene.boxes, list(scene.labels), size,
+                               policy, cfg.synth.copies_per_box, cfg.jitter, rng)
         for k in want:
             part = x[y == k][: max(0, want[k] - have[k])]
             got[k].append(part)

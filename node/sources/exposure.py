@@ -12,10 +12,12 @@ frame to the look the proposer and the classifier were trained on:
   is off by a third turns blue cones teal and yellow ones green; without this the proposer
   loses most cones on such frames (docs/validation.md).
 * **Black level.** A frame whose dark end (a percentile of each pixel's darkest channel) lies
-  above ``max_black`` is stretched so that its dark end lands on ``max_black`` and its bright
-  end on the brightening's ``target`` (within ``max_gain``): haze, a fogged lens or sun glare
-  on the lens veil the whole frame in light and lift its blacks to grey, which the networks
-  never saw.
+  above ``max_black`` is lowered by the excess and stretched, so that its bright end lands on
+  the brightening's ``target`` (within ``max_gain``) and its dark end on ``max_black``: haze,
+  a fogged lens or sun glare on the lens veil the whole frame in light and lift its blacks to
+  grey, which the networks never saw. The stretch pivots about the excess while that is
+  below ``max_black``, so that a frame just past the threshold is treated as one just below
+  it (plain brightening).
 * **Exposure.** A frame whose bright end (a percentile of its brightest channel) lies below
   ``target`` is scaled up to it, by at most ``max_gain``; a brighter frame is not touched. The
   gain also amplifies the sensor's noise, so a brightened frame is smoothed by a Gaussian whose
@@ -65,7 +67,6 @@ CHROMA_PERCENTILE = 99.0
 """The percentile of the pixels' chroma that counts as a frame's most coloured."""
 DARK_PERCENTILE = 1.0
 """The percentile of each pixel's darkest channel that counts as a frame's dark end."""
-"""The percentile of the pixels' chroma that counts as a frame's most coloured."""
 LUMA = np.array([0.114, 0.587, 0.299], np.float32)
 """B, G, R weights of the luma (ITU-R BT.601) kept when the saturation is raised."""
 
@@ -207,19 +208,21 @@ class Exposure:
     def gains(self, image: np.ndarray) -> tuple[np.ndarray, float, float, float]:
         """The frame's white-balance gains (3,), its brightening (>= 1), its saturation gain
         (>= 1) and how far its dark end lies above ``max_black`` (grey levels after the white
-        balance; > 0: the brightening stretches about ``max_black``)."""
+        balance; the frame is lowered by it and stretched about the smaller of it and
+        ``max_black``)."""
         c = self.config
         pixels = sample_pixels(image)
         wb = (beyond_tolerance(grey_gains(pixels, c.max_wb_gain), c.wb_tolerance)
               if c.white_balance else np.ones(3, np.float32))
         black = (max(0.0, dark_level(pixels, DARK_PERCENTILE, wb) - c.max_black)
                  if c.black_level else 0.0)
-        bright = bright_level(pixels, BRIGHT_PERCENTILE, wb)
-        if black > 0.0:  # veiled: dark end to max_black, bright end to target, in one stretch
-            gain = exposure_gain(bright - black - c.max_black, c.target - c.max_black,
-                                 c.max_gain)
-        else:
-            gain = exposure_gain(bright, c.target, c.max_gain) if c.auto_gain else 1.0
+        # Veiled: one stretch about the pivot takes the dark end to max_black and the bright
+        # end to target. The pivot grows from 0 with the excess, so that a frame just past
+        # max_black is treated as one just below it (plain brightening, about 0).
+        pivot = min(black, c.max_black)
+        gain = (exposure_gain(bright_level(pixels, BRIGHT_PERCENTILE, wb) - black - pivot,
+                              c.target - pivot, c.max_gain)
+                if c.auto_gain or black > 0.0 else 1.0)
         saturation = 1.0
         if c.saturation:
             level = chroma_level(pixels, CHROMA_PERCENTILE, wb * gain)
@@ -244,7 +247,8 @@ class Exposure:
             self._saturated += 1
             self._saturation_sum += saturation
         sigma = self.config.denoise_sigma * math.log2(gain)
-        offset = self.config.max_black * (1.0 - gain) - black * gain if black > 0.0 else 0.0
+        pivot = min(black, self.config.max_black)
+        offset = pivot * (1.0 - gain) - black * gain
         return apply_gains(image, wb * gain, sigma, saturation, offset)
 
     def report(self) -> dict:
