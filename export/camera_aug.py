@@ -84,13 +84,9 @@ CROP = CameraRandomisation(max_blur_px=20, blur_full_side=32, p_blur=0.4, p_drop
 # (docs/experiments.md), not the bundled recipe.
 CROP_SATURATION = replace(CROP, saturation=(0.3, 1.3))
 
-# DEFAULT with exposures up to x2.5, which clip (bright sun on a camera exposing for the
-# shade): an experiment (docs/experiments.md), not a bundled recipe.
-BRIGHT = replace(DEFAULT, exposure=(0.3, 2.5))
-
 PROFILES: dict[str, CameraRandomisation | None] = {
     "none": None, "default": DEFAULT, "strong": STRONG, "crop": CROP,
-    "crop_saturation": CROP_SATURATION, "bright": BRIGHT}
+    "crop_saturation": CROP_SATURATION}
 """Profiles by name: the trainers' ``--camera`` and ``augment.camera.profile``."""
 
 
