@@ -54,7 +54,7 @@ class EngineConfig:
     """The ``engine`` section of ``configs/export.yaml`` (documented there)."""
 
     opt_batch: int = spec(16, min=1, max=4096)
-    max_batch: int = spec(64, min=1, max=4096)
+    max_batch: int = spec(96, min=1, max=4096)
     workspace_mib: int = spec(1024, min=16, max=65536)
     timing_cache: str = "auto"
     out_dir: str | None = None

@@ -29,7 +29,7 @@ class ModelConfig:
     path: str = DEFAULT_MODEL
     providers: str | list[str] | None = None
     threads: int | None = spec(1, min=1, max=64)
-    max_batch: int = spec(64, min=1, max=1024)
+    max_batch: int = spec(96, min=1, max=1024)
     score_threshold: float = spec(0.5, min=0.0, max=1.0)
 
 
@@ -80,7 +80,7 @@ class ProposerConfig:
     kind: str = spec("heatmap", choices=("colour", "hsv", "heatmap", "heatmap+hsv",
                                         "heatmap+colour", "external"))
     external_dir: str | None = None
-    max_candidates: int = spec(48, min=1, max=1024)
+    max_candidates: int = spec(96, min=1, max=1024)
     colour_model: str = "models/colour_model.json"
     colour_threshold: float = spec(0.2, min=0.0, max=1.0)
     min_part_px: int = spec(2, min=1)

@@ -30,7 +30,7 @@ BACKEND_BY_SUFFIX: dict[str, type[Backend]] = {
 
 
 def load_backend(path: str | Path, *, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, max_batch: int = 64) -> Backend:
+                 threads: int | None = None, max_batch: int = 96) -> Backend:
     """The backend for a model file, chosen by its suffix (not yet activated).
 
     Args:

@@ -66,7 +66,7 @@ class OnnxRuntimeBackend(Backend):
     """
 
     def __init__(self, path: str | Path, *, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, max_batch: int = 64) -> None:
+                 threads: int | None = None, max_batch: int = 96) -> None:
         import onnxruntime as ort
 
         path = Path(path)

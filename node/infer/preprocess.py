@@ -50,7 +50,7 @@ class Preprocessor:
         max_batch: capacity of the preallocated buffers; larger requests grow them once.
     """
 
-    def __init__(self, meta: ModelMetadata, max_batch: int = 64) -> None:
+    def __init__(self, meta: ModelMetadata, max_batch: int = 96) -> None:
         self.size = meta.input_size
         self.policy: CropPolicy = meta.crop_policy
         self.mean = np.asarray(meta.mean, np.float32)

@@ -116,7 +116,7 @@ class TensorRTBackend(Backend):
         MetadataError: the sidecar is missing or incomplete.
     """
 
-    def __init__(self, path: str | Path, *, max_batch: int = 64, device: int = 0) -> None:
+    def __init__(self, path: str | Path, *, max_batch: int = 96, device: int = 0) -> None:
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"{path}: engine file not found")

@@ -170,7 +170,7 @@ def scene_frames() -> list[Frame]:
 
 def run_pipeline(model: Path, frames, labels: Path, sync: bool, fail_at: int | None = None):
     config = load_node_config(None, {"pipeline": {"sync": sync},
-                                     "model": {"score_threshold": 0.0, "max_batch": 64}})
+                                     "model": {"score_threshold": 0.0, "max_batch": 96}})
     publisher = ListPublisher()
     with load_backend(model, threads=1) as backend:
         used = backend if fail_at is None else FailingBackend(backend, fail_at)

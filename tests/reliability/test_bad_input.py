@@ -133,7 +133,7 @@ ENGINE_CASES = {
                               ["m.engine", "for Xavier (compute 7.2)", "on Orin (compute 8.7)",
                                "rebuild"]),
     "batch profile below the candidate cap": ({"profile": (1, 8, 16)}, 2,
-                                              ["proposer.max_candidates (48)", "m.engine",
+                                              ["proposer.max_candidates (96)", "m.engine",
                                                "accepts (16)"]),
 }
 
