@@ -33,6 +33,7 @@ from pathlib import Path
 from calib.feed import CalibrationConfig
 from export.trt_flags import PRECISIONS, UnsupportedBuild, builder_plan
 from node.config import ConfigError, load_config, spec
+from node.infer.base import MAX_BATCH
 from node.infer.metadata import (
     MetadataError,
     ModelMetadata,
@@ -54,7 +55,7 @@ class EngineConfig:
     """The ``engine`` section of ``configs/export.yaml`` (documented there)."""
 
     opt_batch: int = spec(16, min=1, max=4096)
-    max_batch: int = spec(96, min=1, max=4096)
+    max_batch: int = spec(MAX_BATCH, min=1, max=4096)
     workspace_mib: int = spec(1024, min=16, max=65536)
     timing_cache: str = "auto"
     out_dir: str | None = None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from node.config import ConfigError, load_config, spec
+from node.infer.base import MAX_BATCH
 from node.track.range import DEFAULT_HFOV_DEG, CameraConfig
 from node.track.tracker import TrackerConfig
 
@@ -29,7 +30,7 @@ class ModelConfig:
     path: str = DEFAULT_MODEL
     providers: str | list[str] | None = None
     threads: int | None = spec(1, min=1, max=64)
-    max_batch: int = spec(96, min=1, max=1024)
+    max_batch: int = spec(MAX_BATCH, min=1, max=1024)
     score_threshold: float = spec(0.5, min=0.0, max=1.0)
 
 

@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from node.infer.base import QUEUE_DEPTH, Backend, BackendError, compare_backends, softmax
+from node.infer.base import (
+    MAX_BATCH,
+    QUEUE_DEPTH,
+    Backend,
+    BackendError,
+    compare_backends,
+    softmax,
+)
 from node.infer.onnxrt import OnnxRuntimeBackend
 from node.infer.tensorrt import TensorRTBackend, tensorrt_available
 
@@ -30,7 +37,7 @@ BACKEND_BY_SUFFIX: dict[str, type[Backend]] = {
 
 
 def load_backend(path: str | Path, *, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, max_batch: int = 96) -> Backend:
+                 threads: int | None = None, max_batch: int = MAX_BATCH) -> Backend:
     """The backend for a model file, chosen by its suffix (not yet activated).
 
     Args:

@@ -33,6 +33,10 @@ from node.infer.metadata import MetadataError, ModelMetadata
 
 QUEUE_DEPTH = 2
 """Batches that may be in flight per backend: one per staging slot (double buffering)."""
+MAX_BATCH = 96
+"""Largest batch of crops a backend and its buffers take unless told otherwise: the default
+of ``model.max_batch`` and of the engines' batch profile, at least the default candidate cap
+(``proposer.max_candidates``)."""
 
 WorkerResult = tuple[np.ndarray, dict[str, float]]
 """What a worker job returns: logits (N, C) and extra timing figures such as ``gpu_ms``."""

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from node.infer.base import QUEUE_DEPTH, Backend, BackendError, WorkerResult, _first_line
+from node.infer.base import (
+    MAX_BATCH,
+    QUEUE_DEPTH,
+    Backend,
+    BackendError,
+    WorkerResult,
+    _first_line,
+)
 from node.infer.metadata import MetadataError, read_onnx_metadata
 
 AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -66,7 +73,7 @@ class OnnxRuntimeBackend(Backend):
     """
 
     def __init__(self, path: str | Path, *, providers: str | Sequence[str] | None = None,
-                 threads: int | None = None, max_batch: int = 96) -> None:
+                 threads: int | None = None, max_batch: int = MAX_BATCH) -> None:
         import onnxruntime as ort
 
         path = Path(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from node.infer.base import MAX_BATCH
 from node.infer.crop import CropPolicy, crop_batch
 from node.infer.metadata import ModelMetadata
 
@@ -50,7 +51,7 @@ class Preprocessor:
         max_batch: capacity of the preallocated buffers; larger requests grow them once.
     """
 
-    def __init__(self, meta: ModelMetadata, max_batch: int = 96) -> None:
+    def __init__(self, meta: ModelMetadata, max_batch: int = MAX_BATCH) -> None:
         self.size = meta.input_size
         self.policy: CropPolicy = meta.crop_policy
         self.mean = np.asarray(meta.mean, np.float32)

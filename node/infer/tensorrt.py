@@ -33,7 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from node.infer.base import QUEUE_DEPTH, Backend, BackendError, WorkerResult, _first_line
+from node.infer.base import (
+    MAX_BATCH,
+    QUEUE_DEPTH,
+    Backend,
+    BackendError,
+    WorkerResult,
+    _first_line,
+)
 from node.infer.metadata import MetadataError, ModelMetadata, read_sidecar, sidecar_path
 
 SIDECAR_KEYS = ("tensorrt_version", "gpu_name", "compute_capability", "batch_profile")
@@ -116,7 +123,7 @@ class TensorRTBackend(Backend):
         MetadataError: the sidecar is missing or incomplete.
     """
 
-    def __init__(self, path: str | Path, *, max_batch: int = 96, device: int = 0) -> None:
+    def __init__(self, path: str | Path, *, max_batch: int = MAX_BATCH, device: int = 0) -> None:
         path = Path(path)
         if not path.is_file():
             raise BackendError(f"{path}: engine file not found")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -64,8 +65,9 @@ class RefinerMetadata:
     extra: dict = field(default_factory=dict)
     min_aspect: float = 1.0
 
-    @property
+    @cached_property
     def policy(self) -> CropPolicy:
+        """The crop policy of the windows, built once (it validates the fields)."""
         return CropPolicy(context=self.context, pad="replicate", min_side=self.min_side,
                           min_aspect=self.min_aspect)
 
@@ -101,9 +103,7 @@ class RefinerMetadata:
                 raise ValueError(f"format {d.get('format')!r}, expected {FORMAT!r}")
             meta = cls(int(d["input_size"]), float(d["context"]), float(d["min_side"]),
                        dict(d.get("extra", {})), float(d.get("min_aspect", 1.0)))
-            meta.policy  # noqa: B018 (validates context and min_side)
-            if not 0.0 < meta.min_aspect <= 1.0:
-                raise ValueError(f"min_aspect {meta.min_aspect} is not in (0, 1]")
+            meta.policy  # noqa: B018 (validates context, min_side and min_aspect)
         except (ValueError, KeyError, TypeError) as exc:
             raise RefinerModelError(f"{origin}: bad {METADATA_KEY} metadata ({exc})") from None
         if meta.input_size < 8:

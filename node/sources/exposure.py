@@ -169,6 +169,14 @@ def colour_matrix(gains: np.ndarray, saturation: float = 1.0) -> np.ndarray:
     return (mix @ np.diag(np.asarray(gains, np.float32))).astype(np.float32)
 
 
+def veil_pivot(black: float, max_black: float) -> float:
+    """The grey level a veiled frame's stretch pivots about, ``black`` being how far its dark
+    end lies above ``max_black``: ``max_black`` itself once the excess reaches it, the excess
+    while it is smaller, so that a frame just past the threshold is brightened as one just
+    below it (about 0)."""
+    return min(black, max_black)
+
+
 def apply_gains(image: np.ndarray, gains: np.ndarray, denoise_sigma: float = 0.0,
                 saturation: float = 1.0, offset: float = 0.0) -> np.ndarray:
     """``image`` with each channel scaled by ``gains`` (B, G, R), ``offset`` grey levels added
@@ -217,9 +225,8 @@ class Exposure:
         black = (max(0.0, dark_level(pixels, DARK_PERCENTILE, wb) - c.max_black)
                  if c.black_level else 0.0)
         # Veiled: one stretch about the pivot takes the dark end to max_black and the bright
-        # end to target. The pivot grows from 0 with the excess, so that a frame just past
-        # max_black is treated as one just below it (plain brightening, about 0).
-        pivot = min(black, c.max_black)
+        # end to target.
+        pivot = veil_pivot(black, c.max_black)
         gain = (exposure_gain(bright_level(pixels, BRIGHT_PERCENTILE, wb) - black - pivot,
                               c.target - pivot, c.max_gain)
                 if c.auto_gain or black > 0.0 else 1.0)
@@ -247,14 +254,13 @@ class Exposure:
             self._saturated += 1
             self._saturation_sum += saturation
         sigma = self.config.denoise_sigma * math.log2(gain)
-        pivot = min(black, self.config.max_black)
-        offset = pivot * (1.0 - gain) - black * gain
+        offset = veil_pivot(black, self.config.max_black) * (1.0 - gain) - black * gain
         return apply_gains(image, wb * gain, sigma, saturation, offset)
 
     def report(self) -> dict:
         """What the stage did so far: frames seen, how many it white-balanced (and their mean
-        B, G, R gains), brightened (and their mean gain) and made more colourful (and their
-        mean saturation gain). A camera whose frames are mostly corrected is set up far from
+        B, G, R gains), found veiled (and their mean dark-end excess), brightened (and their
+        mean gain) and made more colourful (and their mean saturation gain). A camera whose frames are mostly corrected is set up far from
         the training camera's look: its own white balance, exposure or saturation may be
         worth fixing."""
         out: dict = {"frames": self._frames, "white_balanced": self._balanced,
