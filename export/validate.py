@@ -36,6 +36,7 @@ from export.variants import build_variants, estimate_horizon
 from node.evaluate.datasets import bgracing_clip
 from node.evaluate.score import Tally
 from node.evaluate.splits import select_samples
+from node.sources.frame_check import judge, readings
 from node.types import Frame
 
 
@@ -74,11 +75,14 @@ def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,
     try:
         for variant in variants:
             frames, truth = [], []
+            looks: dict[str, list[float]] = defaultdict(list)
             for i, (image, s, clip) in enumerate(zip(images, samples, clips, strict=True)):
                 img, boxes, keep = variant.apply(image, s.boxes, horizon[clip], i)
                 labels = [lab for lab, k in zip(s.labels, keep, strict=True) if k]
                 frames.append(Frame(i, float(i), img, s.image_path.name))
                 truth.append((boxes, labels))
+                for key, value in readings(img, config).items():
+                    looks[key].append(value)
             scales = [variant.scale(im.shape[1], im.shape[0]) for im in images]
             bar.set_postfix_str(variant.name)
             recorder = ProposalRecorder(proposer)
@@ -93,7 +97,9 @@ def validate_variants(samples: list, config: Any, backend: Any, proposer: Any,
                 "proposal_recall_ge12": proposals,
                 "propose_ms": round(float(np.median([x.get("propose", np.nan) for x in lat])), 2),
                 "total_ms": round(float(np.median([x.get("total", np.nan) for x in lat])), 2),
-                "fps": round(float(summary["fps"]), 1)}
+                "fps": round(float(summary["fps"]), 1),
+                # What `python -m node check` reads on these frames, against its lines.
+                "camera_check": judge(looks)}
     finally:
         bar.close()
     base = out.get("base")
@@ -148,8 +154,8 @@ def format_markdown(results: dict, title: str) -> str:
     lines = [f"### {title}", "",
              ("| variant | frame size | recall ≥ 12 px % | of base | precision ≥ 20 px % | "
              "labels % | worst clip (recall %) | proposals' recall % | proposer ms | "
-             "node ms |"),
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "node ms | `node check`: burnt out / blur px / noise |"),
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"]
     for name, row in results.items():
         a = row["all"]
         w = row["worst_clip"]
@@ -159,8 +165,25 @@ def format_markdown(results: dict, title: str) -> str:
             f"{rel} | "
             f"{pct(a['precision_ge20'])} | {pct(a['label_accuracy'])} | "
             f"{w['clip']} ({pct(w['recall_ge12'])}) | "
-            f"{pct(row.get('proposal_recall_ge12'))} | {row['propose_ms']} | {row['total_ms']} |")
+            f"{pct(row.get('proposal_recall_ge12'))} | {row['propose_ms']} | {row['total_ms']} | "
+            f"{_check_cell(row.get('camera_check'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _check_cell(check: dict | None) -> str:
+    """The camera check's medians on a variant's frames, the flagged properties in bold."""
+    if not check:
+        return "—"
+    fmt = {"clipped": "{:.0%}", "blur": "{:.1f}", "noise": "{:.1f}"}
+    cells = []
+    for name, f in fmt.items():
+        got = check.get(name)
+        if not got or got["median"] is None:
+            cells.append("—")
+            continue
+        text = f.format(got["median"])
+        cells.append(f"**{text}**" if got["flagged"] else text)
+    return " / ".join(cells)
 
 
 def plot(results: dict, path: Path) -> bool:

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                      "(like ros2 bag reindex)")),
     "bench": ("node.bench.command", "benchmark FPS, latency and accuracy per model (+ a peer detector)"),
     "evaluate": ("node.evaluate.score", "score a replay's cones (or bare proposals) against YOLO labels"),
+    "check": ("node.cli.check", ("how a camera's frames look to the node against what it was "
+                                 "validated on (blur, burnt out, noise, exposure)")),
     "selfcheck": ("node.bench.selfcheck", ("on the Jetson: build TensorRT engines, compare them with "
                                     "ONNX Runtime, time them")),
 }

@@ -95,9 +95,9 @@ def _min3(b: np.ndarray, g: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.minimum(np.minimum(b, g), r)
 
 
-def grey_gains(pixels: list[np.ndarray], max_gain: float = 2.0) -> np.ndarray:
+def cast_gains(pixels: list[np.ndarray]) -> np.ndarray:
     """Per-channel gains (3,) that make the greyest of ``pixels`` (``sample_pixels``) grey,
-    each within [1 / ``max_gain``, ``max_gain``], with a mean of 1."""
+    unbounded: how strong the frame's colour cast is."""
     means = np.array([float(c.mean()) for c in pixels])
     guess = means.mean() / np.maximum(means, 1.0)  # grey world: the average colour is grey
     usable = (_max3(*pixels) < SATURATED) & (_min3(*pixels) > DARK)
@@ -109,7 +109,13 @@ def grey_gains(pixels: list[np.ndarray], max_gain: float = 2.0) -> np.ndarray:
         chroma = (top - _min3(*balanced)) / np.maximum(top, 1.0)
         grey = chroma <= _kth(chroma, GREY_FRACTION)
         chosen = np.array([float(c[grey].mean()) for c in kept])
-    gains = np.clip(chosen.mean() / np.maximum(chosen, 1.0), 1.0 / max_gain, max_gain)
+    return chosen.mean() / np.maximum(chosen, 1.0)
+
+
+def grey_gains(pixels: list[np.ndarray], max_gain: float = 2.0) -> np.ndarray:
+    """Per-channel gains (3,) that make the greyest of ``pixels`` (``sample_pixels``) grey,
+    each within [1 / ``max_gain``, ``max_gain``], with a mean of 1."""
+    gains = np.clip(cast_gains(pixels), 1.0 / max_gain, max_gain)
     return (gains / gains.mean()).astype(np.float32)
 
 
