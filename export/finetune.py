@@ -29,7 +29,8 @@ clip is its BGRacing clip name, else the folder under ``images/`` it lies in), o
 ``--val-fraction`` of every clip's frames in name order. ``--train-clips`` limits training to
 some clips. The whole node (``export.node_run.run_node``, scored by ``node.evaluate``) and the
 classifier on the true boxes (``export.evaluate``) are scored on it before (bundled models) and
-after (fine-tuned); ``RUN/report.md`` and ``RUN/report.json`` hold both. ``RUN/models/`` holds
+after (fine-tuned); ``RUN/report.md`` and ``RUN/report.json`` hold both, and ``python -m node
+check``'s report on the team's frames (``check_camera``). ``RUN/models/`` holds
 the new models with the bundled models' metadata; ``--install`` copies them over ``--models``.
 
 ``--pseudo-label`` runs the bundled node on unlabelled videos or image folders (every
@@ -206,6 +207,24 @@ def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
                                    Exposure.from_config(config.exposure))
     crop_scores.pop("confusion")
     return {"node": node["all"], "node_clips": node["clips"], "crops": crop_scores}
+
+
+CHECK_FRAMES = 60
+"""Frames of the team's footage the camera check reads (``python -m node check``'s default)."""
+
+
+def check_camera(args: argparse.Namespace, samples: list) -> dict:
+    """``python -m node check`` on the team's labelled frames (at most ``CHECK_FRAMES``, spread
+    over them): how burnt out, blurred and noisy the camera is against where the node was seen
+    to lose cones, which a fine-tune may or may not make up for."""
+    from node.sources.exposure import Exposure
+    from node.sources.frame_check import look_at, summarise
+
+    config = node_config(args, Path(args.models))
+    stage = Exposure(config.exposure)
+    step = max(1, len(samples) // CHECK_FRAMES)
+    looks = [look_at(s.load(), config, stage) for s in samples[::step][:CHECK_FRAMES]]
+    return summarise(looks, config).to_dict()
 
 
 MASK_GROW = 0.15
@@ -499,6 +518,16 @@ def format_report(report: dict) -> str:
               "Cones per size bucket on the true boxes: " + ", ".join(
                   f"{k} px {b['crops']['by_size'][k]['cones']}" for k in ("12-24", "24-48",
                                                                           ">=48")) + ".", ""]
+    if report.get("camera_check"):
+        from node.cli.check import table_lines
+        from node.sources.frame_check import CheckReport
+
+        check = CheckReport.from_dict(report["camera_check"])
+        lines += ["## The camera (`python -m node check`)", "",
+                  (f"{check.frames} frames of your footage (training, pseudo-labelled and "
+                   "validation), against the lines where the node was seen to lose cones on "
+                   "camera variants of its own data:"),
+                  "", *table_lines(check), ""]
     t = report["timing"]
     lines += ["## Training", "",
               (f"Budget {t['budget_s']:.0f} s; the run took {t['wall_s']:.0f} s (load average "
@@ -631,6 +660,8 @@ def run(args: argparse.Namespace) -> int:
             with budget.stage("pseudo-label"):
                 extra, report["pseudo"] = pseudo_label(args, models_in, out / "pseudo")
             train = train + extra
+        with budget.stage("camera check"):
+            report["camera_check"] = check_camera(args, train + val)
         with budget.stage("score before"):
             report["before"] = score_models(args, models_in, val)
         after_s = budget.times["score before"] * 1.3  # the same scoring, at the end

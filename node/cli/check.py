@@ -86,8 +86,14 @@ UNITS = {"clipped": ("burnt-out pixels", "{:.0%}"), "blur": ("blur (px)", "{:.1f
 def format_report(report, source: str, every: int) -> str:
     """The report as a Markdown table and the advice under it."""
     sizes = ", ".join(f"{w}x{h} (proposer sees {vw}x{vh})" for w, h, vw, vh in report.sizes)
-    lines = [f"### {source}: {report.frames} frames checked (every {every}), {sizes}", "",
-             "| property | median | worst tenth | frames beyond the line | verdict |",
+    return "\n".join([f"### {source}: {report.frames} frames checked (every {every}), {sizes}",
+                      "", *table_lines(report)])
+
+
+def table_lines(report) -> list[str]:
+    """One table row per property of a ``CheckReport``, then one line per flagged one (also
+    the camera section of ``python -m export finetune``'s report)."""
+    lines = ["| property | median | worst tenth | frames beyond the line | verdict |",
              "|---|---:|---:|---:|---|"]
     for v in report.verdicts:
         title, fmt = UNITS[v.name]
@@ -100,4 +106,4 @@ def format_report(report, source: str, every: int) -> str:
                      "\"Camera check\").")
     for v in report.flagged:
         lines.append(f"- {UNITS[v.name][0]}: {v.note}. {v.advice.capitalize()}.")
-    return "\n".join(lines)
+    return lines

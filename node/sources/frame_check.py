@@ -276,6 +276,12 @@ class CheckReport:
                 "verdicts": [asdict(v) for v in self.verdicts],
                 "flagged": [v.name for v in self.flagged]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CheckReport:
+        """The report ``to_dict`` wrote."""
+        return cls(int(d["frames"]), [tuple(x) for x in d["sizes"]],
+                   [Verdict(**v) for v in d["verdicts"]])
+
 
 def summarise(looks: list[FrameLook], config: NodeConfig) -> CheckReport:
     """The report over ``looks`` (at least one)."""

@@ -141,6 +141,15 @@ def test_report_scores_the_validation_clip_before_and_after(finetuned):
     assert f"{100 * report['before']['node']['recall_ge12']:.1f} %" in text
     assert "confirmation bias" in text
     assert "After − before:" in text or "No figure moved by a point or more." in text
+    # The camera check read every training, pseudo-labelled and validation frame (under 60).
+    check = report["camera_check"]
+    frames = 12 + report["pseudo"]["frames_kept"]
+    assert check["frames"] == frames
+    assert [v["name"] for v in check["verdicts"]] == [
+        "clipped", "blur", "noise", "white balance", "brightening", "veil", "colour"]
+    assert check["flagged"] == [v["name"] for v in check["verdicts"] if v["flagged"]]
+    assert "## The camera (`python -m node check`)" in text
+    assert "| blur (px) |" in text and f"{frames} frames of your footage" in text
 
 
 @needs_models
