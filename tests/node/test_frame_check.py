@@ -197,6 +197,17 @@ def test_check_command_flags_burnt_out_frames_and_spreads_its_frames(tmp_path, c
     assert "4 frames checked (every 3)" in capsys.readouterr().out
 
 
+def test_check_command_spreads_its_frames_over_a_video(tmp_path, capsys):
+    video = tmp_path / "drive.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (640, 480))
+    for s in range(30):
+        writer.write(blocks_frame(s))
+    writer.release()
+    assert node_main(["check", str(video), "--frames", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "6 frames checked (every 5), 640x480" in out and "Nothing beyond" in out
+
+
 def test_check_command_errors_name_the_problem(tmp_path, capsys):
     assert node_main(["check", str(tmp_path / "missing")]) == 1
     assert "missing: no such file or directory" in capsys.readouterr().err
