@@ -192,6 +192,15 @@ class MetricsConfig:
 
 
 @dataclass
+class CameraWatchConfig:
+    """Frames read now and then as ``python -m node check`` reads them
+    (``node.sources.frame_check.CameraWatch``)."""
+
+    every_s: float = spec(5.0, min=0.0, max=3600.0)
+    window: int = spec(12, min=1, max=1000)
+
+
+@dataclass
 class SourceConfig:
     """Source options: the live camera of ``python -m node run`` and the replay bag topic."""
 
@@ -287,6 +296,7 @@ class NodeConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     publishers: PublishersConfig = field(default_factory=PublishersConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    camera_watch: CameraWatchConfig = field(default_factory=CameraWatchConfig)
     source: SourceConfig = field(default_factory=SourceConfig)
     camera: CameraSection = field(default_factory=CameraSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)

@@ -37,6 +37,7 @@ from node.node_config import NodeConfig
 from node.propose import Proposer
 from node.publish.publishers import PublisherError, publish_all
 from node.sources.exposure import Exposure, training_mismatch
+from node.sources.frame_check import CameraWatch
 from node.track import TrackingStage
 from node.types import Cone, Frame, FrameResult
 
@@ -110,6 +111,7 @@ class Pipeline:
         self.tracking = TrackingStage.from_config(stage_config) if stage_config else None
         self.exposure = Exposure.from_config(config.exposure)
         self.exposure_warning = training_mismatch(meta.extra, config.exposure)
+        self.camera_watch: CameraWatch | None = None  # one per run (``run``)
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -165,6 +167,14 @@ class Pipeline:
             age_s = taken - arrived if arrived is not None and arrived <= taken else 0.0
         return _InFlight(frame, taken - age_s, {"capture": age_s * 1e3})
 
+    def _report_camera(self) -> None:
+        """Log the camera watch's warning when it appears, changes or clears."""
+        warning = self.camera_watch.warning() if self.camera_watch is not None else None
+        if warning != self._camera_said:
+            self._camera_said = warning
+            self.report(f"warning: {warning}" if warning else
+                        "camera: the frames read lie within the validated range again")
+
     def _camera_waiting(self) -> None:
         """Publish the source's health (and a log line) while no frame arrives."""
         now = time.monotonic()
@@ -199,6 +209,8 @@ class Pipeline:
             # cannot handle (the error names its shape).
             item.frame = replace(frame, image=None)
             return
+        if self.camera_watch is not None:  # a frame now and then, read in its own thread
+            self.camera_watch.offer(image, frame.stamp)
         t0 = time.perf_counter()
         try:
             if self.exposure is not None:  # the networks see a normalised copy
@@ -309,6 +321,7 @@ class Pipeline:
                 line = self.tracker.maybe_report(time.monotonic())
                 if line:
                     self.report(line)
+                    self._report_camera()
         if self.progress is not None:
             self.progress.update(1)
 
@@ -326,6 +339,8 @@ class Pipeline:
             self.tracking.reset()  # a new source: no track carries over
         if self.tracker is not None:
             self.tracker.start()
+        self.camera_watch = CameraWatch.from_config(self.config)
+        self._camera_said: str | None = None
         t0 = time.perf_counter()
         self.output_error = None
         try:
@@ -343,7 +358,11 @@ class Pipeline:
                 _close_all([source, *self.publishers])
             except PublisherError as exc:  # a video or bag that could not be finished
                 self.output_error = self.output_error or str(exc)
-        summary = self.summary(wall, source)
+        try:
+            summary = self.summary(wall, source)
+        finally:
+            if self.camera_watch is not None:
+                self.camera_watch.close()
         if self.output_error:
             summary["output_error"] = self.output_error
         return summary
@@ -428,6 +447,12 @@ class Pipeline:
             out["exposure"] = self.exposure.report()
         if self.exposure_warning:
             out["exposure_warning"] = self.exposure_warning
+        if self.camera_watch is not None:
+            self.camera_watch.wait_idle(1.0)  # the last frame handed over
+            out["camera_watch"] = self.camera_watch.report()
+            warning = self.camera_watch.warning()
+            if warning:
+                out["camera_warning"] = warning
         if self.first_inference_error:
             out["first_inference_error"] = self.first_inference_error
         if self.stop_signal is not None:

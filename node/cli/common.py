@@ -241,6 +241,8 @@ def format_summary(summary: dict) -> str:
     notes = [f"warning: {note}" for note in summary.get("source_warnings", [])]
     if summary.get("exposure_warning"):
         notes.append(f"warning: {summary['exposure_warning']}")
+    if summary.get("camera_warning"):
+        notes.append(f"warning: {summary['camera_warning']}")
     if summary.get("range"):
         notes.append(f"range: {summary['range']}")
     exposure = describe_exposure(summary.get("exposure") or {})

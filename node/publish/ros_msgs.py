@@ -183,7 +183,7 @@ def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
                                name: str = "cone_node: latency", hardware_id: str = "",
                                frame_id: str = "", warn_total_ms: float | None = None,
                                last_error: str | None = None, idle_s: float | None = None,
-                               stale_after_s: float = 2.0) -> dict:
+                               stale_after_s: float = 2.0, warning: str | None = None) -> dict:
     """``diagnostic_msgs/DiagnosticArray`` of a live node's recent frames, as
     diagnostic_updater sends it: one status, sent periodically (the live node: about 1 Hz).
 
@@ -193,11 +193,12 @@ def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
         stamp: the header stamp (now), seconds since the epoch.
         last_error: the newest frame's error, if it had one.
         idle_s: seconds since the newest frame (``None``: no frame yet).
+        warning: a one-line warning from elsewhere (the camera watch), or ``None``.
 
     Keys: ``fps``, then ``<stage>_ms_p50|p90|p99`` per stage (``%.3f``), then the counters.
     Level: ERROR when the newest frame failed (the message is its error); WARN when no frame
-    came for ``stale_after_s`` (or none yet), or when the p90 of ``total`` exceeds
-    ``warn_total_ms``; else OK.
+    came for ``stale_after_s`` (or none yet), when the p90 of ``total`` exceeds
+    ``warn_total_ms``, or with a ``warning`` (its message); else OK.
     """
     latency = rolling.get("latency_ms", {})
     values = [{"key": "fps", "value": f"{float(rolling.get('fps', 0.0)):.3f}"}]
@@ -216,6 +217,8 @@ def rolling_diagnostics_fields(rolling: dict, counts: dict, stamp: float, *,
         level, message = DIAG_WARN, f"no frames for {idle_s:.1f} s"
     elif warn_total_ms is not None and p90 is not None and p90 > warn_total_ms:
         level, message = DIAG_WARN, f"total p90 {p90:.1f} ms over budget {warn_total_ms:g} ms"
+    elif warning:
+        level, message = DIAG_WARN, warning
     else:
         level, message = DIAG_OK, "ok"
     return _diagnostic_array(level, message, name, hardware_id, values, stamp, frame_id)

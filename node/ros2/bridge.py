@@ -358,6 +358,8 @@ class RosTopicPublisher(Publisher):
             ``FrameResult`` (the subscribed image's own frame id).
         warn_total_ms: latency budget for WARN diagnostics (``None``: no check).
         health: returns counters merged into the diagnostics (received, dropped, errors...).
+        warning: returns a one-line warning that makes the diagnostics WARN (the camera
+            watch's: frames blurred or burnt out), or ``None``.
         window: frames in the rolling latency window.
         stamp: the input message's exact ``{"sec", "nanosec"}`` for a result (or ``None``:
             the frame's float stamp is used), so the output header equals the input's.
@@ -372,7 +374,8 @@ class RosTopicPublisher(Publisher):
                  annotated: tuple[Any, type] | None = None, *,
                  frame_id: str | Callable[[FrameResult], str] = "camera",
                  warn_total_ms: float | None = None,
-                 health: Callable[[], dict] | None = None, window: int = 300,
+                 health: Callable[[], dict] | None = None,
+                 warning: Callable[[], str | None] | None = None, window: int = 300,
                  stamp: Callable[[FrameResult], dict | None] | None = None,
                  to_message: Callable[[type, dict], Any] = ros_msgs.to_rclpy) -> None:
         super().__init__()
@@ -383,6 +386,7 @@ class RosTopicPublisher(Publisher):
         self._frame_id = frame_id
         self.warn_total_ms = warn_total_ms
         self._health = health
+        self._warning = warning
         self._stamp = stamp
         self._to_message = to_message
         self.tracker = LatencyTracker(window=window)
@@ -427,7 +431,8 @@ class RosTopicPublisher(Publisher):
         return ros_msgs.rolling_diagnostics_fields(
             self.tracker.rolling(), counts, stamp, frame_id=last[1] if last else "",
             warn_total_ms=self.warn_total_ms, last_error=last[2] if last else None,
-            idle_s=age, stale_after_s=stale_after_s)
+            idle_s=age, stale_after_s=stale_after_s,
+            warning=self._warning() if self._warning is not None else None)
 
     def publish_diagnostics(self, stamp: float, stale_after_s: float = 2.0) -> None:
         """Send one ``DiagnosticArray`` (the node's timer calls this, about once a second)."""

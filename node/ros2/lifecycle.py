@@ -287,7 +287,8 @@ def build_node_class() -> type:
                                                  self._outputs["diagnostics"],
                                                  self._outputs.get("annotated"),
                                                  frame_id=frame_id, warn_total_ms=warn,
-                                                 health=self._health, stamp=stamp)
+                                                 health=self._health, stamp=stamp,
+                                                 warning=self._camera_warning)
                 pipeline = Pipeline(config, self._backend, self._proposer,
                                     [self._topics, *file_publishers(config)])
             except Exception as exc:  # noqa: BLE001 (rclpy would turn it into a silent ERROR)
@@ -326,7 +327,14 @@ def build_node_class() -> type:
             health.pop("state", None)
             if isinstance(self._proposer, TopicBoxProposer):
                 health.update(self._proposer.health)
+            watch = getattr(getattr(self._runner, "pipeline", None), "camera_watch", None)
+            if watch is not None:
+                health.update(watch.diagnostic_values())
             return health
+
+        def _camera_warning(self) -> str | None:
+            watch = getattr(getattr(self._runner, "pipeline", None), "camera_watch", None)
+            return watch.warning() if watch is not None else None
 
         def _publish_diagnostics(self, period: float) -> None:
             topics = self._topics

@@ -30,6 +30,9 @@ again whenever the models change (``docs/validation.md``, "Camera check").
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -321,3 +324,114 @@ def summarise(looks: list[FrameLook], config: NodeConfig) -> CheckReport:
                                        round(share, 3), flagged,
                                        why if flagged else "", advice if flagged else ""))
     return report
+
+
+class CameraWatch:
+    """``readings`` of one frame every ``every_s`` seconds of the stream, in a background
+    thread, and a warning when the last ``window`` of them cross a line as ``judge`` flags it.
+
+    ``offer`` is called with every frame and costs a comparison, or a copy of the frame when
+    one is due and the thread is idle (a frame due while the thread still reads the previous
+    one is skipped). The thread's reading (about 20 ms for 640x640 on one core, mostly in
+    OpenCV, which releases the interpreter lock) never delays a frame.
+    """
+
+    def __init__(self, config: NodeConfig, every_s: float = 5.0, window: int = 12) -> None:
+        self._config = config
+        self.every_s = float(every_s)
+        self._recent: deque[dict[str, float]] = deque(maxlen=int(window))
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: np.ndarray | None = None
+        self._last_stamp: float | None = None
+        self._closed = False
+        self.read = 0
+        self._thread = threading.Thread(target=self._run, name="camera watch", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> CameraWatch | None:
+        """The watch of ``config.camera_watch``; None when ``every_s`` is 0."""
+        c = config.camera_watch
+        return cls(config, c.every_s, c.window) if c.every_s > 0 else None
+
+    def offer(self, image: np.ndarray | None, stamp: float) -> None:
+        """A frame of the stream, captured at ``stamp`` (seconds): read it if one is due."""
+        if image is None or self._closed:
+            return
+        last = self._last_stamp
+        if last is not None and 0.0 <= stamp - last < self.every_s:
+            return
+        with self._lock:
+            if self._pending is not None:
+                return
+            self._pending = image.copy()  # the pipeline's frame may be drawn on later
+        self._last_stamp = stamp
+        self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._lock:
+                image = self._pending
+            if image is None:
+                continue
+            try:
+                found = readings(image, self._config)
+            except (ValueError, cv2.error):  # an odd frame: nothing to learn from it
+                found = None
+            with self._lock:
+                if found is not None:
+                    self._recent.append(found)
+                    self.read += 1
+                self._pending = None
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until the frame handed over last has been read (the end of a run, tests)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if self._pending is None:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    def report(self) -> dict:
+        """Frames read so far, and ``judge``'s verdict on the last ``window`` of them."""
+        with self._lock:
+            recent = list(self._recent)
+        out: dict = {"read": self.read, "window": len(recent)}
+        if recent:
+            out.update(judge({line.name: [r[line.name] for r in recent] for line in LINES}))
+        return out
+
+    def diagnostic_values(self) -> dict:
+        """Frames read and the medians of the recent readings, for the ROS diagnostics."""
+        report = self.report()
+        out: dict = {"camera_frames_read": report["read"]}
+        for line in LINES:
+            median = report.get(line.name, {}).get("median")
+            if median is not None:
+                out[f"camera_{line.name}"] = median
+        return out
+
+    def warning(self) -> str | None:
+        """One line naming what the recent frames cross, or None."""
+        report = self.report()
+        flagged = [line for line in LINES if report.get(line.name, {}).get("flagged")]
+        if not flagged:
+            return None
+        parts = [f"{line.name} {report[line.name]['median']:g} (line {line.limit:g}, "
+                 f"{report[line.name]['beyond']:.0%} of the last {report['window']} frames "
+                 f"read)" for line in flagged]
+        return ("camera: " + "; ".join(parts) + " - " + "; ".join(
+            line.why.split(":")[0] for line in flagged) + "; see python -m node check")
+
+    def close(self) -> None:
+        """Stop the thread (safe to call twice)."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=2.0)

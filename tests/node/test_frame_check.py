@@ -19,6 +19,7 @@ from node.sources.frame_check import (
     LINES,
     MAX_BLUR_PX,
     WARN_SHARE,
+    CameraWatch,
     blur_px,
     clipped_share,
     judge,
@@ -151,6 +152,64 @@ def test_summarise_rows_and_advice(config):
     assert report.to_dict()["flagged"] == ["blur"]
     with pytest.raises(ValueError, match="no frame"):
         summarise([], config)
+
+
+def test_the_watch_reads_a_frame_every_period_in_its_own_thread(config):
+    watch = CameraWatch(config, every_s=5.0, window=3)
+    try:
+        sharp, blurred = blocks_frame(), cv2.GaussianBlur(blocks_frame(), (0, 0), 3.0)
+        for stamp in (0.0, 1.0, 4.9):          # one read: the others come too soon
+            watch.offer(sharp, stamp)
+            assert watch.wait_idle()
+        assert watch.read == 1 and watch.warning() is None
+        for stamp in (5.0, 10.0, 15.0):        # three blurred frames fill the window of 3
+            watch.offer(blurred, stamp)
+            assert watch.wait_idle()
+        report = watch.report()
+        assert report["read"] == 4 and report["window"] == 3
+        assert report["blur"]["flagged"] and report["blur"]["beyond"] == 1.0
+        assert report["blur"]["median"] == pytest.approx(3.0, rel=0.1)
+        warning = watch.warning()
+        assert warning.startswith("camera: blur ") and "line 2.2" in warning
+        assert "blurred" in warning and "python -m node check" in warning
+        assert watch.diagnostic_values()["camera_frames_read"] == 4
+        watch.offer(sharp, 3.0)                # the stream went back (a new clip): read
+        assert watch.wait_idle() and watch.read == 5
+        watch.offer(None, 100.0)               # an unreadable frame is no reading
+        assert watch.wait_idle() and watch.read == 5
+    finally:
+        watch.close()
+    assert not watch._thread.is_alive()
+    watch.offer(sharp, 200.0)                  # closed: ignored
+    assert watch.read == 5
+
+
+def test_the_watch_is_off_at_zero(config):
+    assert CameraWatch.from_config(load_node_config(None, ["camera_watch.every_s=0"])) is None
+    watch = CameraWatch.from_config(config)
+    try:
+        assert watch.every_s == 5.0 and watch.report() == {"read": 0, "window": 0}
+    finally:
+        watch.close()
+
+
+def test_a_replay_of_blurred_frames_warns_in_its_summary(tmp_path, capsys):
+    frames = [cv2.GaussianBlur(blocks_frame(s), (0, 0), 3.0) for s in range(6)]
+    folder = _folder(tmp_path / "fog", frames)
+    summary = tmp_path / "summary.json"
+    # Image folders are stamped as they are read: a tiny period reads as many as it can.
+    assert node_main(["replay", str(folder), "--sync", "--no-progress", "--summary",
+                      str(summary), "--set", "camera_watch.every_s=0.000001"]) == 0
+    report = json.loads(summary.read_text())
+    assert 1 <= report["camera_watch"]["read"] <= 6
+    assert report["camera_watch"]["blur"]["flagged"]
+    assert report["camera_warning"].startswith("camera: blur ")
+    assert f"warning: {report['camera_warning']}" in capsys.readouterr().out
+    sharp = _folder(tmp_path / "clear", [blocks_frame(s) for s in range(6)])
+    assert node_main(["replay", str(sharp), "--sync", "--no-progress", "--summary",
+                      str(summary), "--overwrite", "--set", "camera_watch.every_s=0.000001"]) == 0
+    report = json.loads(summary.read_text())
+    assert report["camera_watch"]["read"] >= 1 and "camera_warning" not in report
 
 
 def _folder(path: Path, frames: list[np.ndarray]) -> Path:

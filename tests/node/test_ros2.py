@@ -165,6 +165,29 @@ def test_live_detections_carry_the_track_id(fake_msgs):
     assert [d.id for d in pub.messages[0].detections] == ["40", "41"]
     topics.close()
 
+def test_a_camera_warning_makes_the_diagnostics_warn(fake_msgs):
+    _, modules = fake_msgs
+    cones_cls = modules["vision_msgs.msg"].Detection2DArray
+    diag_cls = modules["diagnostic_msgs.msg"].DiagnosticArray
+    said = {"warning": None}
+    topics = RosTopicPublisher((FakePublisher(cones_cls, "/c", None), cones_cls),
+                               (FakePublisher(diag_cls, "/d", None), diag_cls),
+                               health=lambda: {"camera_blur": 2.9},
+                               warning=lambda: said["warning"])
+    topics.publish(_result())
+    (status,) = topics.diagnostics_fields(STAMP + 1)["status"]
+    assert status["level"] == ros_msgs.DIAG_OK and status["message"] == "ok"
+    said["warning"] = "camera: blur 2.9 (line 2.2, 100% of the last 12 frames read)"
+    (status,) = topics.diagnostics_fields(STAMP + 2)["status"]
+    assert status["level"] == ros_msgs.DIAG_WARN and status["message"] == said["warning"]
+    assert {"key": "camera_blur", "value": "2.900"} in status["values"]
+    # A failed frame still outranks it.
+    topics.publish(dataclasses.replace(_result(), error="bad frame"))
+    (status,) = topics.diagnostics_fields(STAMP + 3)["status"]
+    assert status["level"] == ros_msgs.DIAG_ERROR
+    topics.close()
+
+
 # ---- parameters -> config ------------------------------------------------------------------
 
 def test_parameters_map_onto_the_node_config():
