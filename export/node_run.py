@@ -57,7 +57,11 @@ def open_node(config: Any):
 
 def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],
              progress: Any = None) -> tuple[list[Any], dict]:
-    """Every frame's ``FrameResult`` (in order) and the pipeline's summary."""
+    """Every frame's ``FrameResult`` (in order) and the pipeline's summary. The camera watch
+    is off: its readings of labelled frames are ``export.validate``'s own (``camera_check``),
+    and its thread would only compete with the timed frames."""
+    from dataclasses import replace
+
     from node.pipeline import Pipeline
     from node.publish.publishers import Publisher
 
@@ -72,6 +76,7 @@ def run_node(config: Any, backend: Any, proposer: Any, frames: list[Frame],
             self.results.append(result)
 
     keep = Keep()
+    config = replace(config, camera_watch=replace(config.camera_watch, every_s=0.0))
     summary = Pipeline(config, backend, proposer, [keep]).run(FrameList(frames, progress))
     return keep.results, summary
 

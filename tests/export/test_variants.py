@@ -136,3 +136,10 @@ def test_validation_scores_the_node_on_rendered_frames(tmp_path):
     for row in report.values():
         assert row["all"]["recall_ge12"] <= row["proposal_recall_ge12"] <= 1.0
     assert "proposals' recall %" in (out / "variants.md").read_text()
+    # The camera check's readings of each variant's frames: noise raises the noise reading.
+    for row in report.values():
+        assert set(row["camera_check"]) == {"clipped", "blur", "noise"}
+        assert all(0.0 <= v["beyond"] <= 1.0 for v in row["camera_check"].values())
+    assert (report["noise_1"]["camera_check"]["noise"]["median"]
+            > report["base"]["camera_check"]["noise"]["median"] + 2.0)
+    assert "`node check`: burnt out / blur px / noise |" in (out / "variants.md").read_text()
