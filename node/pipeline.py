@@ -112,6 +112,7 @@ class Pipeline:
         self.exposure = Exposure.from_config(config.exposure)
         self.exposure_warning = training_mismatch(meta.extra, config.exposure)
         self.camera_watch: CameraWatch | None = None  # one per run (``run``)
+        self._camera_said: str | None = None  # the camera warning last logged
 
     # -- control -------------------------------------------------------------------------
     def request_stop(self, signum: int | None = None, *_: Any) -> None:
@@ -340,7 +341,7 @@ class Pipeline:
         if self.tracker is not None:
             self.tracker.start()
         self.camera_watch = CameraWatch.from_config(self.config)
-        self._camera_said: str | None = None
+        self._camera_said = None
         t0 = time.perf_counter()
         self.output_error = None
         try:

@@ -123,12 +123,29 @@ class FrameLook:
 
 def view_size(width: int, height: int, config: NodeConfig) -> tuple[int, int]:
     """The (width, height) the proposer resizes a frame of this size to (its
-    ``proposer.heatmap_*`` rules, the whole frame)."""
+    ``proposer.heatmap_*`` rules, the whole frame). Only ``heatmap_resize: square`` needs the
+    model's input size, read from its metadata then."""
     from node.propose.heatmap import ProposerMetadata, input_geometry
 
     p = config.proposer
-    return input_geometry(width, height, ProposerMetadata(), p.heatmap_resize,
-                          p.heatmap_max_pixels, [0.0, 1.0], p.heatmap_min_pixels).size
+    meta = ProposerMetadata()
+    if p.heatmap_resize == "square":
+        meta = _proposer_metadata(p.heatmap_model)
+    return input_geometry(width, height, meta, p.heatmap_resize, p.heatmap_max_pixels,
+                          [0.0, 1.0], p.heatmap_min_pixels).size
+
+
+_METADATA: dict[str, object] = {}
+
+
+def _proposer_metadata(model: str):
+    """The heatmap model's metadata (its ONNX session opened once per path)."""
+    from node.node_config import resolve_path
+    from node.propose.heatmap import open_session
+
+    if model not in _METADATA:
+        _METADATA[model] = open_session(resolve_path(model))[1]
+    return _METADATA[model]
 
 
 def proposer_view(image: np.ndarray, config: NodeConfig) -> np.ndarray:

@@ -107,6 +107,10 @@ def test_a_large_frame_is_read_as_the_proposer_shrinks_it_and_a_small_one_as_it_
     assert proposer_view(small, config).shape == (320, 800)
     look = look_at(small, config)
     assert (look.view_width, look.view_height) == (1011, 404)  # what the proposer sees
+    # heatmap_resize: square squashes every frame to the model's input (640 px, its metadata).
+    square = load_node_config(None, ["proposer.heatmap_resize=square"])
+    wide = np.zeros((640, 2592, 3), np.uint8)
+    assert proposer_view(wide, square).shape == (640, 640)
 
 
 def test_judge_flags_a_property_once_enough_frames_cross_its_line():
