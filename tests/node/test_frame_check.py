@@ -197,6 +197,22 @@ def test_the_watch_is_off_at_zero(config):
         watch.close()
 
 
+def test_a_live_run_logs_the_camera_warning_when_it_appears_changes_and_clears():
+    from types import SimpleNamespace
+
+    from node.pipeline import Pipeline
+
+    said = {"now": None}
+    lines: list[str] = []
+    pipeline = SimpleNamespace(camera_watch=SimpleNamespace(warning=lambda: said["now"]),
+                               _camera_said=None, report=lines.append)
+    for now in (None, "camera: blur 2.9", "camera: blur 2.9", "camera: blur 3.1", None, None):
+        said["now"] = now
+        Pipeline._report_camera(pipeline)
+    assert lines == ["warning: camera: blur 2.9", "warning: camera: blur 3.1",
+                     "camera: the frames read lie within the validated range again"]
+
+
 def test_a_replay_of_blurred_frames_warns_in_its_summary(tmp_path, capsys):
     frames = [cv2.GaussianBlur(blocks_frame(s), (0, 0), 3.0) for s in range(6)]
     folder = _folder(tmp_path / "fog", frames)
