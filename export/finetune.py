@@ -202,7 +202,8 @@ def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
 
     config = node_config(args, models)
     with open_node(config) as (backend, proposer):
-        node = validate_variants(val, config, backend, proposer, ["base"], False)["base"]
+        node = validate_variants(val, config, backend, proposer, ["base"], False,
+                                 camera_check=False)["base"]  # check_camera reads the frames
     crop_scores = score_true_boxes(models / MODEL_FILES["classifier"], val, 0,
                                    Exposure.from_config(config.exposure))
     crop_scores.pop("confusion")

@@ -31,7 +31,6 @@ again whenever the models change (``docs/validation.md``, "Camera check").
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 
@@ -359,6 +358,8 @@ class CameraWatch:
         self._recent: deque[dict[str, float]] = deque(maxlen=int(window))
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._idle = threading.Event()  # set while no frame waits to be read
+        self._idle.set()
         self._pending: np.ndarray | None = None
         self._last_stamp: float | None = None
         self._closed = False
@@ -383,6 +384,7 @@ class CameraWatch:
             if self._pending is not None:
                 return
             self._pending = image.copy()  # the pipeline's frame may be drawn on later
+            self._idle.clear()
         self._last_stamp = stamp
         self._wake.set()
 
@@ -405,16 +407,11 @@ class CameraWatch:
                     self._recent.append(found)
                     self.read += 1
                 self._pending = None
+                self._idle.set()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until the frame handed over last has been read (the end of a run, tests)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with self._lock:
-                if self._pending is None:
-                    return True
-            time.sleep(0.005)
-        return False
+        return self._idle.wait(timeout)
 
     def report(self) -> dict:
         """Frames read so far, and ``judge``'s verdict on the last ``window`` of them."""
