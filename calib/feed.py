@@ -4,7 +4,9 @@ One plain generator (in the manner of Polygraphy's ``load_data()``) feeds both I
 ONNX Runtime's Q/DQ calibrators (``calib.quantize``) and the legacy TensorRT entropy
 calibrator (``calib.trt_calibrator``). Crops are made exactly as the node makes them, through
 ``node.infer.preprocess`` with the model's own crop policy and normalisation (from its metadata), so
-the ranges are measured on the tensors the car will see.
+the ranges are measured on the tensors the car will see. A classifier trained on white-balanced
+frames (``data.normalise``; its metadata's ``extra["normalise"]``) is calibrated on frames
+through the same exposure stage (``node.sources.exposure.frame_normaliser``).
 
 Selection is deterministic for a given seed: the same data, count and seed always give the
 same batches, which is what makes a calibration reproducible.
@@ -22,6 +24,7 @@ from node.classes import BACKGROUND
 from node.config import spec
 from node.infer.metadata import ModelMetadata
 from node.infer.preprocess import Preprocessor, normalize
+from node.sources.exposure import frame_normaliser, trained_tolerance
 
 
 class FeedError(ValueError):
@@ -181,6 +184,7 @@ def balanced_crops(source: str | Iterable[Any], meta: ModelMetadata, count: int,
         bg_per_frame[int(i)] = bg_per_frame.get(int(i), 0) + 1
 
     pre = Preprocessor(meta, max_batch=64)
+    prepare = frame_normaliser(trained_tolerance(meta.extra))
     all_crops, all_labels = [], []
 
     def add(image: np.ndarray, boxes: list[np.ndarray], labels: list[str]) -> None:
@@ -190,7 +194,7 @@ def balanced_crops(source: str | Iterable[Any], meta: ModelMetadata, count: int,
 
     mined = 0
     for i in sorted(set(per_frame) | set(bg_per_frame)):
-        image, boxes = _load(samples[i]), _boxes(samples[i])
+        image, boxes = prepare(_load(samples[i])), _boxes(samples[i])
         picks = per_frame.get(i, [])
         background = mine_background_boxes(image.shape, boxes, bg_per_frame.get(i, 0), rng,
                                            meta)
@@ -201,7 +205,7 @@ def balanced_crops(source: str | Iterable[Any], meta: ModelMetadata, count: int,
         if mined >= n_background:
             break
         i = int(rng.integers(0, len(samples)))
-        image = _load(samples[i])
+        image = prepare(_load(samples[i]))
         background = mine_background_boxes(image.shape, _boxes(samples[i]),
                                            min(n_background - mined, 4), rng, meta)
         mined += len(background)

@@ -32,6 +32,7 @@ import numpy as np
 from export.background import HeightByRow, contact_sheet, mine_background
 from node.classes import BACKGROUND, CLASSIFIER_CLASSES
 from node.infer.crop import CropPolicy, crop_batch
+from node.sources.exposure import frame_normaliser
 
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSIFIER_CLASSES)}
 
@@ -233,19 +234,6 @@ def crowd_crops(image: np.ndarray, boxes: np.ndarray, labels: list[str], size: i
             xs.append(crop_batch(frame, box, size, policy))
             ys.append(CLASS_INDEX[labels[i]])
     return np.concatenate(xs), np.array(ys, np.int64)
-
-
-def frame_normaliser(wb_tolerance: float | None):
-    """What a frame goes through before it is cropped: nothing when ``wb_tolerance`` is None
-    (``data.normalise``), else the node's exposure stage (``node.sources.exposure``: white
-    balance with that tolerance, veiled frames stretched, dark frames brightened, pale colour
-    raised), so that the classifier learns the look every camera's frames are brought to."""
-    if wb_tolerance is None:
-        return lambda image: image
-    from node.node_config import ExposureConfig
-    from node.sources.exposure import Exposure
-
-    return Exposure(ExposureConfig(wb_tolerance=wb_tolerance))
 
 
 def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,

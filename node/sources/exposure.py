@@ -37,6 +37,7 @@ captured.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -283,13 +284,30 @@ class Exposure:
         return out
 
 
-def training_mismatch(extra: dict, config: ExposureConfig) -> str | None:
-    """One line when the classifier was trained on frames this stage prepares differently:
-    its metadata's ``extra["normalise"]`` (``data.normalise`` in the training config) names
-    the ``wb_tolerance`` its training frames were white-balanced with. None when they agree
-    or the model says nothing."""
+def trained_tolerance(extra: dict) -> float | None:
+    """The ``wb_tolerance`` a classifier's training frames were white-balanced with: its
+    metadata's ``extra["normalise"]`` (``data.normalise`` in the training config); None when
+    it was trained on the frames as stored."""
     trained = (extra.get("normalise") or {}).get("wb_tolerance")
     if not isinstance(trained, (int, float)) or isinstance(trained, bool):
+        return None
+    return float(trained)
+
+
+def frame_normaliser(wb_tolerance: float | None) -> Callable[[np.ndarray], np.ndarray]:
+    """What a frame goes through before it is cropped for training or INT8 calibration:
+    nothing when ``wb_tolerance`` is None, else this stage with that white-balance tolerance
+    (and the other corrections at their defaults), as the node prepares its frames."""
+    if wb_tolerance is None:
+        return lambda image: image
+    return Exposure(ExposureConfig(wb_tolerance=wb_tolerance))
+
+
+def training_mismatch(extra: dict, config: ExposureConfig) -> str | None:
+    """One line when the classifier was trained on frames this stage prepares differently
+    (``trained_tolerance``). None when they agree or the model says nothing."""
+    trained = trained_tolerance(extra)
+    if trained is None:
         return None
     if not config.white_balance:
         return (f"the classifier was trained on frames white-balanced with wb_tolerance "

@@ -48,6 +48,30 @@ def test_batches_are_the_node_preprocessing_of_the_chosen_boxes():
     np.testing.assert_array_equal(batch, expected)
 
 
+def test_a_classifier_trained_on_white_balanced_frames_is_calibrated_on_them():
+    """A model whose metadata names the white-balance tolerance of its training frames
+    (``data.normalise``) is calibrated on frames through the node's exposure stage at that
+    tolerance; a model trained on the frames as stored, on the frames as stored."""
+    from dataclasses import replace
+
+    from node.node_config import ExposureConfig
+    from node.sources.exposure import Exposure
+
+    frame = make_scene(5, cones=1)
+    cast = np.clip(frame.image.astype(np.float32) * [1.0, 0.8, 0.6], 0, 255).astype(np.uint8)
+    frame = LabelledFrame(cast, frame.boxes, frame.labels)
+    meta = metadata()
+    normalised = replace(meta, extra={**meta.extra, "normalise": {"wb_tolerance": 0.0}})
+    (raw,) = list(calibration_batches([frame], meta, 1, 8, seed=0, background_share=0.0))
+    (balanced,) = list(calibration_batches([frame], normalised, 1, 8, seed=0,
+                                           background_share=0.0))
+    pre = Preprocessor(meta)
+    np.testing.assert_array_equal(raw, pre(cast, frame.boxes))
+    corrected = Exposure(ExposureConfig(wb_tolerance=0.0))(cast)
+    assert np.abs(corrected.astype(int) - cast).mean() > 5  # the cast is corrected
+    np.testing.assert_array_equal(balanced, pre(corrected, frame.boxes))
+
+
 def test_same_seed_same_batches_and_batch_sizes():
     meta = metadata()
     a = list(calibration_batches(scenes(0, 30), meta, 70, 32, seed=1))

@@ -27,7 +27,6 @@ from export.data import (
     crops_to_tensor,
     crowd_crops,
     crowd_frame,
-    frame_normaliser,
     is_heldout,
     jitter_boxes,
     load_cache,
@@ -39,6 +38,7 @@ from node.classes import CLASSIFIER_CLASSES
 from node.evaluate.datasets import Sample
 from node.infer.crop import crop_batch
 from node.infer.preprocess import normalize
+from node.sources.exposure import frame_normaliser
 
 from . import cone_patches
 
