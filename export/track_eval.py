@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 
 from export import synth
-from node.infer.postprocess import iou_matrix
+from node.evaluate.score import match_greedy
 from node.track import CameraConfig, ConeTracker, RangeEstimator, TrackerConfig
 
 BUCKETS = ((0.0, 5.0), (5.0, 10.0), (10.0, 20.0))
@@ -157,7 +157,7 @@ def score_clip(frames: list[TruthFrame], dets: list[tuple[np.ndarray, list[str],
         est = RangeEstimator(cfg).estimate(boxes, labels, w, h)
         ids = tracker.update(boxes, labels, scores, *(
             (est.xyz, est.sigma_m, RangeEstimator(cfg).view(w, h)) if ego else ()))
-        match = _match(boxes, scores, tf.boxes)
+        match = match_greedy(boxes, scores, tf.boxes)
         score.frames += 1
         score.truths += len(tf.boxes)
         now: dict[int, int] = {}
@@ -179,20 +179,6 @@ def score_clip(frames: list[TruthFrame], dets: list[tuple[np.ndarray, list[str],
                 score.pairs += 1
                 score.kept += prev[cone] == tid
         prev = now
-
-
-def _match(boxes: np.ndarray, scores: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    out = np.full(len(boxes), -1, np.int64)
-    if len(boxes) == 0 or len(truth) == 0:
-        return out
-    overlap = iou_matrix(boxes, truth)
-    free = np.ones(len(truth), bool)
-    for i in np.argsort(-np.asarray(scores), kind="stable"):
-        cand = np.where(free, overlap[i], -1.0)
-        j = int(cand.argmax())
-        if cand[j] >= 0.5:
-            out[i], free[j] = j, False
-    return out
 
 
 def run_node(clips: list[list[TruthFrame]], workdir: Path,

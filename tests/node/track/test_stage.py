@@ -51,3 +51,26 @@ def test_benchmark_truth_matches_the_renderer():
         v = cfg.cy + cfg.fy * tf.xyz[:, 1] / tf.xyz[:, 2]
         assert np.all((u > tf.boxes[:, 0] - 1) & (u < tf.boxes[:, 2] + 1))
         assert np.all((v < tf.boxes[:, 3] + 1) & (v > tf.boxes[:, 1]))
+
+
+def test_benchmark_scores_the_true_boxes_as_every_cone_matched():
+    """``export.track_eval.score_clip`` matches detections to the truth (IoU 0.5, greedy by
+    score): the true boxes themselves match every cone, and a box moved off its cone by its
+    own width matches nothing."""
+    from export.track_eval import Score, render_truth_clip, score_clip
+    from node.track import TrackerConfig
+
+    frames = list(render_truth_clip(7, 4))
+    truths = sum(len(f.boxes) for f in frames)
+    exact, moved = Score(), Score()
+    dets = [(f.boxes, f.labels, np.full(len(f.boxes), 0.9)) for f in frames]
+    score_clip(frames, dets, exact, TrackerConfig())
+    assert exact.truths == exact.matched == truths > 0
+    assert exact.switches == 0
+    shifted = []
+    for f in frames:
+        b = f.boxes.copy()
+        b[:, [0, 2]] += (b[:, 2] - b[:, 0])[:, None]
+        shifted.append((b, f.labels, np.full(len(b), 0.9)))
+    score_clip(frames, shifted, moved, TrackerConfig())
+    assert moved.truths == truths and moved.matched == 0
