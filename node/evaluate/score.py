@@ -5,7 +5,9 @@ frame, detections are matched to ground-truth boxes greedily, highest score firs
 at IoU >= 0.5. Reported are recall per box-height bucket (< 12, 12-24, 24-48, >= 48 px) and
 for cones >= 12 px; precision of detections >= 20 px tall (the real data leaves many smaller
 cones unlabelled), with its false detections sorted by their best overlap with a label
-(``FALSE_KINDS``; ``--false-sheet`` draws those away from every label, to be looked at); label
+(``FALSE_KINDS``; ``--false-sheet`` draws those away from every label, to be looked at); the
+missed cones >= 12 px sorted by their best overlap with a detection (``MISS_KINDS``;
+``--miss-sheet`` draws them with the nearest detection); label
 accuracy of matched pairs; candidates per frame (from an optional ``candidates`` key of the
 records, else the replay ``--summary`` JSON); proposer time.
 
@@ -47,6 +49,11 @@ FALSE_KINDS = ("second_box", "misplaced", "overlapping", "away")
 box on a cone another detection already matched (>= ``IOU_MATCH``), a misplaced box (>=
 ``IOU_NEAR``), one overlapping a label (>= ``IOU_TOUCH``), or one away from every label
 (background, or a cone nobody labelled: look at those before trusting the precision)."""
+MISS_KINDS = ("misplaced", "overlapping", "none")
+"""What became of a labelled cone >= ``RECALL_MIN_PX`` that no detection matched, by its best
+IoU with any detection: a box on it at ``IOU_NEAR``-``IOU_MATCH`` (found, but placed too far
+from the label to count; a loose or shifted label does this too), one overlapping it (>=
+``IOU_TOUCH``), or none (``--miss-sheet`` draws them all, to be looked at)."""
 HEIGHT_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("<12", 0.0, 12.0), ("12-24", 12.0, 24.0), ("24-48", 24.0, 48.0), (">=48", 48.0, np.inf))
 RECALL_MIN_PX = 12.0
@@ -109,13 +116,18 @@ class Tally:
     # The "away" false detections as (image path, box), for a contact sheet; filled by
     # ``add`` when given the frame's ``image``.
     away: list[tuple[Path, tuple[float, float, float, float]]] = field(default_factory=list)
+    miss_kinds: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MISS_KINDS, 0))
+    # The missed cones >= RECALL_MIN_PX as (image path, label box, the detection nearest to
+    # it or None), for a contact sheet; filled by ``add`` when given the frame's ``image``.
+    missed: list[tuple[Path, tuple[float, ...], tuple[float, ...] | None]] = field(
+        default_factory=list)
 
     def add(self, pred: np.ndarray, scores: np.ndarray, pred_labels: list[str] | None,
             truth: np.ndarray, truth_labels: list[str], label_scale: float = 1.0,
             image: Path | None = None) -> None:
         """Score one frame's detections (``pred_labels`` None: proposals, no labels); with
         ``image`` (the frame's file) its false detections away from every label are listed
-        in ``away``.
+        in ``away``, and its missed cones >= ``RECALL_MIN_PX`` in ``missed``.
 
         ``label_scale``: how many times taller things are in this frame than in the frame
         they were labelled on (a rescaled camera variant). Above 1, heights are divided by it
@@ -137,6 +149,7 @@ class Tally:
             self.truth_by_bucket[k] += in_bucket.sum()
             self.hit_by_bucket[k] += (in_bucket & hit).sum()
         self._add_placement(pred, truth, th, overlap)
+        self._add_missed(pred, truth, ~hit & (th >= RECALL_MIN_PX), overlap, image)
         tall = (pred[:, 3] - pred[:, 1]) * shrink >= PRECISION_MIN_PX
         self.det_tall += int(tall.sum())
         self.tp_tall += int((tall & (match >= 0)).sum())
@@ -171,6 +184,24 @@ class Tally:
             self.false_kinds[name] += int((kind == k).sum())
         if image is not None:
             self.away += [(image, tuple(float(v) for v in box)) for box in false[kind == 0]]
+
+    def _add_missed(self, pred: np.ndarray, truth: np.ndarray, missed: np.ndarray,
+                    overlap: np.ndarray, image: Path | None) -> None:
+        """Sort the frame's missed labelled cones (``missed``: a mask over ``truth``) into
+        ``MISS_KINDS`` by their best IoU with any detection."""
+        rows = np.flatnonzero(missed)
+        if not len(rows):
+            return
+        best = overlap[:, rows].max(axis=0) if len(pred) else np.zeros(len(rows))
+        kind = np.searchsorted([IOU_TOUCH, IOU_NEAR], best, side="right")
+        for k, name in enumerate(reversed(MISS_KINDS)):
+            self.miss_kinds[name] += int((kind == k).sum())
+        if image is None:
+            return
+        nearest = overlap[:, rows].argmax(axis=0) if len(pred) else np.zeros(len(rows), int)
+        for r, b, n in zip(rows, best, nearest):
+            near = tuple(float(v) for v in pred[n]) if b > 0 else None
+            self.missed.append((image, tuple(float(v) for v in truth[r]), near))
 
     def _add_placement(self, pred: np.ndarray, truth: np.ndarray, heights: np.ndarray,
                        overlap: np.ndarray) -> None:
@@ -254,6 +285,7 @@ class Tally:
             "precision_ge20": ratio(self.tp_tall, self.det_tall),
             "detections_ge20": self.det_tall,
             "false_ge20": dict(self.false_kinds),
+            "missed_ge12": dict(self.miss_kinds),
             "label_accuracy": ratio(self.label_correct, self.matched),
             "matched": self.matched,
             "placement": self.placement(),
@@ -365,6 +397,11 @@ FALSE_TEXT = {"second_box": "a second box on a found cone",
               "away": "away from every label (background or unlabelled cones)"}
 
 
+MISS_TEXT = {"misplaced": f"with a box at IoU {IOU_NEAR:g}-{IOU_MATCH:g}",
+             "overlapping": f"with a box at IoU {IOU_TOUCH:g}-{IOU_NEAR:g}",
+             "none": f"with no box (IoU < {IOU_TOUCH:g})"}
+
+
 def format_table(report: dict, title: str) -> str:
     """A small Markdown table of a report."""
     def pct(v: float | None) -> str:
@@ -386,6 +423,10 @@ def format_table(report: dict, title: str) -> str:
     if false and any(false.values()):
         rows.append("| false detections >= 20 px | " + ", ".join(
             f"{n} {FALSE_TEXT[k]}" for k, n in false.items() if n) + " |")
+    missed = report.get("missed_ge12")
+    if missed and any(missed.values()):
+        rows.append("| missed cones >= 12 px | " + ", ".join(
+            f"{n} {MISS_TEXT[k]}" for k, n in missed.items() if n) + " |")
     for name, v in report.get("placement", {}).items():
         if v["near"] is None or v["dx"] is None:
             continue
@@ -401,30 +442,52 @@ def format_table(report: dict, title: str) -> str:
     return "\n".join(rows)
 
 
+GREEN, RED = (0, 255, 0), (0, 0, 255)
+
+
 def false_sheet(away: list, path: str | Path, tile: int = 128, columns: int = 8) -> Path:
     """A contact sheet of false detections (``Tally.away``): each box in green, centred in a
     square of three times its longer side (at least 48 px) of its frame, scaled to ``tile``;
     so that unlabelled cones can be told from background by eye before the precision is
     trusted. Frames that cannot be read give grey tiles."""
+    return contact_sheet([(image, box, [(box, GREEN)]) for image, box in away], path, tile,
+                         columns)
+
+
+def miss_sheet(missed: list, path: str | Path, tile: int = 128, columns: int = 8) -> Path:
+    """A contact sheet of missed cones (``Tally.missed``): each label in green and the
+    detection nearest to it, if any, in red, centred as in ``false_sheet``; so that a loose or
+    shifted label, a cone hidden behind the car, or a box on the cone that the label does not
+    fit can be told from a cone the node did not see."""
+    items = [(image, label, [(label, GREEN)] + ([(near, RED)] if near else []))
+             for image, label, near in missed]
+    return contact_sheet(items, path, tile, columns)
+
+
+def contact_sheet(items: list, path: str | Path, tile: int = 128, columns: int = 8) -> Path:
+    """Tiles of ``(image path, centre box, [(box, BGR colour), ...])``: a square of three
+    times the centre box's longer side (at least 48 px) of the frame, scaled to ``tile``, with
+    the boxes drawn; in rows of ``columns``. Frames that cannot be read give grey tiles."""
     import cv2
 
     tiles, last, frame = [], None, None
-    for image_path, box in away:  # in frame order: each frame is read once
+    for image_path, centre, boxes in items:  # in frame order: each frame is read once
         if image_path != last:
             last, frame = image_path, cv2.imread(str(image_path))
         if frame is None:
             tiles.append(np.full((tile, tile, 3), 128, np.uint8))
             continue
-        x1, y1, x2, y2 = box
+        x1, y1, x2, y2 = centre
         side = max(3.0 * max(x2 - x1, y2 - y1), 48.0)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
         scale = tile / side
         shift = np.float32([[scale, 0, tile / 2 - cx * scale], [0, scale, tile / 2 - cy * scale]])
         crop = cv2.warpAffine(frame, shift, (tile, tile), flags=cv2.INTER_AREA,
                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-        corners = np.array([[x1, y1, 1.0], [x2, y2, 1.0]]) @ shift.T
-        (a, b), (c, d) = np.round(corners).astype(int).tolist()
-        cv2.rectangle(crop, (a, b), (c, d), (0, 255, 0), 1)
+        for box, colour in boxes:
+            corners = np.array([[box[0], box[1], 1.0], [box[2], box[3], 1.0]]) @ shift.T
+            (a, b), (c, d) = np.round(corners).astype(int).tolist()
+            cv2.rectangle(crop, (a, b), (c, d), colour, 1)
         tiles.append(crop)
     if not tiles:
         tiles.append(np.zeros((tile, tile, 3), np.uint8))
@@ -463,6 +526,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--false-sheet", metavar="FILE.png",
                         help="also write a contact sheet of the false detections >= 20 px "
                              "away from every label (background, or cones nobody labelled)")
+    parser.add_argument("--miss-sheet", metavar="FILE.png",
+                        help="also write a contact sheet of the missed cones >= 12 px: each "
+                             "label in green, the detection nearest to it in red")
     parser.add_argument("--recall-min-px", type=float, metavar="PX",
                         help="also report recall (and label accuracy) of the cones at least "
                              "PX tall, e.g. 16 for issue 5's synthetic clips")
@@ -496,6 +562,9 @@ def main(args: argparse.Namespace) -> int:
     if args.false_sheet and not args.proposals_only:
         print(f"false detections away from every label: {len(tally.away)}, "
               f"sheet {false_sheet(tally.away, args.false_sheet)}")
+    if args.miss_sheet and not args.proposals_only:
+        print(f"missed cones >= 12 px: {len(tally.missed)}, "
+              f"sheet {miss_sheet(tally.missed, args.miss_sheet)}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if not args.proposals_only:

@@ -12,7 +12,7 @@ import pytest
 
 from node.__main__ import main as node_main
 from node.evaluate.datasets import Sample
-from node.evaluate.score import Tally, false_sheet, format_table, match_greedy
+from node.evaluate.score import Tally, false_sheet, format_table, match_greedy, miss_sheet
 from node.evaluate.splits import in_clips, parse_clip_rules, select_samples
 
 # Ground truth: one cone per height bucket (10, 18, 30, 60 px tall).
@@ -105,6 +105,45 @@ def test_placement_tells_misplaced_boxes_from_missed_cones():
     nothing = Tally()
     nothing.add(np.zeros((0, 4)), np.zeros(0), [], truth, ["blue_cone"] * 3)
     assert nothing.report()["placement"]["12-24"]["near"] == 0.0
+
+
+def test_missed_cones_are_sorted_by_the_nearest_box_and_drawn_with_it(tmp_path):
+    """Four 20 px cones: one found; one under a box 4 px to the right and 20 % too wide (IoU
+    0.3-0.5: misplaced); one touched by a box at IoU 0.1-0.3; one with no box near it; and a
+    10 px cone, too small to count, missed too. The sheet draws each missed label in green
+    and the box nearest it in red."""
+    truth = np.array([[0, 0, 10, 20], [50, 0, 60, 20], [100, 0, 110, 20], [200, 0, 210, 20],
+                      [300, 0, 305, 10]], np.float64)
+    pred = np.array([[0, 0, 10, 20], [53, 0, 65, 20], [106, 0, 116, 20]], np.float64)
+    frame = tmp_path / "f.png"
+    cv2.imwrite(str(frame), np.full((120, 500, 3), 90, np.uint8))
+    tally = Tally()
+    tally.add(pred, np.array([0.9, 0.8, 0.7]), ["blue_cone"] * 3, truth, ["blue_cone"] * 5,
+              image=frame)
+    report = tally.report()
+    assert report["missed_ge12"] == {"misplaced": 1, "overlapping": 1, "none": 1}
+    assert ("| missed cones >= 12 px | 1 with a box at IoU 0.3-0.5, 1 with a box at IoU "
+            "0.1-0.3, 1 with no box (IoU < 0.1) |") in format_table(report, "t")
+    assert tally.missed == [(frame, (50.0, 0.0, 60.0, 20.0), (53.0, 0.0, 65.0, 20.0)),
+                            (frame, (100.0, 0.0, 110.0, 20.0), (106.0, 0.0, 116.0, 20.0)),
+                            (frame, (200.0, 0.0, 210.0, 20.0), None)]
+    sheet = cv2.imread(str(miss_sheet(tally.missed, tmp_path / "miss.png", tile=64,
+                                      columns=4)))
+    assert sheet.shape == (64, 256, 3)
+
+    def colour(bgr):
+        return np.all(sheet == bgr, axis=2)
+
+    green, red = colour((0, 255, 0)), colour((0, 0, 255))
+    for t in range(3):
+        assert green[:, 64 * t:64 * (t + 1)].sum() > 20  # every missed label
+    assert red[:, :64].sum() > 20 and red[:, 64:128].sum() > 20  # the boxes near the first two
+    assert not red[:, 128:].any() and not green[:, 192:].any()  # none near the third; padding
+    found = Tally()
+    found.add(truth[:4], np.ones(4), ["blue_cone"] * 4, truth[:4], ["blue_cone"] * 4,
+              image=frame)
+    assert found.missed == [] and not any(found.report()["missed_ge12"].values())
+    assert "missed cones" not in format_table(found.report(), "t")
 
 
 def test_an_enlarged_frame_is_scored_by_the_sizes_its_cones_had_where_they_were_labelled():
@@ -205,6 +244,12 @@ def test_the_evaluate_command_scores_a_replay_jsonl(tmp_path, capsys):
     # The 50 px yellow detection on frame a lies away from both of its labels.
     assert "false detections away from every label: 1" in capsys.readouterr().out
     assert cv2.imread(str(sheet)).shape == (128, 1024, 3)
+    misses = tmp_path / "miss.png"
+    assert node_main(["evaluate", str(run), "--data", f"yolo:{root}", "--miss-sheet",
+                      str(misses)]) == 0
+    # The 25.6 px yellow cone is the one missed.
+    assert "missed cones >= 12 px: 1" in capsys.readouterr().out
+    assert cv2.imread(str(misses)).shape == (128, 1024, 3)
 
 
 def test_a_video_run_is_matched_by_frame_index_and_plotted(tmp_path, capsys):
