@@ -173,11 +173,13 @@ def import_proposer(path: str | Path, stem: str = "patch4") -> ConeHeatmapNet:
     """The net of an exported proposer ONNX (e.g. the bundled ``models/cone_proposer.onnx``),
     to train further: its input normalisation stays folded into the stem and its BatchNorms
     are the identity plus the folded bias (``export.onnx_import``); train it with
-    ``freeze_bn``. Raises ``DataError`` naming the file when it is not such a net."""
+    ``freeze_bn``. Its widths come from the model's metadata (``extra["channels"]``, else
+    ``CHANNELS``). Raises ``DataError`` naming the file when it is not such a net."""
     from export.onnx_import import OnnxImportError, load_conv_weights, onnx_initialisers
 
-    net = fold_input_normalisation(ConeHeatmapNet(stem=stem))
     try:
+        channels = onnx_channels(path)
+        net = fold_input_normalisation(ConeHeatmapNet(channels, stem=stem))
         load_conv_weights(net, path, skip=("heads",))
         nodes, init = onnx_initialisers(path)
         heads = [n for n in nodes if n.op_type == "Conv" and n.name.startswith("/heads/")]
@@ -194,6 +196,56 @@ def import_proposer(path: str | Path, stem: str = "patch4") -> ConeHeatmapNet:
         raise DataError(f"{path}: cannot load into a {stem} proposer "
                         f"({str(exc).splitlines()[0]})") from None
     return net.eval()
+
+
+def onnx_channels(path: str | Path) -> tuple[int, int, int, int]:
+    """The widths an exported proposer names in its metadata (``CHANNELS`` for one that names
+    none); ValueError when the metadata cannot be read or the widths are not four numbers."""
+    from node.propose.heatmap import open_session
+
+    channels = open_session(path)[1].extra.get("channels", list(CHANNELS))
+    if (not isinstance(channels, list) or len(channels) != 4
+            or not all(isinstance(c, int) and c > 0 for c in channels)):
+        raise ValueError(f"metadata channels {channels!r}: expected four positive widths")
+    return tuple(channels)
+
+
+def net_channels(net: ConeHeatmapNet) -> tuple[int, int, int, int]:
+    """The widths a net was built with, at strides 4, 8, 16 and 32 (``conv``: 2, 4, 8, 16)."""
+    if net.stem_kind == "conv":
+        return (net.stem[0].out_channels, net.stage4[0][0].out_channels,
+                net.stage8[0][0].out_channels, net.stage16[0][0].out_channels)
+    return (net.stem[0].out_channels, net.stage8[1][3].out_channels,
+            net.stage16[1][3].out_channels, net.stage32[1][0].out_channels)
+
+
+def widen(net: ConeHeatmapNet, channels: tuple[int, int, int, int]) -> ConeHeatmapNet:
+    """A copy of ``net`` with ``channels`` widths (each at least the old one) that computes
+    exactly what ``net`` computes (Net2Net's function-preserving widening, Chen et al., ICLR
+    2016, in its zero-weight form): every old weight and statistic is copied; the new
+    channels get the constructor's random weights on their inputs, and every old channel
+    reads them with weight zero. Training then grows the new channels from the old solution:
+    more capacity for new camera effects without starting from scratch."""
+    old = net.state_dict()
+    wide = ConeHeatmapNet(tuple(channels), stem=net.stem_kind)
+    if not net.normalise_input:  # an imported (folded) net stays folded
+        wide = fold_input_normalisation(wide)
+    state = wide.state_dict()
+    for name, new in state.items():
+        was = old.get(name)
+        if was is None or was.dim() != new.dim():
+            raise ValueError(f"widen: {name} has no counterpart in the narrower net")
+        if any(a > b for a, b in zip(was.shape, new.shape)):
+            raise ValueError(f"widen: {name} {tuple(new.shape)} is narrower than "
+                             f"{tuple(was.shape)}")
+        if was.dim() == 0:
+            new.copy_(was)
+            continue
+        if was.dim() == 4 and was.shape[1] > 1:  # old outputs read no new input channel
+            new[:was.shape[0], was.shape[1]:] = 0
+        new[tuple(slice(0, n) for n in was.shape)] = was
+    wide.load_state_dict(state)
+    return wide.train(net.training)
 
 
 class ExportWrapper(nn.Module):
@@ -301,20 +353,21 @@ def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
     return x, t
 
 
-def load_init(path: str | Path, stem: str) -> tuple[dict, list[dict]]:
+def load_init(path: str | Path, stem: str, channels: tuple[int, ...] = CHANNELS
+              ) -> tuple[dict, list[dict]]:
     """The weights of a run's ``best.pt`` to start from, and the training stages that made
     them (empty for a checkpoint written before stages were recorded); raises ``DataError``
     naming the file when it is missing, unreadable, or holds a net of another stem or width."""
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        kind, channels, weights = state.get("stem", "conv"), state["channels"], state["state_dict"]
+        kind, widths, weights = state.get("stem", "conv"), state["channels"], state["state_dict"]
     except Exception as exc:  # noqa: BLE001 (torch.load raises whatever the bytes provoke)
         raise DataError(f"{path}: not a proposer checkpoint ({str(exc).splitlines()[0]})"
                         ) from None
-    if kind != stem or list(channels) != list(CHANNELS):
-        raise DataError(f"{path}: a {kind} net with channels {list(channels)}, not --stem {stem} "
-                        f"with {list(CHANNELS)}")
+    if kind != stem or list(widths) != list(channels):
+        raise DataError(f"{path}: a {kind} net with channels {list(widths)}, not --stem {stem} "
+                        f"with {list(channels)}")
     return weights, list(state.get("stages", []))
 
 
@@ -547,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="start from this run's best.pt (same stem and channels), or from "
                         "an exported proposer .onnx such as models/cone_proposer.onnx, e.g. "
                         "to train it longer at a lower --lr or on a team's own frames")
+    parser.add_argument("--channels", type=int, nargs=4, default=None,
+                        metavar=("C4", "C8", "C16", "C32"),
+                        help=f"widths at strides 4, 8, 16 and 32 (default: the --init model's, "
+                        f"else {' '.join(map(str, CHANNELS))}); wider than the --init model's, "
+                        "it is widened first, computing what it computed (export.proposer_train"
+                        ".widen), e.g. to give the bundled proposer room for new camera effects")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--camera", default="default", choices=list(PROFILES),
                         help="camera randomisation profile of the training windows "
@@ -583,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     meta = stem_metadata(args.stem, args.input_size)
     print(f"training on {len(train_frames)} frames ({device}); validation clips "
           f"{args.val_clips}", flush=True)
-    net = ConeHeatmapNet(stem=args.stem)
+    channels = tuple(args.channels) if args.channels else None
     stages: list[dict] = []
     imported = False
     if args.init and str(args.init).endswith(".onnx"):
@@ -592,16 +651,27 @@ def run(args: argparse.Namespace) -> int:
         net, imported = import_proposer(args.init, args.stem), True
         stages = list(open_session(args.init)[1].extra.get("stages", []))
     elif args.init:
-        weights, stages = load_init(args.init, args.stem)
+        init_channels = tuple(torch.load(args.init, map_location="cpu",
+                                         weights_only=True).get("channels", CHANNELS))
+        weights, stages = load_init(args.init, args.stem, init_channels)
+        net = ConeHeatmapNet(init_channels, stem=args.stem)
         imported = "stem.0.bias" in weights  # a net that was imported from ONNX before
         if imported:
             net = fold_input_normalisation(net)
         net.load_state_dict(weights)
+    else:
+        net = ConeHeatmapNet(channels or CHANNELS, stem=args.stem)
+    if channels and channels != net_channels(net):
+        if any(a > b for a, b in zip(net_channels(net), channels)):
+            raise DataError(f"--channels {' '.join(map(str, channels))}: narrower than the "
+                            f"--init model's {list(net_channels(net))}")
+        net = widen(net, channels)
+    channels = net_channels(net)
     # Each run is one stage (warm-up and cosine decay); a model trained further with --init
     # carries the stages before it, so its metadata tells the whole schedule.
     stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
                    "init": args.init, "camera": args.camera,
-                   "scale_range": list(args.scale_range)})
+                   "scale_range": list(args.scale_range), "channels": list(channels)})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
@@ -609,11 +679,11 @@ def run(args: argparse.Namespace) -> int:
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
           augmentation={"camera": camera, "scale_range": tuple(args.scale_range)})
-    torch.save({"state_dict": net.cpu().state_dict(), "channels": list(CHANNELS),
+    torch.save({"state_dict": net.cpu().state_dict(), "channels": list(channels),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
                 "stages": stages}, out / "best.pt")
     clips = sorted(set(train_frames.clips.tolist()))
-    meta.extra = {"arch": "cone_heatmap_net", "channels": list(CHANNELS), "stem": args.stem,
+    meta.extra = {"arch": "cone_heatmap_net", "channels": list(channels), "stem": args.stem,
                   "training_clips": clips, "validation_clips": list(args.val_clips),
                   "heldout": list(heldout), "synth_seeds": [args.synth_seed,
                                                             args.synth_seed + args.synth_frames],

@@ -28,9 +28,11 @@ from export.proposer_train import (
     export_proposer,
     fold_input_normalisation,
     load_init,
+    net_channels,
     normalise_batch,
     stem_metadata,
     train,
+    widen,
 )
 from node.propose.heatmap import (
     decode_heatmap,
@@ -302,3 +304,63 @@ def test_a_file_that_is_not_a_proposer_is_named(tmp_path):
     if refiner.is_file():
         with pytest.raises(DataError, match="cone_refiner.onnx: cannot load"):
             import_proposer(refiner)
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_a_widened_net_computes_what_it_did_and_its_new_channels_learn(stem):
+    """``widen`` (Net2Net, zero-weight form): every output is unchanged to float rounding,
+    the widths are the new ones, the old weights are copied, and one training step moves the
+    weights that read the new channels off zero (they are not dead)."""
+    torch.manual_seed(3)
+    net = ConeHeatmapNet(stem=stem).eval()
+    with torch.no_grad():  # statistics that are not the identity, so copying them matters
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    wide = widen(net, (24, 32, 64, 96)).eval()
+    assert net_channels(net) == (16, 24, 32, 48) and net_channels(wide) == (24, 32, 64, 96)
+    x = torch.rand(2, 3, 64, 96) * (255 if stem.startswith("patch4") else 1)
+    with torch.no_grad():
+        for a, b in zip(net(x), wide(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    old = net.heat.in_channels  # the heads read the stride-4 features
+    assert torch.count_nonzero(wide.heat.weight[:, old:]) == 0
+    assert torch.equal(wide.heat.weight[:, :old], net.heat.weight)
+    train(wide, tiny_frames(4), stem_metadata(stem, SIZE), 1, batch_size=4, lr=1e-2,
+          max_steps=2)
+    assert torch.count_nonzero(wide.heat.weight[:, old:]) > 0
+    with pytest.raises(ValueError, match="narrower"):
+        widen(net, (8, 24, 32, 48))
+
+
+def test_proposer_cli_widens_the_init_model_and_exports_its_widths(tmp_path):
+    """``--channels`` wider than the ``--init`` model's widens it before training, and the
+    checkpoint and the ONNX metadata carry the new widths, which ``import_proposer`` reads
+    back; narrower ones are refused in one line."""
+    import yaml
+
+    from export.proposer_train import import_proposer
+    from export.proposer_train import main as proposer_main
+
+    frames = tiny_frames(6)
+    root = Path(__file__).resolve().parents[2]
+    heldout = yaml.safe_load((root / "configs" / "train.yaml").read_text())["data"]["heldout"]
+    frames.info = {"heldout": heldout, "synth_frames": 0, "synth_seed": 0}
+    cache = tmp_path / "frames.npz"
+    save_frames(frames, cache)
+    init = tmp_path / "init.pt"
+    torch.save({"state_dict": ConeHeatmapNet(stem="patch4").state_dict(),
+                "channels": [16, 24, 32, 48], "stem": "patch4"}, init)
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--cache", str(cache), "--input-size", str(SIZE), "--crop", "0",
+            "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+            "--val-clips", "--init", str(init), "--max-candidates", "8", "--synth-frames", "0",
+            "--synth-seed", "0"]
+    assert proposer_main([*args, "--channels", "16", "32", "48", "64"]) == 0
+    assert torch.load(out / "best.pt", weights_only=True)["channels"] == [16, 32, 48, 64]
+    meta = open_session(out / "cone_proposer.onnx")[1]
+    assert meta.extra["channels"] == [16, 32, 48, 64]
+    assert meta.extra["stages"][-1]["channels"] == [16, 32, 48, 64]
+    assert net_channels(import_proposer(out / "cone_proposer.onnx")) == (16, 32, 48, 64)
+    assert proposer_main([*args, "--channels", "8", "24", "32", "48"]) == 2
