@@ -311,6 +311,46 @@ def test_diagnostics_come_about_once_a_second_with_percentiles_and_drops(harness
     assert float(values["fps"]) > 0 and status.name == "cone_node: latency"
 
 
+def test_a_blurred_camera_turns_the_diagnostics_to_warn_and_a_sharp_one_back(harness, clip):
+    """The camera watch on real rclpy: frames blurred far past the check's line (a Gaussian
+    of 4 px) make the latency diagnostics WARN with the watch's one-line warning; sharp
+    frames clear it. The watch reads a frame every 0.1 s of stamps, over the last 4."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    h = harness(diagnostics_period=0.5, overrides=[
+        BODY_MASK, "model.threads=2", "camera_watch.every_s=0.1",
+        "camera_watch.window=4"]).start()
+    blurred = [h.image_message(cv2.GaussianBlur(s.image, (0, 0), 4.0), i)
+               for i, s in enumerate(clip[:8])]
+    sharp = [h.image_message(s.image, i) for i, s in enumerate(clip[:8])]
+
+    def latest():
+        with h.lock:
+            return h.diagnostics[-1][1].status[0] if h.diagnostics else None
+
+    def feed_until(pool, start, check):
+        index = start
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            h.image_pub.publish(h.restamp(pool[index % len(pool)], index))
+            index += 1
+            time.sleep(0.05)
+            status = latest()
+            if status is not None and check(status):
+                return index, status
+        return index, latest()
+
+    index, status = feed_until(blurred, 0, lambda s: s.level == DiagnosticStatus.WARN
+                               and s.message.startswith("camera:"))
+    assert status is not None and status.level == DiagnosticStatus.WARN, status
+    assert status.message.startswith("camera: blur ") and "python -m node check" in \
+        status.message
+    values = {kv.key: kv.value for kv in status.values}
+    assert float(values["camera_blur"]) > 2.2
+    _, status = feed_until(sharp, index, lambda s: s.level == DiagnosticStatus.OK)
+    assert status.level == DiagnosticStatus.OK, status.message
+
+
 def test_lidar_boxes_on_a_topic_are_the_candidates_matched_by_stamp(harness, clip):
     h = harness(proposals_topic="{prefix}/lidar_boxes").start()
     deadline = time.monotonic() + 10
