@@ -87,7 +87,18 @@ CROP_SATURATION = replace(CROP, saturation=(0.3, 1.3))
 PROFILES: dict[str, CameraRandomisation | None] = {
     "none": None, "default": DEFAULT, "strong": STRONG, "crop": CROP,
     "crop_saturation": CROP_SATURATION}
-"""Profiles by name: the trainers' ``--camera`` and ``augment.camera.profile``."""
+"""Profiles by name: the classifier's ``augment.camera.profile``, and the frame trainers'
+``--camera`` (``FRAME_PROFILES``). None of them turns a cone's colour into another."""
+
+# STRONG with exposures up to 2.5: about a fifth of the windows burn out where bright
+# surfaces clip (an overexposed camera), and clipping can turn an orange cone yellow. Only
+# for the proposer and the refiner, which find cones whatever their colour; never for the
+# classifier, which must not learn a wrong colour.
+STRONG_BRIGHT = replace(STRONG, exposure=(0.15, 2.5))
+
+FRAME_PROFILES: dict[str, CameraRandomisation | None] = {
+    **PROFILES, "strong_bright": STRONG_BRIGHT}
+"""The proposer's and the refiner's ``--camera`` profiles: ``PROFILES`` and burnt-out ones."""
 
 
 def log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:

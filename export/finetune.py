@@ -319,7 +319,7 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
 
 def finetune_proposer(bundled: Path, frames, budget_s: float, out: Path, device, log: Path,
                       val_clips: list[str]) -> dict:
-    from export.camera_aug import PROFILES
+    from export.camera_aug import FRAME_PROFILES
     from export.proposer_train import export_proposer, import_proposer, train
     from node.propose.heatmap import open_session
 
@@ -328,12 +328,12 @@ def finetune_proposer(bundled: Path, frames, budget_s: float, out: Path, device,
     # The camera randomisation the bundled proposer was last trained with, so that the
     # fine-tune keeps what it learnt about other cameras.
     camera = (meta.extra.get("stages") or [{}])[-1].get("camera", "default")
-    if camera not in PROFILES:
+    if camera not in FRAME_PROFILES:
         camera = "default"
     t0 = time.perf_counter()
     history = train(net, frames, meta, 10**6, batch_size=16, lr=LR["proposer"], device=device,
                     log=log, crop=PROPOSER_WINDOW, freeze_bn=True, budget_s=budget_s,
-                    augmentation={"camera": PROFILES[camera]})
+                    augmentation={"camera": FRAME_PROFILES[camera]})
     seconds = round(time.perf_counter() - t0, 1)
     clips = sorted(set(frames.clips.tolist()))
     stage = {"finetune": True, "init": bundled.name, "lr": LR["proposer"], "seconds": seconds,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.camera_aug import PROFILES
+from export.camera_aug import FRAME_PROFILES
 from export.data import DataError
 from export.proposer_data import ProposerFrames, augment_frame, centre_targets
 from export.train import Schedule, optimizer_step
@@ -615,9 +615,9 @@ def main(argv: list[str] | None = None) -> int:
                         "it is widened first, computing what it computed (export.proposer_train"
                         ".widen), e.g. to give the bundled proposer room for new camera effects")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--camera", default="default", choices=list(PROFILES),
+    parser.add_argument("--camera", default="default", choices=list(FRAME_PROFILES),
                         help="camera randomisation profile of the training windows "
-                             "(export.camera_aug.PROFILES)")
+                             "(export.camera_aug.FRAME_PROFILES)")
     parser.add_argument("--scale-range", type=float, nargs=2, default=[0.6, 2.0],
                         metavar=("LO", "HI"),
                         help="zoom of the training windows, drawn log-uniformly (default: "
@@ -682,7 +682,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
-    camera = PROFILES[args.camera]
+    camera = FRAME_PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
           augmentation={"camera": camera, "scale_range": tuple(args.scale_range)})

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.camera_aug import PROFILES, CameraRandomisation, random_camera
+from export.camera_aug import FRAME_PROFILES, CameraRandomisation, random_camera
 from export.data import DataError
 from export.proposer_data import SYNTH_CLIP, ProposerFrames
 from export.proposer_train import (
@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proposer", default=None,
                         help="proposer .onnx whose candidates are trained and scored on "
                              "(default: the one --node-config names)")
-    parser.add_argument("--camera", default="none", choices=list(PROFILES),
+    parser.add_argument("--camera", default="none", choices=list(FRAME_PROFILES),
                         help="camera randomisation profile of the training frames "
-                             "(export.camera_aug.PROFILES)")
+                             "(export.camera_aug.FRAME_PROFILES)")
     return run_cli(run, parser.parse_args(argv))
 
 
@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     net = BoxRefinerNet(args.input_size, tuple(args.channels))
     (out / "history.jsonl").write_text("")
-    camera = PROFILES[args.camera]
+    camera = FRAME_PROFILES[args.camera]
     train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,
           device, log=out / "history.jsonl", camera=camera)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(args.channels),

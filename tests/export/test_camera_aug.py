@@ -5,6 +5,7 @@ they say (blur lowers detail, noise adds variance, drops change only round patch
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -12,7 +13,9 @@ import numpy as np
 from export.camera_aug import (
     CROP,
     CROP_SATURATION,
+    FRAME_PROFILES,
     PROFILES,
+    STRONG_BRIGHT,
     CameraRandomisation,
     blur,
     lens_drops,
@@ -60,6 +63,26 @@ def test_no_draw_turns_a_cone_colour_into_another():
                 if mean.max() < 25:  # too dark to have a hue at all
                     continue
                 assert hue_class(mean) == name, (profile, name, seed, mean)
+
+
+def test_burnt_out_frames_are_drawn_for_the_proposer_only():
+    """``strong_bright`` burns out part of its draws (an orange patch clips to white or turns
+    yellow), so it is a frame trainer's profile and the classifier's config refuses it."""
+    import pytest
+
+    from export.train_config import load_train_config
+
+    assert "strong_bright" in FRAME_PROFILES and "strong_bright" not in PROFILES
+    cfg = replace(STRONG_BRIGHT, p_noise=0.0, p_jpeg=0.0, p_drops=0.0, p_blur=0.0)
+    patch = np.full((32, 32, 3), PATCHES["orange"], np.uint8)
+    draws = [random_camera(patch, np.random.default_rng(seed), cfg)[16, 16] for seed in range(200)]
+    not_orange = sum(hue_class(d.astype(np.float64)) != "orange" and d.max() >= 25
+                     for d in draws)
+    assert 3 <= not_orange <= 100  # some draws (8 of these 200), not most
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ValueError, match="strong_bright"):
+        load_train_config(root / "configs" / "train.yaml",
+                          ["augment.camera.profile=strong_bright"])
 
 
 def test_crop_profile_blurs_and_covers_a_crop_as_a_frame_blur_covers_a_small_cone():
