@@ -559,6 +559,9 @@ def trainer_parser(prog: str, doc: str, out_example: str, val_help: str
     parser.add_argument("--synth-seed", type=int, default=20000)
     parser.add_argument("--val-clips", nargs="*", default=["autox4"], help=val_help)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the weights' initialisation and of the training draws "
+                        "(another seed: another retraining, to see the spread)")
     parser.add_argument("--model", default=None, help="also copy the ONNX here")
     return parser
 
@@ -579,7 +582,7 @@ def start_run(args: argparse.Namespace) -> tuple[Path, list[str], Path]:
 
     from node.node_config import resolve_path
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -678,13 +681,14 @@ def run(args: argparse.Namespace) -> int:
     # carries the stages before it, so its metadata tells the whole schedule.
     stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
                    "init": args.init, "camera": args.camera,
-                   "scale_range": list(args.scale_range), "channels": list(channels)})
+                   "scale_range": list(args.scale_range), "channels": list(channels),
+                   "seed": args.seed})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     camera = FRAME_PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
-          log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
+          seed=args.seed, log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
           augmentation={"camera": camera, "scale_range": tuple(args.scale_range)})
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(channels),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,

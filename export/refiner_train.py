@@ -355,14 +355,14 @@ def run(args: argparse.Namespace) -> int:
     (out / "history.jsonl").write_text("")
     camera = FRAME_PROFILES[args.camera]
     train(net, train_frames, pairs, meta, args.epochs, args.copies, args.batch_size, args.lr,
-          device, log=out / "history.jsonl", camera=camera)
+          device, seed=args.seed, log=out / "history.jsonl", camera=camera)
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(args.channels),
                 "input_size": args.input_size}, out / "best.pt")
     meta.extra = {"arch": "box_refiner_net", "channels": list(args.channels),
                   "training_clips": sorted(set(train_frames.clips.tolist())),
                   "validation_clips": list(args.val_clips), "heldout": list(heldout),
                   "epochs": args.epochs, "copies": args.copies, "camera": args.camera,
-                  "proposer": proposer_cfg.heatmap_model}
+                  "seed": args.seed, "proposer": proposer_cfg.heatmap_model}
     onnx_path = export_refiner(net, meta, out / "cone_refiner.onnx")
     val = validation_samples(root, list(args.val_clips))
     if val:

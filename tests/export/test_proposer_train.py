@@ -334,14 +334,10 @@ def test_a_widened_net_computes_what_it_did_and_its_new_channels_learn(stem):
         widen(net, (8, 24, 32, 48))
 
 
-def test_proposer_cli_widens_the_init_model_and_exports_its_widths(tmp_path):
-    """``--channels`` wider than the ``--init`` model's widens it before training, and the
-    checkpoint and the ONNX metadata carry the new widths, which ``import_proposer`` reads
-    back; narrower ones are refused in one line."""
+def _tiny_cli_args(tmp_path: Path, out: Path) -> list[str]:
+    """``python -m export.proposer_train`` options for one epoch on six drawn frames, from an
+    ``--init`` checkpoint of the default widths."""
     import yaml
-
-    from export.proposer_train import import_proposer
-    from export.proposer_train import main as proposer_main
 
     frames = tiny_frames(6)
     root = Path(__file__).resolve().parents[2]
@@ -350,13 +346,24 @@ def test_proposer_cli_widens_the_init_model_and_exports_its_widths(tmp_path):
     cache = tmp_path / "frames.npz"
     save_frames(frames, cache)
     init = tmp_path / "init.pt"
+    torch.manual_seed(0)
     torch.save({"state_dict": ConeHeatmapNet(stem="patch4").state_dict(),
                 "channels": [16, 24, 32, 48], "stem": "patch4"}, init)
-    out = tmp_path / "run"
-    args = ["--out", str(out), "--cache", str(cache), "--input-size", str(SIZE), "--crop", "0",
+    return ["--out", str(out), "--cache", str(cache), "--input-size", str(SIZE), "--crop", "0",
             "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--threads", "1",
             "--val-clips", "--init", str(init), "--max-candidates", "8", "--synth-frames", "0",
             "--synth-seed", "0"]
+
+
+def test_proposer_cli_widens_the_init_model_and_exports_its_widths(tmp_path):
+    """``--channels`` wider than the ``--init`` model's widens it before training, and the
+    checkpoint and the ONNX metadata carry the new widths, which ``import_proposer`` reads
+    back; narrower ones are refused in one line."""
+    from export.proposer_train import import_proposer
+    from export.proposer_train import main as proposer_main
+
+    out = tmp_path / "run"
+    args = _tiny_cli_args(tmp_path, out)
     assert proposer_main([*args, "--channels", "16", "32", "48", "64"]) == 0
     assert torch.load(out / "best.pt", weights_only=True)["channels"] == [16, 32, 48, 64]
     meta = open_session(out / "cone_proposer.onnx")[1]
@@ -364,3 +371,18 @@ def test_proposer_cli_widens_the_init_model_and_exports_its_widths(tmp_path):
     assert meta.extra["stages"][-1]["channels"] == [16, 32, 48, 64]
     assert net_channels(import_proposer(out / "cone_proposer.onnx")) == (16, 32, 48, 64)
     assert proposer_main([*args, "--channels", "8", "24", "32", "48"]) == 2
+
+
+def test_proposer_cli_seed_repeats_a_run_and_another_seed_changes_it(tmp_path):
+    """The same ``--seed`` trains the same weights; another seed other ones (its draws of
+    windows and batches), and the stage records it."""
+    from export.proposer_train import main as proposer_main
+
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        assert proposer_main([*_tiny_cli_args(tmp_path, out), "--seed", str(seed)]) == 0
+        weights[name] = torch.load(out / "best.pt", weights_only=True)["state_dict"]
+        assert open_session(out / "cone_proposer.onnx")[1].extra["stages"][-1]["seed"] == seed
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
