@@ -327,13 +327,17 @@ def build_node_class() -> type:
             health.pop("state", None)
             if isinstance(self._proposer, TopicBoxProposer):
                 health.update(self._proposer.health)
-            watch = getattr(getattr(self._runner, "pipeline", None), "camera_watch", None)
+            watch = self._camera_watch()
             if watch is not None:
                 health.update(watch.diagnostic_values())
             return health
 
+        def _camera_watch(self) -> Any:
+            """The running pipeline's camera watch (``CameraWatch``), or None."""
+            return getattr(getattr(self._runner, "pipeline", None), "camera_watch", None)
+
         def _camera_warning(self) -> str | None:
-            watch = getattr(getattr(self._runner, "pipeline", None), "camera_watch", None)
+            watch = self._camera_watch()
             return watch.warning() if watch is not None else None
 
         def _publish_diagnostics(self, period: float) -> None:

@@ -220,13 +220,14 @@ class Exposure:
               or section.black_level)
         return cls(section) if on else None
 
-    def gains(self, image: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    def gains(self, image: np.ndarray, pixels: list[np.ndarray] | None = None
+              ) -> tuple[np.ndarray, float, float, float]:
         """The frame's white-balance gains (3,), its brightening (>= 1), its saturation gain
         (>= 1) and how far its dark end lies above ``max_black`` (grey levels after the white
         balance; the frame is lowered by it and stretched about the smaller of it and
-        ``max_black``)."""
+        ``max_black``). ``pixels``: the frame's ``sample_pixels``, when the caller has them."""
         c = self.config
-        pixels = sample_pixels(image)
+        pixels = sample_pixels(image) if pixels is None else pixels
         wb = (beyond_tolerance(grey_gains(pixels, c.max_wb_gain), c.wb_tolerance)
               if c.white_balance else np.ones(3, np.float32))
         black = (max(0.0, dark_level(pixels, DARK_PERCENTILE, wb) - c.max_black)
@@ -267,9 +268,9 @@ class Exposure:
     def report(self) -> dict:
         """What the stage did so far: frames seen, how many it white-balanced (and their mean
         B, G, R gains), found veiled (and their mean dark-end excess), brightened (and their
-        mean gain) and made more colourful (and their mean saturation gain). A camera whose frames are mostly corrected is set up far from
-        the training camera's look: its own white balance, exposure or saturation may be
-        worth fixing."""
+        mean gain) and made more colourful (and their mean saturation gain). A camera whose
+        frames are mostly corrected is set up far from the training camera's look: its own
+        white balance, exposure or saturation may be worth fixing."""
         out: dict = {"frames": self._frames, "white_balanced": self._balanced,
                      "brightened": self._brightened, "saturated": self._saturated,
                      "black_lowered": self._lowered}

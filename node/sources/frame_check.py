@@ -231,8 +231,9 @@ def look_at(image: np.ndarray, config: NodeConfig, exposure: Exposure | None = N
     view = view_size(image.shape[1], image.shape[0], config)
     c = config.exposure
     stage = exposure or Exposure(c)
-    wb, gain, saturation, black = stage.gains(image)
-    cast = cast_gains(sample_pixels(image)) if c.white_balance else np.ones(3)
+    pixels = sample_pixels(image)  # read once, for the stage's gains and the unclipped cast
+    wb, gain, saturation, black = stage.gains(image, pixels)
+    cast = cast_gains(pixels) if c.white_balance else np.ones(3)
     return FrameLook(
         width=int(image.shape[1]), height=int(image.shape[0]),
         view_width=int(view[0]), view_height=int(view[1]),
