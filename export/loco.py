@@ -15,14 +15,25 @@ The node runs with a low score threshold once, and every threshold of ``--thresh
 applied to its published cones afterwards (exact: the overlap suppression keeps the higher
 score, so filtering afterwards equals running with the threshold). The out-of-fold results
 give a score threshold **calibrated on clips the classifier never saw**: the one with the best
-worst-clip F1. The proposer and refiner are not retrained per fold (their metadata names the
-clips they held out, and the table says which clips they saw).
+worst-clip F1.
+
+By default the configured proposer and refiner score every fold: they are not retrained, their
+metadata names the clips they held out, and the table says which clips they saw. With
+``--proposer-epochs N`` each fold also trains its own heatmap proposer from scratch
+(``python -m export.proposer_train``, N epochs) and a refiner on that proposer's candidates
+(``python -m export.refiner_train``), both with ``data.heldout=[CLIP]``, and scores the node
+with them: every network of the node then never saw the clip. The proposer tunes its threshold
+on the first of ``--proposer-val-clips`` that is not the left-out clip; the node runs at the
+config's threshold. ``--trainer-arg`` passes an option to both trainers (``--device cuda``,
+``--threads 2``, ``--camera strong``).
 
 Written to ``OUT/loco.md``, ``OUT/loco.json`` and per clip ``OUT/<clip>/`` (the fold's
-checkpoint and ONNX model). ``--reuse`` keeps fold models already in ``OUT``, so a long run
-can be resumed.
+checkpoint and ONNX model, and with ``--proposer-epochs`` its ``proposer/`` and ``refiner/``
+runs). ``--reuse`` keeps fold models already in ``OUT``, so a long run can be resumed.
 
     python -m export.validate loco --data yolo:DATA --out runs/loco --epochs 12
+    python -m export.validate loco --data yolo:DATA --out runs/loco_all --epochs 30 \
+        --proposer-epochs 120 --trainer-arg=--device=cuda
 """
 
 from __future__ import annotations
@@ -58,7 +69,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reuse", action="store_true",
                         help="keep fold models already in OUT/<clip>/ instead of training")
     parser.add_argument("--seed", type=int, default=0, help="seed of background mining")
+    parser.add_argument("--proposer-epochs", type=int, default=0, metavar="N",
+                        help="also train each fold's proposer from scratch for N epochs, and a "
+                        "refiner on its candidates (0: score with the configured ones)")
+    parser.add_argument("--refiner-epochs", type=int, default=30, metavar="N",
+                        help="refiner epochs per fold, with --proposer-epochs")
+    parser.add_argument("--proposer-val-clips", nargs="+", default=["autox4", "autox5"],
+                        metavar="CLIP", help="the fold proposer tunes its threshold on the "
+                        "first of these that is not the left-out clip (with --proposer-epochs)")
+    parser.add_argument("--trainer-arg", action="append", default=[], metavar="ARG",
+                        help="option passed to the proposer and refiner trainers, e.g. "
+                        "--trainer-arg=--device=cuda (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def run_logged(commands: list[list[str]], log_path: Path, clip: str) -> None:
+    """Run each command in turn, appending its output to ``log_path``; a failure raises
+    naming the fold, the command's module and the log."""
+    for cmd in commands:
+        with open(log_path, "a") as log:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"fold {clip}: {cmd[2]} failed (rc {done.returncode}); "
+                               f"see {log_path}")
 
 
 def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace) -> Path:
@@ -71,16 +106,45 @@ def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace) 
              f"data.heldout=[{clip}]", f"data.root={data_root}", "data.cache=null",
              f"optim.epochs={args.epochs}", f"run.out={out}", "run.progress=false",
              *args.train_set]
-    for cmd in (train, [sys.executable, "-m", "export.onnx", str(out / "last.pt"),
-                        "-o", str(onnx)]):
-        with open(out / "train.log", "a") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"fold {clip}: {cmd[2]} failed (rc {done.returncode}); "
-                               f"see {out / 'train.log'}")
+    run_logged([train, [sys.executable, "-m", "export.onnx", str(out / "last.pt"),
+                        "-o", str(onnx)]], out / "train.log", clip)
     return onnx
+
+
+def fold_val_clips(clip: str, candidates: list[str]) -> list[str]:
+    """The fold proposer's validation clip: the first candidate that is not ``clip``."""
+    return [next(c for c in candidates if c != clip)] if set(candidates) - {clip} else []
+
+
+def train_fold_proposer(clip: str, data_root: Path, out: Path,
+                        args: argparse.Namespace) -> list[str]:
+    """Train the heatmap proposer and the refiner that never saw ``clip`` (in subprocesses,
+    ``data.heldout=[CLIP]``, their frames cached in ``out``); returns the node overrides that
+    use them."""
+    import yaml
+
+    from node.node_config import resolve_path
+
+    proposer = out / "proposer" / "cone_proposer.onnx"
+    refiner = out / "refiner" / "cone_refiner.onnx"
+    if not (args.reuse and proposer.exists() and refiner.exists()):
+        out.mkdir(parents=True, exist_ok=True)
+        train_config = yaml.safe_load(resolve_path(args.train_config).read_text())
+        train_config["data"]["heldout"] = [clip]
+        fold_config = out / "fold_train.yaml"
+        fold_config.write_text(yaml.safe_dump(train_config, sort_keys=False))
+        common = ["--data", str(data_root), "--train-config", str(fold_config),
+                  "--cache", str(out / "frames.npz"), "--seed", str(args.seed),
+                  "--val-clips", *fold_val_clips(clip, args.proposer_val_clips)]
+        run_logged([
+            [sys.executable, "-m", "export.proposer_train", "--out", str(proposer.parent),
+             "--epochs", str(args.proposer_epochs), "--stem", "patch4", *common,
+             *args.trainer_arg],
+            [sys.executable, "-m", "export.refiner_train", "--out", str(refiner.parent),
+             "--epochs", str(args.refiner_epochs), "--proposer", str(proposer),
+             "--node-config", args.config, *common, *args.trainer_arg],
+        ], out / "train.log", clip)
+    return [f"proposer.heatmap_model={proposer}", f"proposer.refiner_model={refiner}"]
 
 
 def score_crops(model: Path, samples: list, seed: int, config: Any = None) -> dict:
@@ -103,13 +167,15 @@ def filter_results(results: list, threshold: float) -> list:
 
 
 def score_node(model: Path, samples: list, clip: str, args: argparse.Namespace,
-               progress: Any = None) -> dict[str, dict]:
-    """The whole node with the fold classifier on the clip: ``{threshold: report}``."""
+               progress: Any = None, fold_set: list[str] = ()) -> dict[str, dict]:
+    """The whole node with the fold classifier (and the fold's ``fold_set`` overrides, its
+    proposer and refiner) on the clip: ``{threshold: report}``."""
     from export.node_run import open_node, run_node, score_variant
     from node.node_config import load_node_config
     from node.types import Frame
 
-    overrides = [*args.set, f"model.path={model}", f"model.score_threshold={RUN_THRESHOLD}"]
+    overrides = [*args.set, *fold_set, f"model.path={model}",
+                 f"model.score_threshold={RUN_THRESHOLD}"]
     config = load_node_config(args.config, overrides)
     frames = [Frame(i, float(i), s.load(), s.image_path.name) for i, s in enumerate(samples)]
     truth = [(np.asarray(s.boxes, np.float64).reshape(-1, 4), list(s.labels)) for s in samples]
@@ -162,6 +228,10 @@ def format_markdown(result: dict) -> str:
         return "—" if v is None else f"{100 * v:.1f}"
 
     lines = []
+    if result.get("proposer_epochs"):
+        lines += [(f"Each fold trained its own proposer from scratch (`--proposer-epochs "
+                   f"{result['proposer_epochs']}`) and a refiner on its candidates, without "
+                   "the left-out clip."), ""]
     for t in dict.fromkeys([result["config_threshold"], result["calibration"]["threshold"]]):
         key = f"{t:g}"
         lines += [f"### Leave-one-clip-out, score threshold {key}", "",
@@ -236,20 +306,27 @@ def run_loco(args: argparse.Namespace) -> int:
         for clip in clips:
             bar.set_postfix_str(f"{clip}: training")
             model = train_fold(clip, Path(root).resolve(), out / clip, args)
+            fold_set: list[str] = []
+            fold_rules = seen_rules
+            if args.proposer_epochs:
+                bar.set_postfix_str(f"{clip}: training the proposer")
+                fold_set = train_fold_proposer(clip, Path(root).resolve(), out / clip, args)
+                fold_rules = proposer_heldout(args.config, [*args.set, *fold_set])
             bar.set_postfix_str(f"{clip}: scoring")
             held = by_clip[clip]
             folds[clip] = {
-                "model": str(model),
-                "proposer_saw_clip": not is_heldout(clip, None, seen_rules),
+                "model": str(model), "node_set": fold_set,
+                "proposer_saw_clip": not is_heldout(clip, None, fold_rules),
                 "crops": score_crops(model, held, args.seed, node_config),
-                "node": score_node(model, held, clip, args, bar)}
+                "node": score_node(model, held, clip, args, bar, fold_set)}
             (out / "loco.partial.json").write_text(json.dumps(folds, indent=2) + "\n")
     finally:
         bar.close()
     key = f"{config_threshold:g}"
     cal = calibrate(folds)
     result = {"data": args.data, "epochs": args.epochs, "config_threshold": config_threshold,
-              "proposer_heldout": seen_rules, "folds": folds, "calibration": cal,
+              "proposer_epochs": args.proposer_epochs, "proposer_heldout": seen_rules,
+              "folds": folds, "calibration": cal,
               "worst": {k: worst_clips(folds, k) for k in dict.fromkeys(
                   [key, f"{cal['threshold']:g}"])}}
     table = format_markdown(result)

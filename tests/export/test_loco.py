@@ -105,3 +105,45 @@ def test_unknown_clip_is_named(tmp_path):
     rc = main(["loco", "--data", f"yolo:{data}", "--out", str(tmp_path / "o"),
                "--clips", "zzz", "--no-progress"])
     assert rc == 1
+
+
+@pytest.mark.slow
+def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
+    """``--proposer-epochs``: every fold trains a proposer and a refiner with the clip held
+    out, the node scores the fold with them, and the table says the proposer never saw it."""
+    pytest.importorskip("torch")
+    from export.validate import main
+    from node.propose.heatmap import open_session
+
+    data = two_clip_folder(tmp_path)
+    out = tmp_path / "loco"
+    for clip in ("a", "b"):
+        (out / clip).mkdir(parents=True)
+        shutil.copy(MODEL, out / clip / "cone_classifier.onnx")
+    tiny = ["--synth-frames=0", "--threads=1", "--device=cpu", "--batch-size=2"]
+    rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
+               "--proposer-epochs", "1", "--refiner-epochs", "1", "--proposer-val-clips", "zz",
+               *[f"--trainer-arg={a}" for a in tiny], "--thresholds", "0.5", "--no-progress"])
+    assert rc == 0
+    result = json.loads((out / "loco.json").read_text())
+    assert result["proposer_epochs"] == 1
+    for clip, other in (("a", "b"), ("b", "a")):
+        fold = result["folds"][clip]
+        proposer = out / clip / "proposer" / "cone_proposer.onnx"
+        refiner = out / clip / "refiner" / "cone_refiner.onnx"
+        assert fold["node_set"] == [f"proposer.heatmap_model={proposer}",
+                                    f"proposer.refiner_model={refiner}"]
+        assert fold["proposer_saw_clip"] is False
+        meta = open_session(proposer)[1].extra
+        assert meta["heldout"] == [clip] and meta["training_clips"] == [other]
+        assert fold["node"]["0.5"]["frames"] == 3
+    assert "own proposer from scratch (`--proposer-epochs 1`)" in (out / "loco.md").read_text()
+    assert "| no |" in (out / "loco.md").read_text()
+
+
+def test_fold_validation_clip_is_never_the_left_out_clip():
+    from export.loco import fold_val_clips
+
+    assert fold_val_clips("skidpad", ["autox4", "autox5"]) == ["autox4"]
+    assert fold_val_clips("autox4", ["autox4", "autox5"]) == ["autox5"]
+    assert fold_val_clips("autox4", ["autox4"]) == []
