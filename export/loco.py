@@ -119,8 +119,8 @@ def fold_val_clips(clip: str, candidates: list[str]) -> list[str]:
 def train_fold_proposer(clip: str, data_root: Path, out: Path,
                         args: argparse.Namespace) -> list[str]:
     """Train the heatmap proposer and the refiner that never saw ``clip`` (in subprocesses,
-    ``data.heldout=[CLIP]``, their frames cached in ``out``); returns the node overrides that
-    use them."""
+    ``data.heldout=[CLIP]``, their frames cached in ``out`` while they train); returns the
+    node overrides that use them."""
     import yaml
 
     from node.node_config import resolve_path
@@ -144,6 +144,7 @@ def train_fold_proposer(clip: str, data_root: Path, out: Path,
              "--epochs", str(args.refiner_epochs), "--proposer", str(proposer),
              "--node-config", args.config, *common, *args.trainer_arg],
         ], out / "train.log", clip)
+        (out / "frames.npz").unlink(missing_ok=True)  # hundreds of MB, only for training
     return [f"proposer.heatmap_model={proposer}", f"proposer.refiner_model={refiner}"]
 
 

@@ -137,6 +137,7 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
         meta = open_session(proposer)[1].extra
         assert meta["heldout"] == [clip] and meta["training_clips"] == [other]
         assert fold["node"]["0.5"]["frames"] == 3
+        assert not (out / clip / "frames.npz").exists()  # the training cache is removed
     assert "own proposer from scratch (`--proposer-epochs 1`)" in (out / "loco.md").read_text()
     assert "| no |" in (out / "loco.md").read_text()
 
