@@ -30,16 +30,21 @@ def two_clip_folder(root: Path) -> Path:
     return data
 
 
+def fold_classifiers(out: Path) -> Path:
+    """``out`` with the bundled classifier as the fold model of clips ``a`` and ``b``, for
+    ``--reuse``: no classifier trains here."""
+    for clip in ("a", "b"):
+        (out / clip).mkdir(parents=True)
+        shutil.copy(MODEL, out / clip / "cone_classifier.onnx")
+    return out
+
+
 @pytest.mark.slow
 def test_loco_scores_each_clip_with_its_fold_model_and_calibrates(tmp_path):
     pytest.importorskip("onnx")
     from export.validate import main
 
-    data = two_clip_folder(tmp_path)
-    out = tmp_path / "loco"
-    for clip in ("a", "b"):
-        (out / clip).mkdir(parents=True)
-        shutil.copy(MODEL, out / clip / "cone_classifier.onnx")
+    data, out = two_clip_folder(tmp_path), fold_classifiers(tmp_path / "loco")
     rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
                "--thresholds", "0.3", "0.9", "--no-progress"])
     assert rc == 0
@@ -115,11 +120,7 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
     from export.validate import main
     from node.propose.heatmap import open_session
 
-    data = two_clip_folder(tmp_path)
-    out = tmp_path / "loco"
-    for clip in ("a", "b"):
-        (out / clip).mkdir(parents=True)
-        shutil.copy(MODEL, out / clip / "cone_classifier.onnx")
+    data, out = two_clip_folder(tmp_path), fold_classifiers(tmp_path / "loco")
     tiny = ["--synth-frames=0", "--threads=1", "--device=cpu", "--batch-size=2"]
     rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
                "--proposer-epochs", "1", "--refiner-epochs", "1", "--proposer-val-clips", "zz",
