@@ -25,7 +25,8 @@ metadata names the clips they held out, and the table says which clips they saw.
 with them: every network of the node then never saw the clip. The proposer tunes its threshold
 on the first of ``--proposer-val-clips`` that is not the left-out clip; the node runs at the
 config's threshold. ``--trainer-arg`` passes an option to both trainers (``--device cuda``,
-``--threads 2``, ``--camera strong``).
+``--threads 2``, ``--camera strong``), ``--proposer-arg`` to the proposer's only
+(``--channels``).
 
 Written to ``OUT/loco.md``, ``OUT/loco.json`` and per clip ``OUT/<clip>/`` (the fold's
 checkpoint and ONNX model, and with ``--proposer-epochs`` its ``proposer/`` and ``refiner/``
@@ -80,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainer-arg", action="append", default=[], metavar="ARG",
                         help="option passed to the proposer and refiner trainers, e.g. "
                         "--trainer-arg=--device=cuda (repeatable)")
+    parser.add_argument("--proposer-arg", action="append", default=[], metavar="ARG",
+                        help="option passed to the proposer trainer only, e.g. "
+                        "--proposer-arg=--camera=strong (repeatable)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -139,7 +143,7 @@ def train_fold_proposer(clip: str, data_root: Path, out: Path,
         run_logged([
             [sys.executable, "-m", "export.proposer_train", "--out", str(proposer.parent),
              "--epochs", str(args.proposer_epochs), "--stem", "patch4", *common,
-             *args.trainer_arg],
+             *args.trainer_arg, *args.proposer_arg],
             [sys.executable, "-m", "export.refiner_train", "--out", str(refiner.parent),
              "--epochs", str(args.refiner_epochs), "--proposer", str(proposer),
              "--node-config", args.config, *common, *args.trainer_arg],

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from node.node_config import REPO_ROOT
 
@@ -124,7 +125,8 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
     tiny = ["--synth-frames=0", "--threads=1", "--device=cpu", "--batch-size=2"]
     rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
                "--proposer-epochs", "1", "--refiner-epochs", "1", "--proposer-val-clips", "zz",
-               *[f"--trainer-arg={a}" for a in tiny], "--thresholds", "0.5", "--no-progress"])
+               *[f"--trainer-arg={a}" for a in tiny], "--proposer-arg=--camera=strong",
+               "--thresholds", "0.5", "--no-progress"])
     assert rc == 0
     result = json.loads((out / "loco.json").read_text())
     assert result["proposer_epochs"] == 1
@@ -139,6 +141,11 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
         assert meta["heldout"] == [clip] and meta["training_clips"] == [other]
         assert fold["node"]["0.5"]["frames"] == 3
         assert not (out / clip / "frames.npz").exists()  # the training cache is removed
+        # --proposer-arg reaches the proposer's trainer only, --trainer-arg both
+        proposer_run = yaml.safe_load((proposer.parent / "config.yaml").read_text())
+        refiner_run = yaml.safe_load((refiner.parent / "config.yaml").read_text())
+        assert proposer_run["camera"] == "strong" and refiner_run["camera"] != "strong"
+        assert proposer_run["synth_frames"] == refiner_run["synth_frames"] == 0
     assert "own proposer from scratch (`--proposer-epochs 1`)" in (out / "loco.md").read_text()
     assert "| no |" in (out / "loco.md").read_text()
 
