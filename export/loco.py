@@ -22,9 +22,10 @@ metadata names the clips they held out, and the table says which clips they saw.
 ``--proposer-epochs N`` each fold also trains its own heatmap proposer from scratch
 (``python -m export.proposer_train``, N epochs) and a refiner on that proposer's candidates
 (``python -m export.refiner_train``), both with ``data.heldout=[CLIP]``, and scores the node
-with them: every network of the node then never saw the clip. The proposer tunes its threshold
-on the first of ``--proposer-val-clips`` that is not the left-out clip; the node runs at the
-config's threshold. ``--trainer-arg`` passes an option to both trainers (``--device cuda``,
+with them: every network of the node then never saw the clip. As in the bundled recipe, the
+first of ``--proposer-val-clips`` that is not the left-out clip is kept out of both trainings
+(the proposer tunes its threshold there); the node runs at the config's threshold, and the
+refiner trains on candidates at ``--config``'s proposer settings (``--set`` does not reach it). ``--trainer-arg`` passes an option to both trainers (``--device cuda``,
 ``--threads 2``, ``--camera strong``), ``--proposer-arg`` to the proposer's only
 (``--channels``).
 
@@ -172,14 +173,14 @@ def filter_results(results: list, threshold: float) -> list:
 
 
 def score_node(model: Path, samples: list, clip: str, args: argparse.Namespace,
-               progress: Any = None, fold_set: list[str] = ()) -> dict[str, dict]:
+               progress: Any = None, fold_set: list[str] | None = None) -> dict[str, dict]:
     """The whole node with the fold classifier (and the fold's ``fold_set`` overrides, its
     proposer and refiner) on the clip: ``{threshold: report}``."""
     from export.node_run import open_node, run_node, score_variant
     from node.node_config import load_node_config
     from node.types import Frame
 
-    overrides = [*args.set, *fold_set, f"model.path={model}",
+    overrides = [*args.set, *(fold_set or []), f"model.path={model}",
                  f"model.score_threshold={RUN_THRESHOLD}"]
     config = load_node_config(args.config, overrides)
     frames = [Frame(i, float(i), s.load(), s.image_path.name) for i, s in enumerate(samples)]
@@ -288,6 +289,9 @@ def run_loco(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {args.data}: expected yolo:DIR")
     if min(args.thresholds) < RUN_THRESHOLD:
         raise ValueError(f"--thresholds: each must be >= {RUN_THRESHOLD}")
+    if args.proposer_epochs < 0 or args.refiner_epochs < 1:
+        raise ValueError(f"--proposer-epochs {args.proposer_epochs} / --refiner-epochs "
+                         f"{args.refiner_epochs}: expected >= 0 and >= 1")
     samples = load_samples(args.data)
     by_clip: dict[str, list] = {}
     for s in samples:

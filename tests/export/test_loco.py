@@ -113,6 +113,17 @@ def test_unknown_clip_is_named(tmp_path):
     assert rc == 1
 
 
+def test_negative_proposer_epochs_are_refused_before_any_training(tmp_path, capsys):
+    from export.validate import main
+
+    data = two_clip_folder(tmp_path)
+    rc = main(["loco", "--data", f"yolo:{data}", "--out", str(tmp_path / "o"),
+               "--proposer-epochs", "-1", "--no-progress"])
+    assert rc == 1
+    assert "--proposer-epochs -1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
     """``--proposer-epochs``: every fold trains a proposer and a refiner with the clip held
