@@ -118,7 +118,7 @@ def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace) 
 
 def fold_val_clips(clip: str, candidates: list[str]) -> list[str]:
     """The fold proposer's validation clip: the first candidate that is not ``clip``."""
-    return [next(c for c in candidates if c != clip)] if set(candidates) - {clip} else []
+    return [c for c in candidates if c != clip][:1]
 
 
 def train_fold_proposer(clip: str, data_root: Path, out: Path,

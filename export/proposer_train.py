@@ -353,30 +353,20 @@ def make_batch(frames: ProposerFrames, idx: np.ndarray, meta: ProposerMetadata,
     return x, t
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A run's ``best.pt``; ``DataError`` naming the file when it is missing, unreadable or not
-    a proposer's (it names its stem, widths and weights)."""
+def load_init(path: str | Path, stem: str) -> tuple[dict, list[dict], tuple[int, ...]]:
+    """The weights of a run's ``best.pt`` to start from, the training stages that made them
+    (empty for a checkpoint written before stages were recorded) and the widths of its net;
+    raises ``DataError`` naming the file when it is missing, unreadable, not a proposer's or
+    holds a net of another stem."""
     try:
         state = torch.load(Path(path), map_location="cpu", weights_only=True)
-        if not {"channels", "state_dict"} <= set(state):
-            raise KeyError("no 'channels' and 'state_dict'")
+        kind, widths, weights = state.get("stem", "conv"), state["channels"], state["state_dict"]
     except Exception as exc:  # noqa: BLE001 (torch.load raises whatever the bytes provoke)
         raise DataError(f"{path}: not a proposer checkpoint ({str(exc).splitlines()[0]})"
                         ) from None
-    return state
-
-
-def load_init(path: str | Path, stem: str, channels: tuple[int, ...] = CHANNELS
-              ) -> tuple[dict, list[dict]]:
-    """The weights of a run's ``best.pt`` to start from, and the training stages that made
-    them (empty for a checkpoint written before stages were recorded); raises ``DataError``
-    naming the file when it is missing, unreadable, or holds a net of another stem or width."""
-    state = read_checkpoint(path)
-    kind, widths, weights = state.get("stem", "conv"), state["channels"], state["state_dict"]
-    if kind != stem or list(widths) != list(channels):
-        raise DataError(f"{path}: a {kind} net with channels {list(widths)}, not --stem {stem} "
-                        f"with {list(channels)}")
-    return weights, list(state.get("stages", []))
+    if kind != stem:
+        raise DataError(f"{path}: a {kind} net with channels {list(widths)}, not --stem {stem}")
+    return weights, list(state.get("stages", [])), tuple(widths)
 
 
 def pick_device(name: str) -> torch.device:
@@ -662,8 +652,7 @@ def run(args: argparse.Namespace) -> int:
         net, imported = import_proposer(args.init, args.stem), True
         stages = list(open_session(args.init)[1].extra.get("stages", []))
     elif args.init:
-        init_channels = tuple(read_checkpoint(args.init)["channels"])
-        weights, stages = load_init(args.init, args.stem, init_channels)
+        weights, stages, init_channels = load_init(args.init, args.stem)
         net = ConeHeatmapNet(init_channels, stem=args.stem)
         imported = "stem.0.bias" in weights  # a net that was imported from ONNX before
         if imported:

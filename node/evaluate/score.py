@@ -192,13 +192,14 @@ class Tally:
         rows = np.flatnonzero(missed)
         if not len(rows):
             return
-        best = overlap[:, rows].max(axis=0) if len(pred) else np.zeros(len(rows))
+        of_missed = overlap[:, rows] if len(pred) else np.zeros((1, len(rows)))
+        nearest = of_missed.argmax(axis=0)
+        best = of_missed[nearest, np.arange(len(rows))]
         kind = np.searchsorted([IOU_TOUCH, IOU_NEAR], best, side="right")
         for k, name in enumerate(reversed(MISS_KINDS)):
             self.miss_kinds[name] += int((kind == k).sum())
         if image is None:
             return
-        nearest = overlap[:, rows].argmax(axis=0) if len(pred) else np.zeros(len(rows), int)
         for r, b, n in zip(rows, best, nearest):
             near = tuple(float(v) for v in pred[n]) if b > 0 else None
             self.missed.append((image, tuple(float(v) for v in truth[r]), near))

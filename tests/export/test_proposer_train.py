@@ -250,7 +250,8 @@ def test_init_checkpoint_must_match_the_stem(tmp_path):
     torch.save({"state_dict": net.state_dict(), "channels": [16, 24, 32, 48], "stem": "patch4"},
                path)
     fresh = ConeHeatmapNet(stem="patch4")
-    weights, stages = load_init(path, "patch4")
+    weights, stages, channels = load_init(path, "patch4")
+    assert channels == (16, 24, 32, 48)
     fresh.load_state_dict(weights)
     assert stages == []  # a checkpoint from before stages were recorded
     stage = {"epochs": 3, "lr": 1e-3, "synth_frames": 0, "init": None}
