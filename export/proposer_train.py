@@ -381,11 +381,14 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
           batch_size: int = 16, lr: float = 3e-3, device: torch.device | str = "cpu",
           seed: int = 0, log: Path | None = None, max_steps: int | None = None,
           crop: int | None = None, augmentation: dict | None = None,
-          freeze_bn: bool = False, budget_s: float | None = None) -> list[float]:
+          freeze_bn: bool = False, budget_s: float | None = None,
+          frame_weights: np.ndarray | None = None) -> list[float]:
     """AdamW (linear warm-up, cosine decay) on augmented ``crop``-px windows (None: whole frames;
     ``augmentation``: ``augment_frame`` keyword arguments); returns the mean loss of every
     epoch (or of every step when ``max_steps`` is set). ``freeze_bn`` keeps the BatchNorms in
     eval mode (a net imported from ONNX, whose BatchNorms hold the folded biases).
+    ``frame_weights`` (one per frame, summing to 1) draws each epoch's frames with replacement
+    in those proportions (``clip_weights``) instead of visiting every frame once.
     ``budget_s`` ends training after that many seconds (the decay follows the clock,
     ``export.train.Schedule``), after one step at least."""
     from export.onnx_import import freeze_batchnorm
@@ -404,7 +407,8 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history, step, t0 = [], 0, time.perf_counter()
     while step < total and not (step and schedule.over):
-        order = rng.permutation(len(frames))
+        order = (rng.permutation(len(frames)) if frame_weights is None
+                 else rng.choice(len(frames), len(frames), p=frame_weights))
         losses = []
         for k in range(steps_per_epoch):
             if step >= total or (step and schedule.over):
@@ -424,6 +428,17 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
                        "seconds": round(time.perf_counter() - t0, 1)}, log)
     net.eval()
     return history
+
+
+def clip_weights(clips: np.ndarray, power: float) -> np.ndarray:
+    """Sampling weights per frame that give each clip (the rendered frames count as one) a
+    share of the training proportional to its frame count to the ``power``: 1 keeps every
+    frame equal (a large clip dominates), 0 gives every clip the same share, 0.5 is between
+    (temperature sampling). Sums to 1."""
+    _names, inverse, counts = np.unique(clips, return_inverse=True, return_counts=True)
+    weights = counts.astype(np.float64) ** (power - 1.0)
+    per_frame = weights[inverse]
+    return per_frame / per_frame.sum()
 
 
 def log_epoch(record: dict, log: Path | None) -> None:
@@ -615,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
                         metavar=("LO", "HI"),
                         help="zoom of the training windows, drawn log-uniformly (default: "
                              "0.6 2.0)")
+    parser.add_argument("--clip-balance", type=float, default=1.0, metavar="POWER",
+                        help="each clip's share of the training, as its frame count to this "
+                        "power: 1 (default) every frame equally, 0 every clip equally, 0.5 "
+                        "between (a camera with many frames then dominates less)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="per-frame cap while tuning the threshold (default: the node's "
                         "proposer.max_candidates in configs/node.yaml)")
@@ -625,6 +644,8 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = args.scale_range
     if not 0 < lo <= hi:
         raise DataError(f"--scale-range {lo:g} {hi:g}: need 0 < LO <= HI")
+    if not 0 <= args.clip_balance <= 1:
+        raise DataError(f"--clip-balance {args.clip_balance:g}: need 0 <= POWER <= 1")
     if args.input_size is None:
         args.input_size = 640 if args.stem.startswith("patch4") else 320
     if args.crop is None:
@@ -671,14 +692,16 @@ def run(args: argparse.Namespace) -> int:
     stages.append({"epochs": args.epochs, "lr": args.lr, "synth_frames": args.synth_frames,
                    "init": args.init, "camera": args.camera,
                    "scale_range": list(args.scale_range), "channels": list(channels),
-                   "seed": args.seed})
+                   "seed": args.seed, "clip_balance": args.clip_balance})
     (out / "history.jsonl").write_text("")
     if args.crop % 16 or args.crop > args.input_size:
         raise DataError(f"--crop {args.crop}: must be a multiple of 16 up to --input-size")
     camera = FRAME_PROFILES[args.camera]
     train(net, train_frames, meta, args.epochs, args.batch_size, args.lr, device,
           seed=args.seed, log=out / "history.jsonl", crop=args.crop or None, freeze_bn=imported,
-          augmentation={"camera": camera, "scale_range": tuple(args.scale_range)})
+          augmentation={"camera": camera, "scale_range": tuple(args.scale_range)},
+          frame_weights=(None if args.clip_balance == 1
+                         else clip_weights(train_frames.clips, args.clip_balance)))
     torch.save({"state_dict": net.cpu().state_dict(), "channels": list(channels),
                 "stem": args.stem, "input_size": args.input_size, "stride": STRIDE,
                 "stages": stages}, out / "best.pt")

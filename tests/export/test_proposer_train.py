@@ -387,3 +387,57 @@ def test_proposer_cli_seed_repeats_a_run_and_another_seed_changes_it(tmp_path):
         assert open_session(out / "cone_proposer.onnx")[1].extra["stages"][-1]["seed"] == seed
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
     assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+def test_clip_balance_sets_each_clips_share_of_the_training():
+    """Power 1 keeps every frame equal, 0 every clip (rendered frames as one), 0.5 gives each
+    clip a share proportional to the square root of its frame count."""
+    from export.proposer_train import clip_weights
+
+    clips = np.array(["autox6"] * 64 + ["accel"] * 4 + ["synth"] * 16)
+    for power, expected in ((1.0, (64, 4, 16)), (0.0, (1, 1, 1)), (0.5, (8, 2, 4))):
+        w = clip_weights(clips, power)
+        shares = np.array([w[clips == c].sum() for c in ("autox6", "accel", "synth")])
+        assert shares == pytest.approx(np.array(expected) / sum(expected))
+        assert np.ptp(w[clips == "accel"]) == 0  # frames of one clip stay equal
+
+
+def test_training_draws_frames_in_the_given_proportions(monkeypatch):
+    """With ``frame_weights`` each epoch's batches draw frames with replacement in those
+    proportions; without, every frame once per epoch."""
+    import export.proposer_train as pt
+
+    seen: list[int] = []
+    real_make_batch = pt.make_batch
+
+    def recording(frames, idx, *args, **kwargs):
+        seen.extend(int(i) for i in idx)
+        return real_make_batch(frames, idx, *args, **kwargs)
+
+    monkeypatch.setattr(pt, "make_batch", recording)
+    frames, meta = tiny_frames(8), stem_metadata("conv", SIZE)
+    aug = {"camera": None, "aspect_range": None, "scale_range": (1.0, 1.0)}
+    train(ConeHeatmapNet(stem="conv"), frames, meta, 2, batch_size=4, augmentation=aug)
+    assert sorted(seen[:8]) == list(range(8)) and sorted(seen[8:]) == list(range(8))
+    seen.clear()
+    weights = np.array([0.5, 0.5, 0, 0, 0, 0, 0, 0])
+    train(ConeHeatmapNet(stem="conv"), frames, meta, 3, batch_size=4, augmentation=aug,
+          frame_weights=weights)
+    assert len(seen) == 24 and set(seen) == {0, 1}
+
+
+@pytest.mark.parametrize("power", ["-0.5", "1.5"])
+def test_a_bad_clip_balance_is_refused_before_any_work(tmp_path, power, capsys):
+    from export.proposer_train import main as proposer_main
+
+    assert proposer_main(["--out", str(tmp_path / "run"), "--clip-balance", power]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--clip-balance" in err[0] and not (tmp_path / "run").exists()
+
+
+def test_proposer_cli_records_the_clip_balance(tmp_path):
+    from export.proposer_train import main as proposer_main
+
+    out = tmp_path / "run"
+    assert proposer_main([*_tiny_cli_args(tmp_path, out), "--clip-balance", "0.5"]) == 0
+    assert open_session(out / "cone_proposer.onnx")[1].extra["stages"][-1]["clip_balance"] == 0.5
