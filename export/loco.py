@@ -25,9 +25,10 @@ metadata names the clips they held out, and the table says which clips they saw.
 with them: every network of the node then never saw the clip. As in the bundled recipe, the
 first of ``--proposer-val-clips`` that is not the left-out clip is kept out of both trainings
 (the proposer tunes its threshold there); the node runs at the config's threshold, and the
-refiner trains on candidates at ``--config``'s proposer settings (``--set`` does not reach it). ``--trainer-arg`` passes an option to both trainers (``--device cuda``,
-``--threads 2``, ``--camera strong``), ``--proposer-arg`` to the proposer's only
-(``--channels``).
+refiner trains on candidates at ``--config``'s proposer settings (``--set`` does not reach
+it). ``--trainer-arg`` passes an option to both trainers (``--device cuda``, ``--threads 2``,
+``--camera strong``), ``--proposer-arg`` to the proposer's only (``--channels``,
+``--clip-balance``).
 
 Written to ``OUT/loco.md``, ``OUT/loco.json`` and per clip ``OUT/<clip>/`` (the fold's
 checkpoint and ONNX model, and with ``--proposer-epochs`` its ``proposer/`` and ``refiner/``
