@@ -25,8 +25,8 @@ metadata names the clips they held out, and the table says which clips they saw.
 with them: every network of the node then never saw the clip. As in the bundled recipe, the
 first of ``--proposer-val-clips`` that is not the left-out clip is kept out of both trainings
 (the proposer tunes its threshold there); the node runs at the config's threshold, and the
-refiner trains on candidates at ``--config``'s proposer settings (``--set`` does not reach
-it). ``--trainer-arg`` passes an option to both trainers (``--device cuda``, ``--threads 2``,
+refiner trains on the candidates of ``--config``'s proposer settings with ``--set`` applied.
+``--trainer-arg`` passes an option to both trainers (``--device cuda``, ``--threads 2``,
 ``--camera strong``), ``--proposer-arg`` to the proposer's only (``--channels``,
 ``--clip-balance``).
 
@@ -148,7 +148,8 @@ def train_fold_proposer(clip: str, data_root: Path, out: Path,
              *args.trainer_arg, *args.proposer_arg],
             [sys.executable, "-m", "export.refiner_train", "--out", str(refiner.parent),
              "--epochs", str(args.refiner_epochs), "--proposer", str(proposer),
-             "--node-config", args.config, *common, *args.trainer_arg],
+             "--node-config", args.config, *[f"--set={kv}" for kv in args.set], *common,
+             *args.trainer_arg],
         ], out / "train.log", clip)
         (out / "frames.npz").unlink(missing_ok=True)  # hundreds of MB, only for training
     return [f"proposer.heatmap_model={proposer}", f"proposer.refiner_model={refiner}"]

@@ -292,6 +292,22 @@ def validate(model_path: Path, samples: list, proposer_config) -> dict:
     return out
 
 
+def candidate_proposer(node_config: str, overrides: list[str], proposer: str | None):
+    """The proposer section whose candidates the refiner learns from: the node config's, with
+    its ``--set`` overrides and ``proposer`` (an .onnx) when given, unrefined and unmasked.
+
+    Raises:
+        ConfigError: naming the file or the overridden key.
+    """
+    from dataclasses import replace
+
+    from node.node_config import load_node_config
+
+    cfg = replace(load_node_config(node_config, overrides).proposer, refiner_model=None,
+                  body_mask=[])
+    return replace(cfg, heatmap_model=proposer) if proposer else cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = trainer_parser("python -m export.refiner_train", __doc__, "runs/refiner",
                             "training clips kept out of training, scored before and after")
@@ -299,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="jittered boxes per labelled cone per epoch")
     parser.add_argument("--node-config", default="configs/node.yaml",
                         help="its proposer section makes the candidates trained and scored on")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="node config override for that proposer, as the node's --set "
+                             "(repeatable)")
     parser.add_argument("--cache", default="cache/proposer_640.npz",
                         help="the proposer's frame cache (built when missing)")
     parser.add_argument("--real-only", action="store_true",
@@ -320,10 +339,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from export.proposer_train import validation_samples
-    from node.node_config import load_node_config
     from node.propose import build_proposer
 
     if args.input_size % (1 << len(args.channels)) or args.input_size < 8:
@@ -334,6 +350,7 @@ def run(args: argparse.Namespace) -> int:
     if args.epochs < 1 or args.copies < 0:
         raise DataError(f"--epochs {args.epochs} and --copies {args.copies}: need at least "
                         f"one epoch and no negative copies")
+    proposer_cfg = candidate_proposer(args.node_config, args.set, args.proposer)
     out, heldout, root = start_run(args)
     frames = cached_frames(Path(args.cache), root, heldout, 640, args.synth_frames,
                            args.synth_seed)
@@ -341,10 +358,6 @@ def run(args: argparse.Namespace) -> int:
     if args.real_only:
         keep &= frames.clips != SYNTH_CLIP
     train_frames = frames.subset(keep)
-    proposer_cfg = replace(load_node_config(args.node_config).proposer, refiner_model=None,
-                           body_mask=[])
-    if args.proposer:
-        proposer_cfg = replace(proposer_cfg, heatmap_model=args.proposer)
     t0 = time.perf_counter()
     pairs = proposer_pairs(train_frames, build_proposer(proposer_cfg))
     print(f"{sum(len(p[0]) for p in pairs)} proposer boxes on labelled cones in "

@@ -137,7 +137,8 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
     rc = main(["loco", "--data", f"yolo:{data}", "--out", str(out), "--reuse",
                "--proposer-epochs", "1", "--refiner-epochs", "1", "--proposer-val-clips", "zz",
                *[f"--trainer-arg={a}" for a in tiny], "--proposer-arg=--camera=strong",
-               "--thresholds", "0.5", "--no-progress"])
+               "--set", "proposer.heatmap_threshold=0.3", "--thresholds", "0.5",
+               "--no-progress"])
     assert rc == 0
     result = json.loads((out / "loco.json").read_text())
     assert result["proposer_epochs"] == 1
@@ -157,6 +158,8 @@ def test_loco_trains_each_folds_proposer_and_refiner_without_the_clip(tmp_path):
         refiner_run = yaml.safe_load((refiner.parent / "config.yaml").read_text())
         assert proposer_run["camera"] == "strong" and refiner_run["camera"] != "strong"
         assert proposer_run["synth_frames"] == refiner_run["synth_frames"] == 0
+        # the node's --set reaches the refiner's candidates as well as the node
+        assert refiner_run["set"] == ["proposer.heatmap_threshold=0.3"]
     assert "own proposer from scratch (`--proposer-epochs 1`)" in (out / "loco.md").read_text()
     assert "| no |" in (out / "loco.md").read_text()
 

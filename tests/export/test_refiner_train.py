@@ -157,3 +157,25 @@ def test_cli_rejects_bad_sizes_and_missing_caches_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and str(missing) in err
     assert len(err.splitlines()) == 1
+
+
+def test_candidates_come_from_the_node_config_with_its_overrides(tmp_path, capsys):
+    """``--set`` reaches the proposer whose candidates the refiner learns from (as loco's
+    ``--set`` does for the node), and a bad key is refused in one line before any work."""
+    from export.refiner_train import candidate_proposer, main
+    from node.config import ConfigError
+
+    overrides = ["proposer.heatmap_threshold=0.4",
+                 "proposer.body_mask=[[0, 0.9], [1, 0.9], [1, 1]]"]
+    cfg = candidate_proposer("configs/node.yaml", overrides, None)
+    assert cfg.heatmap_threshold == 0.4
+    assert cfg.refiner_model is None and cfg.body_mask == []  # raw, unmasked candidates
+    assert candidate_proposer("configs/node.yaml", [], "p.onnx").heatmap_model == "p.onnx"
+    with pytest.raises(ConfigError, match="proposer.heatmap_thresh"):
+        candidate_proposer("configs/node.yaml", ["proposer.heatmap_thresh=0.4"], None)
+
+    out = tmp_path / "r"
+    assert main(["--out", str(out), "--set", "proposer.heatmap_threshold=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "proposer.heatmap_threshold" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
