@@ -126,8 +126,10 @@ def colour_blob_boxes(image: np.ndarray, min_px: int = 6, max_frac: float = 0.3)
 
 
 def mine_background(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, cfg,
-                    heights: HeightByRow) -> dict[str, np.ndarray]:
-    """Background boxes of one frame, by kind (``random``, ``nose``, ``colour``).
+                    heights: HeightByRow, proposals: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Background boxes of one frame, by kind (``random``, ``nose``, ``colour`` and, given
+    ``proposals``, ``proposal``).
 
     Args:
         image: the BGR frame.
@@ -135,6 +137,9 @@ def mine_background(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
         rng: random source (seed it for reproducible mining).
         cfg: the ``data.background`` config section.
         heights: the cone size model of the dataset.
+        proposals: the node proposer's candidates on the frame, best first. The first
+            ``cfg.proposals_per_frame`` of them that keep clear of every label and of the
+            horizon band are the hardest negatives: what the classifier must reject live.
     """
     h, w = image.shape[:2]
     forbidden = grown(boxes, cfg.gap, cfg.margin_px)
@@ -148,6 +153,9 @@ def mine_background(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
     blobs = colour_blob_boxes(image)
     blobs = blobs[rng.permutation(len(blobs))]
     out["colour"] = _accept(blobs, forbidden, w, h, band, cfg.colour_blobs_per_frame)
+    if proposals is not None:
+        out["proposal"] = _accept(np.asarray(proposals, np.float32).reshape(-1, 4), forbidden,
+                                  w, h, band, cfg.proposals_per_frame)
     return out
 
 

@@ -37,6 +37,11 @@ from node.sources.exposure import frame_normaliser
 CLASS_INDEX = {name: i for i, name in enumerate(CLASSIFIER_CLASSES)}
 
 
+# Mined background crops by kind, and their titles on the contact sheet.
+BACKGROUND_KINDS = {"random": "random", "nose": "nose", "colour": "colour blobs",
+                    "proposal": "proposer candidates"}
+
+
 class DataError(ValueError):
     """The data or the crop cache cannot be used; the message names the file."""
 
@@ -236,20 +241,43 @@ def crowd_crops(image: np.ndarray, boxes: np.ndarray, labels: list[str], size: i
     return np.concatenate(xs), np.array(ys, np.int64)
 
 
+def background_proposer(cfg):
+    """The node's heatmap proposer (``data.background.proposer_model``, unrefined) whose
+    candidates away from every label are mined as background, or None when
+    ``proposals_per_frame`` is 0."""
+    if not cfg.proposals_per_frame:
+        return None
+    from node.node_config import ProposerConfig, resolve_path
+    from node.propose import build_proposer
+
+    path = resolve_path(cfg.proposer_model)
+    if not path.is_file():
+        raise DataError(f"{path}: data.background.proposer_model not found")
+    return build_proposer(ProposerConfig(kind="heatmap", heatmap_model=str(path),
+                                         refiner_model=None))
+
+
 def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
-               rng: np.random.Generator, heights: HeightByRow
+               rng: np.random.Generator, heights: HeightByRow, proposer=None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     """Cone and background crops of real frames. Held-out frames get unjittered cone crops.
+    With ``proposer`` (``background_proposer``), its candidates away from every label are
+    mined as background too.
 
     Returns:
         crops, class indices, clip name per crop, and the background crops by kind (for the
         contact sheet).
     """
-    xs, ys, clips, bg_by_kind = [], [], [], {"random": [], "nose": [], "colour": []}
+    from node.types import Frame
+
+    xs, ys, clips = [], [], []
+    bg_by_kind: dict[str, list] = {k: [] for k in BACKGROUND_KINDS}
     bg_index = CLASS_INDEX[BACKGROUND]
     prepare = frame_normaliser(cfg.normalise)
-    for sample in samples:
-        image = prepare(sample.load())
+    for i, sample in enumerate(samples):
+        raw = sample.load()
+        image = prepare(raw)
+        proposals = proposer.propose(Frame(i, 0.0, raw)) if proposer is not None else None
         clip, _ = clip_and_frame(sample.image_path)
         x, y = crops_of_sample(image, sample.boxes, sample.labels, size, policy,
                                cfg.copies_per_class, cfg.jitter, None if heldout else rng)
@@ -257,7 +285,7 @@ def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
             cx, cy = crowd_crops(image, sample.boxes, sample.labels, size, policy,
                                  cfg.crowd_copies, cfg.jitter, rng)
             x, y = np.concatenate([x, cx]), np.concatenate([y, cy])
-        mined = mine_background(image, sample.boxes, rng, cfg.background, heights)
+        mined = mine_background(image, sample.boxes, rng, cfg.background, heights, proposals)
         for kind, boxes in mined.items():
             bx = crop_batch(image, boxes, size, policy)
             bg_by_kind[kind].append(bx)
@@ -318,11 +346,12 @@ def build_cropset(cfg, size: int, sheet_path: str | Path | None = None) -> CropS
         print("not training on near-duplicates of held-out frames: " + ", ".join(
             f"{a} (~{b}, {d:.1f})" for a, b, d in dups), file=sys.stderr)
     heights = HeightByRow.fit(train)
-    tx, ty, tclip, sheets = real_crops(train, size, policy, cfg, False, rng, heights)
+    proposer = background_proposer(cfg.background)
+    tx, ty, tclip, sheets = real_crops(train, size, policy, cfg, False, rng, heights, proposer)
     vx, vy, vclip, _ = real_crops(held, size, policy, cfg, True,
-                                  np.random.default_rng(cfg.seed + 1), heights)
+                                  np.random.default_rng(cfg.seed + 1), heights, proposer)
     if sheet_path is not None:
-        contact_sheet(sheets, ["random", "nose", "colour blobs"], sheet_path, rng)
+        contact_sheet(sheets, list(BACKGROUND_KINDS.values()), sheet_path, rng)
     sx, sy = (synth_crops(cfg, size, policy, rng) if cfg.synth.enabled and cfg.synth.frames
               else (np.zeros((0, size, size, 3), np.uint8), np.zeros(0, np.int64)))
     info = {"heldout": list(cfg.heldout), "train_frames": len(train), "heldout_frames": len(held),

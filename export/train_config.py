@@ -50,6 +50,8 @@ class BackgroundConfig:
     per_frame: int = spec(8, min=0)
     nose_per_frame: int = spec(3, min=0)
     colour_blobs_per_frame: int = spec(3, min=0)
+    proposals_per_frame: int = spec(0, min=0)
+    proposer_model: str = "models/cone_proposer.onnx"
     gap: float = spec(2.0, min=1.0)
     margin_px: float = spec(12.0, min=0.0)
     horizon_band: list[float] = field(default_factory=lambda: [0.25, 0.42])

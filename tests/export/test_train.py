@@ -188,6 +188,53 @@ def test_background_mining_keeps_away_from_cones_and_horizon() -> None:
     assert not np.any((allb[:, 3] >= top) & (allb[:, 1] <= bottom))
 
 
+def test_proposer_candidates_are_mined_best_first_only_where_safe() -> None:
+    """``proposals_per_frame``: the proposer's candidates become background in their order
+    (best first), except those near a label or reaching into the horizon band."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)
+    boxes = np.array([[300, 300, 320, 340]], np.float32)
+    cfg = BackgroundConfig(proposals_per_frame=2)
+    near, in_band = [305, 330, 318, 350], [40, 200, 60, 240]
+    safe = [[500, 500, 520, 540], [40, 500, 60, 540], [400, 20, 420, 60]]
+    got = mine_background(image, boxes, rng, cfg, HeightByRow(),
+                          np.array([near, in_band, *safe], np.float32))
+    assert got["proposal"].tolist() == safe[:2]
+    assert "proposal" not in mine_background(image, boxes, rng, cfg, HeightByRow())
+
+
+def test_proposer_negatives_are_cropped_as_background(tmp_path) -> None:
+    """``real_crops`` with a proposer adds its accepted candidates as background crops, cut
+    from the frame as every other crop; without one nothing changes. A missing proposer model
+    is refused naming the key."""
+    from types import SimpleNamespace
+
+    from export.data import DataError, background_proposer
+
+    image = np.full((640, 640, 3), 90, np.uint8)
+    path = tmp_path / "autox_mp4-0_jpg.rf.0.jpg"
+    cv2.imwrite(str(path), image)
+    box = np.array([[300, 300, 320, 340]], np.float32)
+    sample = Sample(path, box, ["yellow_cone"], (640, 640))
+    data = load_train_config(None, ["data.background.per_frame=0",
+                                    "data.background.nose_per_frame=0",
+                                    "data.background.proposals_per_frame=4"]).data
+    policy, heights = data.crop.policy(), HeightByRow.fit([sample])
+    candidates = np.array([[305, 330, 318, 350], [500, 500, 520, 540]], np.float32)
+    proposer = SimpleNamespace(propose=lambda frame: candidates)
+    args = ([sample], 32, policy, data, True, np.random.default_rng(0), heights)
+    x, y, _, sheets = real_crops(*args, proposer)
+    assert y.tolist() == [CLASS_INDEX["yellow_cone"], CLASS_INDEX["background"]]
+    assert np.array_equal(x[1:], crop_batch(sample.load(), candidates[1:], 32, policy))
+    assert np.array_equal(sheets[3], x[1:])  # the contact sheet's proposer group
+    assert real_crops(*args)[1].tolist() == [CLASS_INDEX["yellow_cone"]]
+
+    assert background_proposer(BackgroundConfig()) is None  # off by default
+    with pytest.raises(DataError, match="data.background.proposer_model"):
+        background_proposer(BackgroundConfig(proposals_per_frame=1,
+                                             proposer_model=str(tmp_path / "none.onnx")))
+
+
 def test_cache_round_trip_is_lossless(tmp_path) -> None:
     x, names = cone_patches(40)
     y = np.array([CLASS_INDEX[n] for n in names])
