@@ -138,8 +138,10 @@ def mine_background(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
         cfg: the ``data.background`` config section.
         heights: the cone size model of the dataset.
         proposals: the node proposer's candidates on the frame, best first. The first
-            ``cfg.proposals_per_frame`` of them that keep clear of every label and of the
-            horizon band are the hardest negatives: what the classifier must reject live.
+            ``cfg.proposals_per_frame`` of them that keep clear of every label and lie wholly
+            above the horizon band are the hardest negatives: what the classifier must reject
+            live (sky, trees, buildings, signs, a video overlay). Below the band the labels
+            miss too many cones to mine the proposer's candidates safely.
     """
     h, w = image.shape[:2]
     forbidden = grown(boxes, cfg.gap, cfg.margin_px)
@@ -154,8 +156,9 @@ def mine_background(image: np.ndarray, boxes: np.ndarray, rng: np.random.Generat
     blobs = blobs[rng.permutation(len(blobs))]
     out["colour"] = _accept(blobs, forbidden, w, h, band, cfg.colour_blobs_per_frame)
     if proposals is not None:
+        above = (band[0], float("inf"))  # a box reaching below band[0] is refused
         out["proposal"] = _accept(np.asarray(proposals, np.float32).reshape(-1, 4), forbidden,
-                                  w, h, band, cfg.proposals_per_frame)
+                                  w, h, above, cfg.proposals_per_frame)
     return out
 
 

@@ -190,15 +190,16 @@ def test_background_mining_keeps_away_from_cones_and_horizon() -> None:
 
 def test_proposer_candidates_are_mined_best_first_only_where_safe() -> None:
     """``proposals_per_frame``: the proposer's candidates become background in their order
-    (best first), except those near a label or reaching into the horizon band."""
+    (best first), only wholly above the horizon band and away from every label (below the
+    band, unlabelled cones are too common)."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)
-    boxes = np.array([[300, 300, 320, 340]], np.float32)
-    cfg = BackgroundConfig(proposals_per_frame=2)
-    near, in_band = [305, 330, 318, 350], [40, 200, 60, 240]
-    safe = [[500, 500, 520, 540], [40, 500, 60, 540], [400, 20, 420, 60]]
+    boxes = np.array([[300, 60, 320, 100]], np.float32)
+    cfg = BackgroundConfig(proposals_per_frame=2)  # band: rows 160..269 of 640
+    near, in_band, below = [305, 90, 318, 110], [40, 140, 60, 180], [500, 500, 520, 540]
+    safe = [[40, 100, 60, 140], [400, 20, 420, 60], [500, 10, 520, 50]]
     got = mine_background(image, boxes, rng, cfg, HeightByRow(),
-                          np.array([near, in_band, *safe], np.float32))
+                          np.array([near, in_band, below, *safe], np.float32))
     assert got["proposal"].tolist() == safe[:2]
     assert "proposal" not in mine_background(image, boxes, rng, cfg, HeightByRow())
 
@@ -214,13 +215,13 @@ def test_proposer_negatives_are_cropped_as_background(tmp_path) -> None:
     image = np.full((640, 640, 3), 90, np.uint8)
     path = tmp_path / "autox_mp4-0_jpg.rf.0.jpg"
     cv2.imwrite(str(path), image)
-    box = np.array([[300, 300, 320, 340]], np.float32)
+    box = np.array([[300, 60, 320, 100]], np.float32)
     sample = Sample(path, box, ["yellow_cone"], (640, 640))
     data = load_train_config(None, ["data.background.per_frame=0",
                                     "data.background.nose_per_frame=0",
                                     "data.background.proposals_per_frame=4"]).data
     policy, heights = data.crop.policy(), HeightByRow.fit([sample])
-    candidates = np.array([[305, 330, 318, 350], [500, 500, 520, 540]], np.float32)
+    candidates = np.array([[305, 90, 318, 110], [500, 20, 520, 60]], np.float32)
     proposer = SimpleNamespace(propose=lambda frame: candidates)
     args = ([sample], 32, policy, data, True, np.random.default_rng(0), heights)
     x, y, _, sheets = real_crops(*args, proposer)
