@@ -287,6 +287,11 @@ def real_crops(samples: list, size: int, policy: CropPolicy, cfg, heldout: bool,
             x, y = np.concatenate([x, cx]), np.concatenate([y, cy])
         mined = mine_background(image, sample.boxes, rng, cfg.background, heights, proposals)
         for kind, boxes in mined.items():
+            if kind == "proposal" and not heldout:  # few and hard: jittered copies weigh them
+                j = cfg.jitter
+                boxes = np.concatenate([boxes, *(
+                    jitter_boxes(boxes, rng, j.shift, j.scale_min, j.scale_max, j.aspect)
+                    for _ in range(cfg.background.proposal_copies - 1))])
             bx = crop_batch(image, boxes, size, policy)
             bg_by_kind[kind].append(bx)
             x = np.concatenate([x, bx])

@@ -229,6 +229,12 @@ def test_proposer_negatives_are_cropped_as_background(tmp_path) -> None:
     assert np.array_equal(x[1:], crop_batch(sample.load(), candidates[1:], 32, policy))
     assert np.array_equal(sheets[3], x[1:])  # the contact sheet's proposer group
     assert real_crops(*args)[1].tolist() == [CLASS_INDEX["yellow_cone"]]
+    data.background.proposal_copies = 3  # training frames: the crop and two jittered copies
+    x, y, _, _ = real_crops([sample], 32, policy, data, False, np.random.default_rng(0),
+                            heights, proposer)
+    assert (y == CLASS_INDEX["background"]).sum() == 3
+    assert np.array_equal(x[y == CLASS_INDEX["background"]][0],
+                          crop_batch(sample.load(), candidates[1:], 32, policy)[0])
 
     assert background_proposer(BackgroundConfig()) is None  # off by default
     with pytest.raises(DataError, match="data.background.proposer_model"):
