@@ -26,6 +26,8 @@ with them: every network of the node then never saw the clip. As in the bundled 
 first of ``--proposer-val-clips`` that is not the left-out clip is kept out of both trainings
 (the proposer tunes its threshold there); the node runs at the config's threshold, and the
 refiner trains on the candidates of ``--config``'s proposer settings with ``--set`` applied.
+The fold's proposer trains before its classifier, whose proposer-candidate background
+(``data.background.proposals_per_frame``, when set) it then makes.
 ``--trainer-arg`` passes an option to both trainers (``--device cuda``, ``--threads 2``,
 ``--camera strong``), ``--proposer-arg`` to the proposer's only (``--channels``,
 ``--clip-balance``).
@@ -102,16 +104,19 @@ def run_logged(commands: list[list[str]], log_path: Path, clip: str) -> None:
                                f"see {log_path}")
 
 
-def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace) -> Path:
-    """Train and export the classifier that never saw ``clip``; returns its ONNX path."""
+def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace,
+               proposer: Path | None = None) -> Path:
+    """Train and export the classifier that never saw ``clip``; returns its ONNX path.
+    ``proposer`` (the fold's own) makes the proposer-candidate background, if any is mined."""
     onnx = out / "cone_classifier.onnx"
     if args.reuse and onnx.exists():
         return onnx
     out.mkdir(parents=True, exist_ok=True)
+    fold_proposer = [f"data.background.proposer_model={proposer}"] if proposer else []
     train = [sys.executable, "-m", "export.train", "--config", args.train_config,
              f"data.heldout=[{clip}]", f"data.root={data_root}", "data.cache=null",
              f"optim.epochs={args.epochs}", f"run.out={out}", "run.progress=false",
-             *args.train_set]
+             *fold_proposer, *args.train_set]
     run_logged([train, [sys.executable, "-m", "export.onnx", str(out / "last.pt"),
                         "-o", str(onnx)]], out / "train.log", clip)
     return onnx
@@ -315,14 +320,16 @@ def run_loco(args: argparse.Namespace) -> int:
                file=sys.stderr)
     try:
         for clip in clips:
-            bar.set_postfix_str(f"{clip}: training")
-            model = train_fold(clip, Path(root).resolve(), out / clip, args)
             fold_set: list[str] = []
             fold_rules = seen_rules
-            if args.proposer_epochs:
+            if args.proposer_epochs:  # first: the classifier may mine its candidates
                 bar.set_postfix_str(f"{clip}: training the proposer")
                 fold_set = train_fold_proposer(clip, Path(root).resolve(), out / clip, args)
                 fold_rules = proposer_heldout(args.config, [*args.set, *fold_set])
+            bar.set_postfix_str(f"{clip}: training")
+            model = train_fold(clip, Path(root).resolve(), out / clip, args,
+                               out / clip / "proposer" / "cone_proposer.onnx"
+                               if args.proposer_epochs else None)
             bar.set_postfix_str(f"{clip}: scoring")
             held = by_clip[clip]
             folds[clip] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +171,26 @@ def test_fold_validation_clip_is_never_the_left_out_clip():
     assert fold_val_clips("skidpad", ["autox4", "autox5"]) == ["autox4"]
     assert fold_val_clips("autox4", ["autox4", "autox5"]) == ["autox5"]
     assert fold_val_clips("autox4", ["autox4"]) == []
+
+
+def test_a_folds_classifier_mines_the_folds_own_proposer(tmp_path, monkeypatch):
+    """With ``--proposer-epochs`` the fold's proposer is trained first and its candidates are
+    the classifier's proposer background (never the bundled proposer, which saw the clip);
+    a ``--train-set`` of the same key still wins, being later on the command line."""
+    import argparse
+
+    from export import loco
+
+    ran = []
+    monkeypatch.setattr(loco, "run_logged", lambda commands, log, clip: ran.extend(commands))
+    args = argparse.Namespace(reuse=False, train_config="configs/train.yaml", epochs=1,
+                              train_set=["data.background.proposals_per_frame=8"])
+    proposer = tmp_path / "a" / "proposer" / "cone_proposer.onnx"
+    loco.train_fold("a", tmp_path, tmp_path / "a", args, proposer)
+    train = ran[0]
+    assert train[:3] == [sys.executable, "-m", "export.train"]
+    mine = train.index(f"data.background.proposer_model={proposer}")
+    assert mine < train.index("data.background.proposals_per_frame=8")
+    ran.clear()
+    loco.train_fold("a", tmp_path, tmp_path / "a", args)
+    assert not any(a.startswith("data.background.proposer_model") for a in ran[0])
