@@ -51,8 +51,8 @@ class BackgroundConfig:
     nose_per_frame: int = spec(3, min=0)
     colour_blobs_per_frame: int = spec(3, min=0)
     proposals_per_frame: int = spec(0, min=0)
-    proposal_copies: int = spec(1, min=1)
     proposer_model: str = "models/cone_proposer.onnx"
+    proposal_copies: int = spec(1, min=1)
     gap: float = spec(2.0, min=1.0)
     margin_px: float = spec(12.0, min=0.0)
     horizon_band: list[float] = field(default_factory=lambda: [0.25, 0.42])
