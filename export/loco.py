@@ -122,6 +122,11 @@ def train_fold(clip: str, data_root: Path, out: Path, args: argparse.Namespace,
     return onnx
 
 
+def fold_proposer(out: Path) -> Path:
+    """Where the fold in ``out`` keeps its own proposer (with ``--proposer-epochs``)."""
+    return out / "proposer" / "cone_proposer.onnx"
+
+
 def fold_val_clips(clip: str, candidates: list[str]) -> list[str]:
     """The fold proposer's validation clip: the first candidate that is not ``clip``."""
     return [c for c in candidates if c != clip][:1]
@@ -136,7 +141,7 @@ def train_fold_proposer(clip: str, data_root: Path, out: Path,
 
     from node.node_config import resolve_path
 
-    proposer = out / "proposer" / "cone_proposer.onnx"
+    proposer = fold_proposer(out)
     refiner = out / "refiner" / "cone_refiner.onnx"
     if not (args.reuse and proposer.exists() and refiner.exists()):
         out.mkdir(parents=True, exist_ok=True)
@@ -328,8 +333,7 @@ def run_loco(args: argparse.Namespace) -> int:
                 fold_rules = proposer_heldout(args.config, [*args.set, *fold_set])
             bar.set_postfix_str(f"{clip}: training")
             model = train_fold(clip, Path(root).resolve(), out / clip, args,
-                               out / clip / "proposer" / "cone_proposer.onnx"
-                               if args.proposer_epochs else None)
+                               fold_proposer(out / clip) if args.proposer_epochs else None)
             bar.set_postfix_str(f"{clip}: scoring")
             held = by_clip[clip]
             folds[clip] = {
