@@ -486,9 +486,18 @@ def verdict(before: dict, after: dict) -> str:
     return text
 
 
+def start_label(models: str) -> str:
+    """How the report names the models a run starts from (``--models`` as given): "bundled"
+    for the bundled folder, else the folder itself."""
+    from node.node_config import resolve_path
+
+    return "bundled" if resolve_path(models) == resolve_path("models") else f"`{models}`"
+
+
 def format_report(report: dict) -> str:
     """``report.md``: the before/after table, then what was trained on and how long."""
     b, a = report["before"], report["after"]
+    start = report.get("start", "bundled")
     rows = [("whole node: recall, cones ≥ 12 px", lambda r: r["node"]["recall_ge12"])]
     for bucket in ("12-24", "24-48", ">=48"):
         rows.append((f"  recall, {bucket.replace('-', '–')} px",
@@ -509,7 +518,7 @@ def format_report(report: dict) -> str:
         f"{', '.join(val['train_clips'])}"
         + (f" and {report['pseudo']['frames_kept']} pseudo-labelled frames"
            if report.get("pseudo") else "") + ".", "",
-        "| | before (bundled) | after (fine-tuned) |", "|---|---:|---:|"]
+        f"| | before ({start}) | after (fine-tuned) |", "|---|---:|---:|"]
     lines += [f"| {name} | {_pct(get(b))} | {_pct(get(a))} |" for name, get in rows]
     called = [sum(r["crops"]["by_size"][k]["called_background"] for k in ("12-24", "24-48",
                                                                           ">=48"))
@@ -551,8 +560,8 @@ def format_report(report: dict) -> str:
     if report.get("pseudo"):
         p = report["pseudo"]
         lines += ["## Pseudo-labels", "",
-                  (f"{p['frames_run']} frames run through the bundled node (stride "
-                   f"{p['stride']}), {p['frames_kept']} kept with {p['cones']} cones scoring "
+                  (f"{p['frames_run']} frames run through the node ({start} models, "
+                   f"stride {p['stride']}), {p['frames_kept']} kept with {p['cones']} cones scoring "
                    f"≥ {p['threshold']}. {p['masked_uncertain_cones']} cones below it were "
                    "covered with the frame's mean colour (taught neither as cones nor as "
                    f"background); {p['dropped_uncertain_cone']} frames were dropped because "
@@ -637,6 +646,7 @@ def run(args: argparse.Namespace) -> int:
     from export.proposer_train import pick_device
     from node.node_config import resolve_path
 
+    start = start_label(args.models)
     args.models = str(resolve_path(args.models))
     check_args(args)
     samples = read_frames(args.data)
@@ -652,7 +662,8 @@ def run(args: argparse.Namespace) -> int:
     split = "folder" if args.val else "clips" if args.val_clips else "fraction"
     report: dict[str, Any] = {"data": {
         "train_frames": len(train), "train_clips": sorted(set(clips_of(train))),
-        "val_frames": len(val), "val_clips": sorted(set(clips_of(val))), "split": split}}
+        "val_frames": len(val), "val_clips": sorted(set(clips_of(val))), "split": split},
+        "start": start}
     print(f"fine-tuning on {len(train)} frames of {', '.join(report['data']['train_clips'])}; "
           f"validation {len(val)} frames of {', '.join(report['data']['val_clips'])}; "
           f"budget {args.minutes:g} min on {device}", flush=True)

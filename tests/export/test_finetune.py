@@ -138,6 +138,10 @@ def test_report_scores_the_validation_clip_before_and_after(finetuned):
     assert report["before"]["node"]["label_accuracy"] >= 0.9
     text = (finetuned["run"] / "report.md").read_text()
     assert "| | before (bundled) | after (fine-tuned) |" in text
+    assert "run through the node (bundled models, stride" in text
+    from export.finetune import format_report
+    assert "| | before (`fold/`) | after (fine-tuned) |" in format_report(
+        {**report, "start": "`fold/`"})
     assert f"{100 * report['before']['node']['recall_ge12']:.1f} %" in text
     assert "confirmation bias" in text
     assert "After − before:" in text or "No figure moved by a point or more." in text
@@ -340,6 +344,15 @@ def test_the_verdict_names_what_moved_by_a_point():
                     "points.")
     assert verdict(scores(0.8, 0.8, 0.9), scores(0.805, 0.8, 0.9)) == (
         "No figure moved by a point or more.")
+
+
+def test_the_report_names_the_models_it_started_from(tmp_path):
+    from export.finetune import start_label
+
+    assert start_label("models") == "bundled"
+    fold = tmp_path / "fold_models"
+    fold.mkdir()
+    assert start_label(str(fold)) == f"`{fold}`"
 
 
 @needs_models
