@@ -470,8 +470,9 @@ VERDICT = (("whole-node recall", "node", "recall_ge12"),
            ("background rejection", "crops", "background_rejection"))
 
 
-def verdict(before: dict, after: dict) -> str:
-    """One line: what changed by a point or more, and whether to keep the bundled models."""
+def verdict(before: dict, after: dict, start: str = "bundled") -> str:
+    """One line: what changed by a point or more, and whether to keep the ``start`` models
+    (``start_label``)."""
     moves = []
     for name, part, key in VERDICT:
         b, a = before[part][key], after[part][key]
@@ -481,7 +482,7 @@ def verdict(before: dict, after: dict) -> str:
         return "No figure moved by a point or more."
     text = "After − before: " + ", ".join(f"{n} {d:+.1f} points" for n, d in moves) + "."
     if any(d < 0 for _, d in moves):
-        text += (" Keep the bundled models where the fine-tuned ones are worse on what "
+        text += (f" Keep the {start} models where the fine-tuned ones are worse on what "
                  "matters to you (the report does not choose).")
     return text
 
@@ -524,7 +525,7 @@ def format_report(report: dict) -> str:
                                                                           ">=48"))
               for r in (b, a)]
     lines += [f"| cones ≥ 12 px called background | {called[0]} | {called[1]} |", "",
-              verdict(b, a), "",
+              verdict(b, a, start), "",
               "Cones per size bucket on the true boxes: " + ", ".join(
                   f"{k} px {b['crops']['by_size'][k]['cones']}" for k in ("12-24", "24-48",
                                                                           ">=48")) + ".", ""]
@@ -552,11 +553,11 @@ def format_report(report: dict) -> str:
         lines.append(f"- {net}: {n['epochs']} epochs in {n['seconds']:.0f} s at lr "
                      f"{LR[net]:g}, loss {n['first_loss']} → {n['last_loss']}")
     lines += [f"- INT8 twins: {report['int8']}", "",
-              "The models are in `models/` here, with the bundled models' metadata; the "
+              f"The models are in `models/` here, with the {start} models' metadata; the "
               "proposer's score threshold is the node config's, not re-tuned. "
-              + ("They were copied over the bundled models (`--install`). "
+              + (f"They were copied over the {start} models (`--install`). "
                  + report.get("install_note", "") if report.get("installed") else
-                 "Copy them over the bundled ones, or run again with `--install`."), ""]
+                 f"Copy them over the {start} ones, or run again with `--install`."), ""]
     if report.get("pseudo"):
         p = report["pseudo"]
         lines += ["## Pseudo-labels", "",

@@ -344,6 +344,8 @@ def test_the_verdict_names_what_moved_by_a_point():
                     "points.")
     assert verdict(scores(0.8, 0.8, 0.9), scores(0.805, 0.8, 0.9)) == (
         "No figure moved by a point or more.")
+    assert "Keep the `fold/` models where" in verdict(scores(0.8, 0.8, 0.9),
+                                                      scores(0.8, 0.7, 0.9), "`fold/`")
 
 
 def test_the_report_names_the_models_it_started_from(tmp_path):
