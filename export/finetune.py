@@ -35,9 +35,10 @@ the new models with the bundled models' metadata; ``--install`` copies them over
 
 ``--pseudo-label`` runs the bundled node on unlabelled videos or image folders (every
 ``--pseudo-stride``-th frame) and keeps the cones scoring at least ``--pseudo-threshold`` as
-labels. A cone found below it is covered with the frame's mean colour (an ignore region: taught
-neither as a cone nor as background); a frame where such a cone touches a confident one, or
-without a confident cone, is dropped. The kept frames and their cones are written as YOLO
+labels. A cone found below it is covered with the frame's mean colour, all but where confident
+cones' boxes lie (an ignore region: taught neither as a cone nor as background); a frame
+where more than half of such a cone lies under confident boxes, or without a confident cone,
+is dropped. The kept frames and their cones are written as YOLO
 folders under ``RUN/pseudo/`` (one per source, files named by frame index) and trained on with
 the labelled frames.
 """
@@ -230,28 +231,35 @@ def check_camera(args: argparse.Namespace, samples: list) -> dict:
 
 MASK_GROW = 0.15
 """Each side of an uncertain cone's box grows by this fraction of its size before masking."""
+MASK_MAX_HIDDEN = 0.5
+"""A frame is dropped when more than this share of an uncertain cone's box lies under
+confident cones' boxes (which are never painted, so that much of it would stay visible)."""
 
 
 def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarray
                    ) -> np.ndarray | None:
     """The frame with every uncertain cone's box (grown by ``MASK_GROW``) filled with the
     frame's mean colour, an ignore region: a cone the node is unsure of is then taught
-    neither as a cone nor as background. None when a grown box touches a confident cone (the
-    frame is dropped rather than a labelled cone painted over)."""
+    neither as a cone nor as background. The confident cones' boxes are left as they are, so
+    a labelled cone is never painted over. None (the frame is dropped) when more than
+    ``MASK_MAX_HIDDEN`` of an uncertain cone's own box lies under confident boxes."""
     if not len(uncertain):
         return image
-    w, h = (uncertain[:, 2:] - uncertain[:, :2]).T
-    grown = uncertain + MASK_GROW * np.stack([-w, -h, w, h], 1)
-    g, c = grown[:, None], confident[None]
-    touch = ((g[..., 0] < c[..., 2]) & (g[..., 2] > c[..., 0]) & (g[..., 1] < c[..., 3])
-             & (g[..., 3] > c[..., 1]))
-    if touch.any():
-        return None
-    out = image.copy()
-    fill = image.reshape(-1, 3).mean(0).round().astype(np.uint8)
     H, W = image.shape[:2]
-    for x1, y1, x2, y2 in np.round(grown).astype(int):
-        out[max(0, y1):min(H, y2), max(0, x1):min(W, x2)] = fill
+    keep = np.zeros((H, W), bool)
+    for x1, y1, x2, y2 in np.round(confident).astype(int):
+        keep[max(0, y1):min(H, y2), max(0, x1):min(W, x2)] = True
+    boxes = np.round(uncertain).astype(int)
+    w, h = (boxes[:, 2:] - boxes[:, :2]).T
+    grown = np.round(uncertain + MASK_GROW * np.stack([-w, -h, w, h], 1)).astype(int)
+    paint = np.zeros((H, W), bool)
+    for (x1, y1, x2, y2), (gx1, gy1, gx2, gy2) in zip(boxes, grown, strict=True):
+        inside = keep[max(0, y1):min(H, y2), max(0, x1):min(W, x2)]
+        if inside.size and inside.mean() > MASK_MAX_HIDDEN:
+            return None
+        paint[max(0, gy1):min(H, gy2), max(0, gx1):min(W, gx2)] = True
+    out = image.copy()
+    out[paint & ~keep] = image.reshape(-1, 3).mean(0).round().astype(np.uint8)
     return out
 
 
@@ -565,8 +573,9 @@ def format_report(report: dict) -> str:
                    f"stride {p['stride']}), {p['frames_kept']} kept with {p['cones']} cones scoring "
                    f"≥ {p['threshold']}. {p['masked_uncertain_cones']} cones below it were "
                    "covered with the frame's mean colour (taught neither as cones nor as "
-                   f"background); {p['dropped_uncertain_cone']} frames were dropped because "
-                   f"such a cone touched a confident one, {p['dropped_no_confident_cone']} for "
+                   f"background; confident cones' boxes were left unpainted); "
+                   f"{p['dropped_uncertain_cone']} frames were dropped because more than half of "
+                   f"such a cone lay under confident ones, {p['dropped_no_confident_cone']} for "
                    "having no confident cone. Folders: `pseudo/`."), "", PSEUDO_RISK, ""]
     lines += [("The validation frames were never trained on"
                + (" (the last frames of each clip: their neighbours in time were trained on, "

@@ -267,7 +267,7 @@ def test_frames_keep_their_aspect_and_windows_keep_their_boxes():
     assert kept >= 5  # windows fall all over the wide frame, and some on the cone
 
 
-def test_uncertain_cones_are_masked_and_touching_ones_drop_the_frame():
+def test_uncertain_cones_are_masked_around_confident_ones_and_hidden_ones_drop_the_frame():
     from export.finetune import mask_uncertain
 
     image = np.zeros((100, 200, 3), np.uint8)
@@ -276,10 +276,18 @@ def test_uncertain_cones_are_masked_and_touching_ones_drop_the_frame():
     unsure = np.array([[150.0, 40.0, 170.0, 80.0]], np.float32)
     out = mask_uncertain(image, unsure, sure)
     fill = image.reshape(-1, 3).mean(0).round()
-    assert (out[37:83, 147:173] == fill).all()  # grown by 15 % of the box on every side
+    assert (out[34:86, 147:173] == fill).all()  # grown by 15 % of the box on every side
+    assert (out[:, 173:] == 200).all() and (out[:34] == image[:34]).all()
     assert (out[10:50, 10:30] == 0).all() and out[0, 199, 0] == 200
     assert mask_uncertain(image, np.zeros((0, 4), np.float32), sure) is image
-    assert mask_uncertain(image, np.array([[31.0, 10.0, 51.0, 50.0]], np.float32), sure) is None
+    # A neighbour whose grown box reaches into the confident cone: painted all but the cone.
+    out = mask_uncertain(image, np.array([[31.0, 10.0, 51.0, 50.0]], np.float32), sure)
+    assert (out[10:50, 30:54] == fill).all() and (out[10:50, 10:30] == 0).all()
+    assert (out[4:10, 28:54] == fill).all()  # above the cone, the grown box is painted
+    # More than half of the uncertain cone under the confident one: the frame is dropped.
+    assert mask_uncertain(image, np.array([[18.0, 20.0, 34.0, 60.0]], np.float32), sure) is None
+    assert mask_uncertain(image, np.array([[22.0, 20.0, 42.0, 60.0]], np.float32),
+                          sure) is not None  # 8 of 20 columns under it, 30 of 40 rows
 
 
 @needs_models
