@@ -11,6 +11,7 @@ import sys
 
 COMMANDS = {
     "finetune": ("export.finetune", "fine-tune the bundled networks on a team's YOLO folder"),
+    "pseudo_check": ("export.pseudo_check", "score pseudo-labels against hand labels"),
     "validate": ("export.validate", "the whole node on camera variants of labelled frames"),
     "evaluate": ("export.evaluate", "score a classifier on the true boxes of labelled frames"),
     "train": ("export.train", "train the classifier"),
