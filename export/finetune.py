@@ -464,11 +464,14 @@ def _pct(v: float | None) -> str:
 
 
 PSEUDO_RISK = (
-    "**Risk: confirmation bias.** Pseudo-labels are the bundled models' own answers. Cones the "
+    "**Risk: confirmation bias.** Pseudo-labels are the starting models' own answers. Cones the "
     "node misses are taught as background, and a confident mistake (a colour swap, a box on a "
-    "look-alike) is taught as truth, so the fine-tuned models can grow surer of the bundled "
+    "look-alike) is taught as truth, so the fine-tuned models can grow surer of the starting "
     "models' errors. Check a sample of `pseudo/*/images` against their labels, keep the "
-    "threshold high, and judge the result only on hand-labelled validation frames (as above).")
+    "threshold high, and judge the result only on hand-labelled validation frames (as above). "
+    "Where some of an image folder's frames are hand-labelled, `python -m export pseudo_check "
+    "pseudo/NN_NAME --source FOLDER --data yolo:DIR` counts the cones the pseudo-labels cover, "
+    "mask, and leave to be taught as background.")
 
 
 VERDICT = (("whole-node recall", "node", "recall_ge12"),

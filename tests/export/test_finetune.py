@@ -143,7 +143,7 @@ def test_report_scores_the_validation_clip_before_and_after(finetuned):
     assert "| | before (`fold/`) | after (fine-tuned) |" in format_report(
         {**report, "start": "`fold/`"})
     assert f"{100 * report['before']['node']['recall_ge12']:.1f} %" in text
-    assert "confirmation bias" in text
+    assert "confirmation bias" in text and "python -m export pseudo_check" in text
     assert "After − before:" in text or "No figure moved by a point or more." in text
     # The camera check read every training, pseudo-labelled and validation frame (under 60).
     check = report["camera_check"]
