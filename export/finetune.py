@@ -33,7 +33,7 @@ after (fine-tuned); ``RUN/report.md`` and ``RUN/report.json`` hold both, and ``p
 check``'s report on the team's frames (``check_camera``). ``RUN/models/`` holds
 the new models with the bundled models' metadata; ``--install`` copies them over ``--models``.
 
-``--pseudo-label`` runs the bundled node on unlabelled videos or image folders (every
+``--pseudo-label`` runs the node (``--models``) on unlabelled videos or image folders (every
 ``--pseudo-stride``-th frame) and keeps the cones scoring at least ``--pseudo-threshold`` as
 labels. A cone found below it is covered with the frame's mean colour, all but where confident
 cones' boxes lie (an ignore region: taught neither as a cone nor as background); a frame
