@@ -62,6 +62,8 @@ def check_pseudo_labels(pseudo_dir: Path, source: Path, data: str, min_height: f
     from node.infer.postprocess import iou_matrix
     from node.sources.files import image_folder
 
+    if not data.startswith("yolo:"):
+        raise DataError(f"--data {data}: expected yolo:DIR, a YOLO folder of the hand labels")
     if not source.is_dir():
         raise DataError(f"{source}: --source must be the image folder that was pseudo-labelled")
     folder = image_folder(source)  # the node's order: frame i of the pseudo-labeller is file i

@@ -83,3 +83,9 @@ def test_a_frame_index_outside_the_source_is_a_one_line_error(folders, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "000007.jpg" in err and "2 files" in err
     assert "\n" not in err
+
+
+def test_data_that_is_not_a_yolo_folder_is_refused(folders, capsys):
+    assert main([str(folders.pseudo), "--source", str(folders.source),
+                 "--data", f"crops:{folders.root}"]) == 2
+    assert "expected yolo:DIR" in capsys.readouterr().err
