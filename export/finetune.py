@@ -236,30 +236,40 @@ MASK_MAX_HIDDEN = 0.5
 confident cones' boxes (which are never painted, so that much of it would stay visible)."""
 
 
+def ignore_fill(image: np.ndarray) -> np.ndarray:
+    """The colour ``mask_uncertain`` paints with: the frame's mean, as uint8 BGR."""
+    return image.reshape(-1, 3).mean(0).round().astype(np.uint8)
+
+
+def box_window(box, shape: tuple[int, ...]) -> tuple[slice, slice]:
+    """The rows and columns of an image of ``shape`` under an integer box, clipped to it."""
+    x1, y1, x2, y2 = box
+    return np.s_[max(0, y1):min(shape[0], y2), max(0, x1):min(shape[1], x2)]
+
+
 def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarray
                    ) -> np.ndarray | None:
-    """The frame with every uncertain cone's box (grown by ``MASK_GROW``) filled with the
-    frame's mean colour, an ignore region: a cone the node is unsure of is then taught
-    neither as a cone nor as background. The confident cones' boxes are left as they are, so
-    a labelled cone is never painted over. None (the frame is dropped) when more than
+    """The frame with every uncertain cone's box (grown by ``MASK_GROW``) filled with
+    ``ignore_fill``, an ignore region: a cone the node is unsure of is then taught neither as
+    a cone nor as background. The confident cones' boxes are left as they are, so a labelled
+    cone is never painted over. None (the frame is dropped) when more than
     ``MASK_MAX_HIDDEN`` of an uncertain cone's own box lies under confident boxes."""
     if not len(uncertain):
         return image
-    H, W = image.shape[:2]
-    keep = np.zeros((H, W), bool)
-    for x1, y1, x2, y2 in np.round(confident).astype(int):
-        keep[max(0, y1):min(H, y2), max(0, x1):min(W, x2)] = True
+    keep = np.zeros(image.shape[:2], bool)
+    for box in np.round(confident).astype(int):
+        keep[box_window(box, keep.shape)] = True
     boxes = np.round(uncertain).astype(int)
     w, h = (boxes[:, 2:] - boxes[:, :2]).T
     grown = np.round(uncertain + MASK_GROW * np.stack([-w, -h, w, h], 1)).astype(int)
-    paint = np.zeros((H, W), bool)
-    for (x1, y1, x2, y2), (gx1, gy1, gx2, gy2) in zip(boxes, grown, strict=True):
-        inside = keep[max(0, y1):min(H, y2), max(0, x1):min(W, x2)]
+    paint = np.zeros_like(keep)
+    for box, big in zip(boxes, grown, strict=True):
+        inside = keep[box_window(box, keep.shape)]
         if inside.size and inside.mean() > MASK_MAX_HIDDEN:
             return None
-        paint[max(0, gy1):min(H, gy2), max(0, gx1):min(W, gx2)] = True
+        paint[box_window(big, paint.shape)] = True
     out = image.copy()
-    out[paint & ~keep] = image.reshape(-1, 3).mean(0).round().astype(np.uint8)
+    out[paint & ~keep] = ignore_fill(image)
     return out
 
 

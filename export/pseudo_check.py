@@ -47,7 +47,9 @@ def painted_pixels(pseudo: np.ndarray, original: np.ndarray) -> tuple[np.ndarray
     if pseudo.shape != original.shape:
         raise DataError(f"pseudo-labelled frame of shape {pseudo.shape} against the source's "
                         f"{original.shape}: not the same frame")
-    fill = original.reshape(-1, 3).mean(0).round()
+    from export.finetune import ignore_fill
+
+    fill = ignore_fill(original).astype(np.float32)
     near = np.abs(pseudo.astype(np.float32) - fill).max(2) <= FILL_TOLERANCE
     differs = np.abs(original.astype(np.float32) - fill).max(2) > 1.5 * FILL_TOLERANCE
     return near, differs
@@ -58,6 +60,7 @@ def check_pseudo_labels(pseudo_dir: Path, source: Path, data: str, min_height: f
     """The counts described in the module docstring, and their rates."""
     import cv2
 
+    from export.finetune import box_window
     from node.evaluate.datasets import load_samples
     from node.infer.postprocess import iou_matrix
     from node.sources.files import image_folder
@@ -87,8 +90,8 @@ def check_pseudo_labels(pseudo_dir: Path, source: Path, data: str, min_height: f
         boxes, tall = ps.boxes, (ps.boxes[:, 3] - ps.boxes[:, 1]) >= TALL
         n["pseudo_boxes"] += len(boxes)
         n["pseudo_boxes_tall"] += int(tall.sum())
-        if len(boxes) and len(truth.boxes):
-            iou = iou_matrix(boxes, truth.boxes)
+        iou = iou_matrix(boxes, truth.boxes)
+        if iou.size:
             best, hit = iou.argmax(1), iou.max(1) >= MATCH_IOU
             n["pseudo_matched"] += int(hit.sum())
             n["pseudo_matched_tall"] += int((hit & tall).sum())
@@ -98,14 +101,13 @@ def check_pseudo_labels(pseudo_dir: Path, source: Path, data: str, min_height: f
         if original_image is None:
             raise DataError(f"{original}: image missing or unreadable")
         painted, differs = painted_pixels(ps.load(), original_image)
-        H, W = painted.shape
-        for box in truth.boxes[heights >= min_height]:
+        covered = (iou >= MATCH_IOU).any(0)
+        for j in np.flatnonzero(heights >= min_height):
             n["labelled"] += 1
-            if len(boxes) and iou_matrix(box[None], boxes).max() >= MATCH_IOU:
+            if covered[j]:
                 n["covered"] += 1
                 continue
-            x1, y1, x2, y2 = np.round(box).astype(int)
-            window = np.s_[max(0, y1):min(H, y2), max(0, x1):min(W, x2)]
+            window = box_window(np.round(truth.boxes[j]).astype(int), painted.shape)
             seen = differs[window]
             masked = seen.any() and painted[window][seen].mean() > 0.5
             n["masked" if masked else "left_as_background"] += 1
