@@ -36,7 +36,10 @@ the new models with the bundled models' metadata; ``--install`` copies them over
 ``--pseudo-label`` runs the node (``--models``) on unlabelled videos or image folders (every
 ``--pseudo-stride``-th frame) and keeps the cones scoring at least ``--pseudo-threshold`` as
 labels. A cone found below it is covered with the frame's mean colour, all but where confident
-cones' boxes lie (an ignore region: taught neither as a cone nor as background); a frame
+cones' boxes lie (an ignore region: taught neither as a cone nor as background). With
+``--pseudo-mask candidates`` a second run of the node masks every other candidate of the
+proposer that the classifier does not call background too (before overlap suppression; one
+mostly inside a confident cone's box is taken for a part of it). A frame
 where more than half of such a cone lies under confident boxes, or without a confident cone,
 is dropped. The kept frames and their cones are written as YOLO
 folders under ``RUN/pseudo/`` (one per source, files named by frame index) and trained on with
@@ -56,7 +59,7 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -182,14 +185,18 @@ def clips_of(samples: list) -> list[str]:
 
 # --------------------------------------------------------------------------- the node
 
+def config_overrides(args: argparse.Namespace, models: Path) -> list[str]:
+    """``--set`` and the three networks of ``models``, as node config overrides."""
+    return list(args.set) + [f"model.path={models / MODEL_FILES['classifier']}",
+                             f"proposer.heatmap_model={models / MODEL_FILES['proposer']}",
+                             f"proposer.refiner_model={models / MODEL_FILES['refiner']}"]
+
+
 def node_config(args: argparse.Namespace, models: Path):
     """The node's config with the three networks of ``models`` and ``--set`` overrides."""
     from node.node_config import load_node_config
 
-    return load_node_config(args.config, list(args.set) + [
-        f"model.path={models / MODEL_FILES['classifier']}",
-        f"proposer.heatmap_model={models / MODEL_FILES['proposer']}",
-        f"proposer.refiner_model={models / MODEL_FILES['refiner']}"])
+    return load_node_config(args.config, config_overrides(args, models))
 
 
 def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
@@ -247,30 +254,45 @@ def box_window(box, shape: tuple[int, ...]) -> tuple[slice, slice]:
     return np.s_[max(0, y1):min(shape[0], y2), max(0, x1):min(shape[1], x2)]
 
 
-def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarray
-                   ) -> np.ndarray | None:
+def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarray,
+                   candidates: np.ndarray | None = None) -> np.ndarray | None:
     """The frame with every uncertain cone's box (grown by ``MASK_GROW``) filled with
     ``ignore_fill``, an ignore region: a cone the node is unsure of is then taught neither as
     a cone nor as background. The confident cones' boxes are left as they are, so a labelled
     cone is never painted over. None (the frame is dropped) when more than
-    ``MASK_MAX_HIDDEN`` of an uncertain cone's own box lies under confident boxes."""
-    if not len(uncertain):
+    ``MASK_MAX_HIDDEN`` of an uncertain cone's own box lies under confident boxes.
+
+    ``candidates`` (``--pseudo-mask candidates``) are masked the same way, except that one
+    with more than ``MASK_MAX_HIDDEN`` of its box under confident boxes is taken for a part of
+    such a cone and left alone."""
+    candidates = np.zeros((0, 4)) if candidates is None else candidates
+    if not len(uncertain) and not len(candidates):
         return image
     keep = np.zeros(image.shape[:2], bool)
     for box in np.round(confident).astype(int):
         keep[box_window(box, keep.shape)] = True
-    boxes = np.round(uncertain).astype(int)
+    both = np.concatenate([np.reshape(uncertain, (-1, 4)), np.reshape(candidates, (-1, 4))])
+    boxes = np.round(both).astype(int)
     w, h = (boxes[:, 2:] - boxes[:, :2]).T
-    grown = np.round(uncertain + MASK_GROW * np.stack([-w, -h, w, h], 1)).astype(int)
+    grown = np.round(both + MASK_GROW * np.stack([-w, -h, w, h], 1)).astype(int)
     paint = np.zeros_like(keep)
-    for box, big in zip(boxes, grown, strict=True):
+    for i, (box, big) in enumerate(zip(boxes, grown, strict=True)):
         inside = keep[box_window(box, keep.shape)]
         if inside.size and inside.mean() > MASK_MAX_HIDDEN:
-            return None
+            if i < len(uncertain):
+                return None
+            continue
         paint[box_window(big, paint.shape)] = True
     out = image.copy()
     out[paint & ~keep] = ignore_fill(image)
     return out
+
+
+MASK_RUN_SET = ("post.nms_iou=null", "post.nested_inside=null", "model.score_threshold=0")
+"""Node overrides of ``--pseudo-mask candidates``' second run: every candidate whose winning
+class is not background, at any score and before any overlap suppression."""
+MASK_RUN_HEAT = 1.0
+"""The second run's proposer threshold, as a share of the node config's."""
 
 
 def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[list, dict]:
@@ -281,14 +303,22 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
     from node.classes import CONE_CLASSES
     from node.evaluate.datasets import load_samples
     from node.infer.postprocess import iou_matrix
+    from node.node_config import load_node_config
     from node.sources import open_source
 
     config = node_config(args, models)
+    heat = MASK_RUN_HEAT * config.proposer.heatmap_threshold
+    mask_config = load_node_config(args.config, [*config_overrides(args, models),
+                                                 *MASK_RUN_SET,
+                                                 f"proposer.heatmap_threshold={heat:g}"])
     samples: list = []
     stats = {"sources": [], "threshold": args.pseudo_threshold, "stride": args.pseudo_stride,
-             "frames_run": 0, "frames_kept": 0, "dropped_no_confident_cone": 0,
-             "dropped_uncertain_cone": 0, "masked_uncertain_cones": 0, "cones": 0}
-    with open_node(config) as (backend, proposer):
+             "mask": args.pseudo_mask, "frames_run": 0, "frames_kept": 0,
+             "dropped_no_confident_cone": 0, "dropped_uncertain_cone": 0,
+             "masked_uncertain_cones": 0, "masked_candidates": 0, "cones": 0}
+    with open_node(config) as (backend, proposer), \
+            (open_node(mask_config) if args.pseudo_mask == "candidates" else nullcontext(
+                (None, None))) as (mask_backend, mask_proposer):
         for n, src in enumerate(args.pseudo_label):
             frames = []
             with open_source(src) as source:
@@ -298,8 +328,10 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
                     if len(frames) >= args.pseudo_max_frames:
                         break
             results, _ = run_node(config, backend, proposer, frames)
+            masks = (run_node(mask_config, mask_backend, mask_proposer, frames)[0]
+                     if mask_backend else [None] * len(frames))
             kept = []
-            for frame, result in zip(frames, results, strict=True):
+            for frame, result, mask in zip(frames, results, masks, strict=True):
                 confident = [c.score >= args.pseudo_threshold and c.label in CONE_CLASSES
                              for c in result.cones]
                 sure = [c for c, ok in zip(result.cones, confident) if ok]
@@ -309,13 +341,18 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
                     continue
                 boxes = np.array([c.box for c in sure], np.float32).reshape(-1, 4)
                 other = np.array([c.box for c in unsure], np.float32).reshape(-1, 4)
-                if len(other):  # a duplicate of a confident cone is harmless
-                    other = other[iou_matrix(other, boxes).max(1) < args.pseudo_overlap]
-                image = mask_uncertain(frame.image, other, boxes)
+                more = np.array([c.box for c in mask.cones] if mask else [],
+                                np.float32).reshape(-1, 4)
+                # A duplicate of a confident cone is harmless; so is one of an uncertain cone.
+                other = other[iou_matrix(other, boxes).max(1) < args.pseudo_overlap]
+                more = more[iou_matrix(more, np.concatenate([boxes, other])).max(1)
+                            < args.pseudo_overlap]
+                image = mask_uncertain(frame.image, other, boxes, more)
                 if image is None:
                     stats["dropped_uncertain_cone"] += 1
                     continue
                 stats["masked_uncertain_cones"] += len(other)
+                stats["masked_candidates"] += len(more)
                 kept.append(SimpleNamespace(image=image, boxes=boxes,
                                             labels=[c.label for c in sure],
                                             name=f"{frame.index:06d}"))
@@ -586,7 +623,10 @@ def format_report(report: dict) -> str:
                    f"stride {p['stride']}), {p['frames_kept']} kept with {p['cones']} cones scoring "
                    f"≥ {p['threshold']}. {p['masked_uncertain_cones']} cones below it were "
                    "covered with the frame's mean colour (taught neither as cones nor as "
-                   f"background; confident cones' boxes were left unpainted); "
+                   f"background; confident cones' boxes were left unpainted)"
+                   + (f", and so were {p['masked_candidates']} more candidates the classifier "
+                      "did not call background (`--pseudo-mask candidates`)"
+                      if p.get("mask") == "candidates" else "") + "; "
                    f"{p['dropped_uncertain_cone']} frames were dropped because more than half of "
                    f"such a cone lay under confident ones, {p['dropped_no_confident_cone']} for "
                    "having no confident cone. Folders: `pseudo/`."), "", PSEUDO_RISK, ""]
@@ -632,6 +672,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pseudo-overlap", type=float, default=0.3,
                         help="a cone below the threshold is harmless when it overlaps a "
                              "confident cone at least this much (IoU; default 0.3)")
+    parser.add_argument("--pseudo-mask", choices=("unsure", "candidates"), default="unsure",
+                        help="what is masked besides the confident cones: the node's cones "
+                             "below the threshold (unsure), or those and every candidate the "
+                             "classifier does not call background (candidates; default unsure)")
     parser.add_argument("--config", default="configs/node.yaml", help="node config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="node config override for pseudo-labelling and scoring")

@@ -188,6 +188,42 @@ def test_pseudo_labels_match_the_rendered_truth(finetuned):
     assert meta.extra["stages"][-1]["frames"] == 6 + pseudo["frames_kept"]
 
 
+@needs_models
+def test_pseudo_mask_candidates_paints_more_and_keeps_the_labels(tmp_path):
+    """``--pseudo-mask candidates`` runs the node a second time for the candidates the
+    classifier does not call background: the same frames and labels as ``unsure``, more
+    boxes painted over, and never a pixel of a confident cone."""
+    from export.finetune import build_parser, ignore_fill, pseudo_label
+    from export.synth import render_clip, write_dataset
+
+    write_dataset(tmp_path / "truth", render_clip(9, 10, *SIZE))
+    runs = {}
+    for mask in ("unsure", "candidates"):
+        args = build_parser().parse_args([
+            "--data", "yolo:unused", "--out", "unused", "--pseudo-mask", mask,
+            "--pseudo-label", str(tmp_path / "truth" / "images"), "--pseudo-stride", "1",
+            "--set", f"proposer.body_mask={json.dumps(SYNTH_BODY_MASK)}"])
+        runs[mask] = pseudo_label(args, MODELS, tmp_path / mask)
+    (plain, plain_stats), (more, more_stats) = runs["unsure"], runs["candidates"]
+    assert plain_stats["masked_candidates"] == 0 < more_stats["masked_candidates"]
+    assert more_stats["masked_uncertain_cones"] == plain_stats["masked_uncertain_cones"]
+    assert [s.image_path.name for s in more] == [s.image_path.name for s in plain]
+    painted_more = painted_fill = 0
+    for a, b in zip(plain, more, strict=True):
+        assert a.labels == b.labels and np.array_equal(a.boxes, b.boxes)
+        image, other = a.load(), b.load()
+        fill = ignore_fill(cv2.imread(str(tmp_path / "truth" / "images" /
+                                          f"{int(a.image_path.stem):05d}.jpg")))
+        near = np.abs(other.astype(int) - fill).max(2) <= 8
+        changed = np.abs(other.astype(int) - image.astype(int)).max(2) > 24
+        for x1, y1, x2, y2 in np.round(b.boxes).astype(int):
+            assert not changed[y1:y2, x1:x2].any()
+        painted_more += int(changed.sum())
+        painted_fill += int((changed & near).sum())
+    # What differs is the fill, but for a few pixels of JPEG ringing at its edges.
+    assert painted_more > 0 and painted_fill >= 0.95 * painted_more
+
+
 def test_bad_data_is_one_line_naming_the_path(tmp_path):
     missing = tmp_path / "no_such_folder"
     proc = subprocess.run([sys.executable, "-m", "export", "finetune", "--data",
@@ -288,6 +324,27 @@ def test_uncertain_cones_are_masked_around_confident_ones_and_hidden_ones_drop_t
     assert mask_uncertain(image, np.array([[18.0, 20.0, 34.0, 60.0]], np.float32), sure) is None
     assert mask_uncertain(image, np.array([[22.0, 20.0, 42.0, 60.0]], np.float32),
                           sure) is not None  # 8 of 20 columns under it, 30 of 40 rows
+
+
+def test_candidates_are_masked_and_parts_of_a_confident_cone_are_left_alone():
+    """``--pseudo-mask candidates``: a candidate is painted as an uncertain cone is, but one
+    mostly inside a confident cone's box (a stripe of it) neither paints nor drops the frame."""
+    from export.finetune import mask_uncertain
+
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, 100:] = 200
+    fill = image.reshape(-1, 3).mean(0).round()
+    sure = np.array([[10.0, 10.0, 30.0, 50.0]], np.float32)
+    none = np.zeros((0, 4), np.float32)
+    part = np.array([[12.0, 20.0, 28.0, 40.0]], np.float32)
+    out = mask_uncertain(image, none, sure, part)
+    assert out is not None and (out == image).all()
+    assert mask_uncertain(image, part, sure) is None  # an uncertain cone there drops it
+    apart = np.array([[150.0, 40.0, 170.0, 80.0]], np.float32)
+    out = mask_uncertain(image, none, sure, np.concatenate([part, apart]))
+    assert (out[34:86, 147:173] == fill).all() and (out[:, 173:] == 200).all()
+    assert (out[:, :100] == 0).all()  # the part inside the cone was not painted around
+    assert mask_uncertain(image, none, sure, none) is image
 
 
 @needs_models
