@@ -291,8 +291,10 @@ def mask_uncertain(image: np.ndarray, uncertain: np.ndarray, confident: np.ndarr
 MASK_RUN_SET = ("post.nms_iou=null", "post.nested_inside=null", "model.score_threshold=0")
 """Node overrides of ``--pseudo-mask candidates``' second run: every candidate whose winning
 class is not background, at any score and before any overlap suppression."""
-MASK_RUN_HEAT = 1.0
-"""The second run's proposer threshold, as a share of the node config's."""
+MASK_RUN_HEAT = 0.4
+"""The second run's proposer threshold, as a share of the node config's: the cones the node
+misses outright are mostly heatmap peaks under its threshold, not candidates the classifier
+rejected."""
 
 
 def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[list, dict]:
