@@ -422,7 +422,7 @@ def train(net: ConeHeatmapNet, frames: ProposerFrames, meta: ProposerMetadata, e
             losses.append(float(loss.detach()))
             if max_steps:
                 history.append(losses[-1])
-        if not max_steps:
+        if not max_steps and losses:  # none: the budget ran out as the epoch began
             history.append(float(np.mean(losses)))
             log_epoch({"epoch": len(history), "loss": round(history[-1], 4),
                        "seconds": round(time.perf_counter() - t0, 1)}, log)

@@ -254,6 +254,8 @@ def train(net: BoxRefinerNet, frames: ProposerFrames, pairs: list, meta: Refiner
             optimizer_step(loss, opt, scaler, sched)
             step += 1
             losses.append(float(loss.detach()))
+        if not losses:  # the budget ran out while this epoch's crops were drawn
+            break
         history.append(float(np.mean(losses)))
         log_epoch({"epoch": epoch + 1, "loss": round(history[-1], 4), "samples": len(crops),
                    "seconds": round(time.perf_counter() - t0, 1)}, log)

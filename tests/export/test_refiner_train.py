@@ -179,3 +179,32 @@ def test_candidates_come_from_the_node_config_with_its_overrides(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "proposer.heatmap_threshold" in err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_budget_that_runs_out_while_an_epoch_is_drawn_logs_no_empty_epoch(monkeypatch):
+    """The deadline can pass while an epoch's crops are cut (seconds on real frames): that
+    epoch has no step, and its mean loss would be NaN in the history and the fine-tune's
+    report."""
+    import export.refiner_train as rt
+
+    frames = tiny_frames()
+    meta = RefinerMetadata(input_size=16, context=0.5, min_side=8.0)
+    draw, calls, late = rt.epoch_samples, [], []
+
+    class Deadline(rt.Schedule):
+        @property
+        def over(self) -> bool:
+            return bool(late)
+
+    def slow_draw(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third epoch's draw outlasts the budget
+            late.append(1)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(rt, "epoch_samples", slow_draw)
+    monkeypatch.setattr(rt, "Schedule", Deadline)
+    history = rt.train(BoxRefinerNet(16, (8, 16)), frames, no_pairs(frames), meta, epochs=50,
+                       copies=2, batch_size=32, budget_s=60.0)
+    assert len(calls) == 3 and len(history) == 2
+    assert np.isfinite(history).all()
