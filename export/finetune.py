@@ -676,8 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "confident cone at least this much (IoU; default 0.3)")
     parser.add_argument("--pseudo-mask", choices=("unsure", "candidates"), default="unsure",
                         help="what is masked besides the confident cones: the node's cones "
-                             "below the threshold (unsure), or those and every candidate the "
-                             "classifier does not call background (candidates; default unsure)")
+                             "below the threshold (unsure), or those and every weak candidate "
+                             "the classifier does not call background (candidates: no gain "
+                             "measured, docs/validation.md; default unsure)")
     parser.add_argument("--config", default="configs/node.yaml", help="node config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="node config override for pseudo-labelling and scoring")
