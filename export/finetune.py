@@ -310,17 +310,17 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
 
     config = node_config(args, models)
     heat = MASK_RUN_HEAT * config.proposer.heatmap_threshold
-    mask_config = load_node_config(args.config, [*config_overrides(args, models),
-                                                 *MASK_RUN_SET,
-                                                 f"proposer.heatmap_threshold={heat:g}"])
+    mask_config = load_node_config(args.config, [
+        *config_overrides(args, models), *MASK_RUN_SET, f"proposer.heatmap_threshold={heat:g}"
+    ]) if args.pseudo_mask == "candidates" else None
     samples: list = []
     stats = {"sources": [], "threshold": args.pseudo_threshold, "stride": args.pseudo_stride,
              "mask": args.pseudo_mask, "frames_run": 0, "frames_kept": 0,
              "dropped_no_confident_cone": 0, "dropped_uncertain_cone": 0,
              "masked_uncertain_cones": 0, "masked_candidates": 0, "cones": 0}
     with open_node(config) as (backend, proposer), \
-            (open_node(mask_config) if args.pseudo_mask == "candidates" else nullcontext(
-                (None, None))) as (mask_backend, mask_proposer):
+            (open_node(mask_config) if mask_config else nullcontext((None, None))) as (
+                mask_backend, mask_proposer):
         for n, src in enumerate(args.pseudo_label):
             frames = []
             with open_source(src) as source:
