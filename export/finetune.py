@@ -185,18 +185,15 @@ def clips_of(samples: list) -> list[str]:
 
 # --------------------------------------------------------------------------- the node
 
-def config_overrides(args: argparse.Namespace, models: Path) -> list[str]:
-    """``--set`` and the three networks of ``models``, as node config overrides."""
-    return list(args.set) + [f"model.path={models / MODEL_FILES['classifier']}",
-                             f"proposer.heatmap_model={models / MODEL_FILES['proposer']}",
-                             f"proposer.refiner_model={models / MODEL_FILES['refiner']}"]
-
-
-def node_config(args: argparse.Namespace, models: Path):
-    """The node's config with the three networks of ``models`` and ``--set`` overrides."""
+def node_config(args: argparse.Namespace, models: Path, extra: tuple[str, ...] = ()):
+    """The node's config with the three networks of ``models``, ``--set`` overrides and then
+    ``extra`` ones."""
     from node.node_config import load_node_config
 
-    return load_node_config(args.config, config_overrides(args, models))
+    return load_node_config(args.config, [
+        *args.set, f"model.path={models / MODEL_FILES['classifier']}",
+        f"proposer.heatmap_model={models / MODEL_FILES['proposer']}",
+        f"proposer.refiner_model={models / MODEL_FILES['refiner']}", *extra])
 
 
 def score_models(args: argparse.Namespace, models: Path, val: list) -> dict:
@@ -305,14 +302,12 @@ def pseudo_label(args: argparse.Namespace, models: Path, out: Path) -> tuple[lis
     from node.classes import CONE_CLASSES
     from node.evaluate.datasets import load_samples
     from node.infer.postprocess import iou_matrix
-    from node.node_config import load_node_config
     from node.sources import open_source
 
     config = node_config(args, models)
     heat = MASK_RUN_HEAT * config.proposer.heatmap_threshold
-    mask_config = load_node_config(args.config, [
-        *config_overrides(args, models), *MASK_RUN_SET, f"proposer.heatmap_threshold={heat:g}"
-    ]) if args.pseudo_mask == "candidates" else None
+    mask_config = node_config(args, models, (*MASK_RUN_SET, f"proposer.heatmap_threshold={heat:g}")
+                              ) if args.pseudo_mask == "candidates" else None
     samples: list = []
     stats = {"sources": [], "threshold": args.pseudo_threshold, "stride": args.pseudo_stride,
              "mask": args.pseudo_mask, "frames_run": 0, "frames_kept": 0,
